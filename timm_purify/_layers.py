@@ -207,7 +207,9 @@ def _head_name(model: nn.Module) -> str | None:
     return None
 
 
-def _dry_forward(model: nn.Module, input_size: tuple[int, int, int], watch: dict[str, nn.Module], stages: list[str]):
+def _dry_forward(
+    model: nn.Module, input_size: tuple[int, int, int], watch: dict[str, nn.Module], stages: list[str]
+):
     """Run one forward in eval mode (mode restored afterwards), recording for every module of
     ``watch`` its input shape and when it started, and for every stage module its output
     shape and when it ended, on one event counter."""
@@ -417,7 +419,9 @@ def resolve_spot(
         candidates = [s for s in spots if s.where == "input" and s.depth < 1.0] or spots
         return min(candidates, key=lambda s: (abs(s.depth - float(layer)), s.depth))
     if not isinstance(layer, str) or not layer:
-        raise LayerNotFoundError(f"layer must be 'auto', a module name, a regex or a depth in [0, 1], got {layer!r}")
+        raise LayerNotFoundError(
+            f"layer must be 'auto', a module name, a regex or a depth in [0, 1], got {layer!r}"
+        )
     if layer == "auto":
         return _auto_spot(model, spots)
     where = "input"
@@ -430,13 +434,17 @@ def resolve_spot(
     try:
         pattern = re.compile(name)
     except re.error as err:
-        raise LayerNotFoundError(f"{name!r} is neither a module name of this model nor a valid regex ({err})") from err
+        raise LayerNotFoundError(
+            f"{name!r} is neither a module name of this model nor a valid regex ({err})"
+        ) from err
     matches = [s for s in spots if s.where == where and pattern.fullmatch(s.name)]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         shown = ", ".join(s.name for s in matches[:6]) + (" ..." if len(matches) > 6 else "")
-        raise LayerNotFoundError(f"{layer!r} matches {len(matches)} spots ({shown}); make the pattern select one")
+        raise LayerNotFoundError(
+            f"{layer!r} matches {len(matches)} spots ({shown}); make the pattern select one"
+        )
     close = [s.name for s in spots if name.split(".")[-1] in s.name][:5]
     hint = f" Close names: {', '.join(close)}." if close else ""
     raise LayerNotFoundError(

@@ -10,7 +10,9 @@ __all__ = ["progress"]
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, disable: bool = False) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T], *, desc: str, total: int | None = None, disable: bool = False
+) -> Iterator[T]:
     """Wrap ``iterable`` in a tqdm bar (``huggingface_hub.utils.tqdm``, which also honours
     ``HF_HUB_DISABLE_PROGRESS_BARS``); ``disable=True`` turns it off."""
     from huggingface_hub.utils import tqdm

@@ -185,7 +185,9 @@ def wrap_model(
     return PolarizedModel(model, module, spot)
 
 
-def save_polarizer(wrapped: PolarizedModel, directory: str | os.PathLike, *, base_model: str | None = None) -> Path:
+def save_polarizer(
+    wrapped: PolarizedModel, directory: str | os.PathLike, *, base_model: str | None = None
+) -> Path:
     """Write ``polarizer.safetensors`` and ``polarizer_config.json`` into ``directory``.
 
     Only the polarizer's tensors are written (parameters and batch-norm buffers); the config
@@ -225,7 +227,9 @@ def load_polarizer(base: nn.Module, directory: str | os.PathLike) -> PolarizedMo
     config_path, weights_path = directory / POLARIZER_CONFIG, directory / POLARIZER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; a saved polarizer folder holds {POLARIZER_CONFIG} and {POLARIZER_WEIGHTS}")
+            raise FileNotFoundError(
+                f"{path} is missing; a saved polarizer folder holds {POLARIZER_CONFIG} and {POLARIZER_WEIGHTS}"
+            )
     try:
         config = json.loads(config_path.read_text())
         spot = LayerSpot.from_dict(config["spot"])

@@ -11,7 +11,9 @@ __all__ = ["layers"]
 
 @click.command()
 @click.argument("model")
-@click.option("--num-classes", type=int, default=None, help="Head size when MODEL is a bare architecture name.")
+@click.option(
+    "--num-classes", type=int, default=None, help="Head size when MODEL is a bare architecture name."
+)
 @click.option("--img-size", type=int, default=None, help="Input size when MODEL is a bare architecture name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the spots as JSON.")
 def layers(model: str, num_classes: int | None, img_size: int | None, as_json: bool) -> None:
@@ -29,5 +31,7 @@ def layers(model: str, num_classes: int | None, img_size: int | None, as_json: b
     for s in spots:
         mark = "*" if s == auto else " "
         stage = "-" if s.stage is None else str(s.stage)
-        click.echo(f"{mark:2}{s.depth:6.3f}  {stage:>5}  {s.where:6}  {s.layout:6}  {s.channels:8d}  {s.name}")
+        click.echo(
+            f"{mark:2}{s.depth:6.3f}  {stage:>5}  {s.where:6}  {s.layout:6}  {s.channels:8d}  {s.name}"
+        )
     click.echo(f"\n* automatic spot (layer='auto'): {auto.name} ({auto.where})")

@@ -1,0 +1,310 @@
+"""Pieces several methods share, written once: pixel-space attacks, MixUp, masks on
+parameters, and discovery of normalisation layers.
+
+Everything works on [0, 1] pixel tensors and on any timm model: layers are found by type,
+never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "PixelModel",
+    "targeted_pgd",
+    "universal_perturbation",
+    "project_l2",
+    "project_l1",
+    "mixup",
+    "norm_layers",
+    "weight_layers",
+    "ParamMask",
+    "attach_masks",
+    "merge_masks",
+    "NormNoise",
+    "scale_budget",
+]
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PixelModel(nn.Module):
+    """``model(normalizer(x))``: the model as a function of [0, 1] pixels."""
+
+    def __init__(self, model: nn.Module, normalizer: nn.Module):
+        super().__init__()
+        self.model = model
+        self.normalizer = normalizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalizer(x))
+
+
+def scale_budget(
+    budget: float, image_size: tuple[int, ...], *, reference: tuple[int, ...] = (3, 32, 32), norm: str = "l2"
+) -> float:
+    """Rescale a perturbation budget defined at 32x32x3 to ``image_size`` (C, H, W).
+
+    An L2 (or L1) norm over the whole tensor grows with the square root (or linearly) of the
+    number of values, so the budget per value stays constant across resolutions.
+    """
+    n, n_ref = 1, 1
+    for v in image_size:
+        n *= int(v)
+    for v in reference:
+        n_ref *= int(v)
+    if norm == "l2":
+        return budget * (n / n_ref) ** 0.5
+    if norm == "l1":
+        return budget * n / n_ref
+    return budget  # linf is per value already
+
+
+def project_l2(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """Project each sample of ``delta`` onto the L2 ball of ``radius``."""
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (radius / norms).clamp(max=1.0)
+    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+
+
+def project_l1(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """Scale ``delta`` (one universal perturbation) down to L1 norm ``radius`` if it exceeds it."""
+    norm = float(delta.abs().sum())
+    return delta * min(1.0, radius / max(norm, 1e-12))
+
+
+def targeted_pgd(
+    f: Forward,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    norm: str = "l2",
+    stop_fraction: float | None = None,
+) -> torch.Tensor:
+    """Per-sample targeted attack in pixel space; returns the adversarial images.
+
+    Sign-gradient descent on ``CE(f(x + delta), target)`` from ``delta = 0``, projected onto
+    the L2 or Linf ball of ``eps`` and onto [0, 1] after each step (the NPD reference). With
+    ``stop_fraction`` the loop ends once more than that share of the batch hits its target.
+    Gradients flow only into ``delta``; ``f``'s parameters are left untouched.
+    """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    x = x.detach()
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        logits = f(x + delta)
+        if stop_fraction is not None and float((logits.argmax(1) == target).float().mean()) > stop_fraction:
+            break
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, target), delta)
+        with torch.no_grad():
+            delta -= step_size * grad.sign()
+            if norm == "l2":
+                delta.copy_(project_l2(delta, eps))
+            else:
+                delta.clamp_(-eps, eps)
+            delta.copy_((x + delta).clamp_(0.0, 1.0) - x)
+    return (x + delta).detach()
+
+
+def universal_perturbation(
+    f: Forward,
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    shape: tuple[int, ...],
+    steps: int,
+    lr: float,
+    l1_budget: float,
+    device: torch.device,
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One perturbation for every input that *maximises* ``CE(f(clamp(x + delta)), y)``.
+
+    AWM's inner problem: ``steps`` SGD steps over the batches ``batches()`` yields (labels
+    are the model's own predictions or the true ones, as the caller chooses), then one L1
+    projection onto ``l1_budget``.
+    """
+    delta = (init.clone() if init is not None else torch.zeros(shape, device=device)).requires_grad_(True)
+    opt = torch.optim.SGD([delta], lr=lr)
+    done = 0
+    while done < steps:
+        for x, y in batches():
+            loss = -F.cross_entropy(f((x + delta).clamp(0.0, 1.0)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+    with torch.no_grad():
+        return project_l1(delta.detach(), l1_budget)
+
+
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, *, alpha: float = 1.0, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """MixUp with a random partner from the batch: returns (x_mix, y_a, y_b, lam)."""
+    lam = (
+        float(torch.distributions.Beta(alpha, alpha).sample())
+        if generator is None
+        else float(_beta(alpha, generator))
+    )
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    return lam * x + (1.0 - lam) * x[perm], y, y[perm], lam
+
+
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    """Beta(alpha, alpha) from two seeded gamma draws (torch's Beta takes no generator)."""
+    a = torch._standard_gamma(torch.tensor([alpha, alpha]), generator=generator)
+    return float(a[0] / a.sum())
+
+
+def norm_layers(model: nn.Module, *, skip_stem: bool = False) -> list[tuple[str, nn.Module]]:
+    """Every normalisation layer with affine parameters (BatchNorm, LayerNorm, GroupNorm and
+    timm's subclasses), in module order; ``skip_stem`` drops the first one."""
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, _NORM_TYPES) and getattr(m, "weight", None) is not None
+    ]
+    return found[1:] if skip_stem else found
+
+
+def weight_layers(
+    model: nn.Module, *, include_head: bool = True, kinds=(nn.Conv2d, nn.Linear)
+) -> list[tuple[str, nn.Module]]:
+    """Every conv/linear layer, in module order, the classifier head optionally excluded."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_modules = set(head.modules()) if isinstance(head, nn.Module) else set()
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, kinds) and (include_head or m not in head_modules)
+    ]
+
+
+class ParamMask(nn.Module):
+    """Parametrization ``w -> w * mask``; ``mask`` broadcasts over ``w`` (element-wise or per channel)."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device | None = None, dtype=torch.float32):
+        super().__init__()
+        self.mask = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def attach_masks(
+    modules: list[tuple[str, nn.Module]], *, param: str = "weight", per_channel: bool = False
+) -> list[nn.Parameter]:
+    """Put a multiplicative mask (initialised at 1) on ``param`` of each module; return the masks.
+
+    ``per_channel`` gives one value per output channel, else one per element. The original
+    tensor is kept by torch's parametrize machinery and :func:`merge_masks` folds the masks
+    into it, so the model ends with its original keys.
+    """
+    masks = []
+    for _, module in modules:
+        w = getattr(module, param)
+        shape = (w.shape[0],) + (1,) * (w.dim() - 1) if per_channel else tuple(w.shape)
+        pm = ParamMask(shape, device=w.device, dtype=w.dtype)
+        parametrize.register_parametrization(module, param, pm)
+        masks.append(pm.mask)
+    return masks
+
+
+def merge_masks(model: nn.Module) -> None:
+    """Fold every parametrization into its tensor (``w <- w * mask``) and drop it."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
+class _NoiseParam(nn.Module):
+    """Parametrization ``p -> p * (1 + delta)`` with ``delta`` switched on by its owner."""
+
+    def __init__(self, shape: tuple[int, ...], owner: NormNoise, device, dtype):
+        super().__init__()
+        self.delta = torch.zeros(shape, device=device, dtype=dtype)
+        self._owner = [owner]  # a list keeps the owner out of the module tree
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        if not self._owner[0].active:
+            return p
+        return p * (1.0 + self.delta)
+
+
+class NormNoise:
+    """Multiplicative adversarial noise on the weight and bias of every affine norm layer (BAN).
+
+    ``reset()`` draws ``delta ~ U(-eps, eps)``; ``ascend(loss_fn, steps)`` takes sign-gradient
+    ascent steps of size ``eps / steps`` on ``loss_fn()`` and keeps ``delta`` in [-eps, eps];
+    noise applies only inside ``with noise.on():``. ``remove()`` restores the layers.
+    """
+
+    def __init__(self, model: nn.Module, *, eps: float = 0.3):
+        if eps <= 0:
+            raise ValueError(f"noise eps must be > 0, got {eps}")
+        self.model = model
+        self.eps = eps
+        self.active = False
+        self._params: list[_NoiseParam] = []
+        for _, module in norm_layers(model):
+            for name in ("weight", "bias"):
+                p = getattr(module, name, None)
+                if p is None:
+                    continue
+                np_ = _NoiseParam(tuple(p.shape), self, p.device, p.dtype)
+                parametrize.register_parametrization(module, name, np_, unsafe=True)
+                self._params.append(np_)
+        if not self._params:
+            raise ValueError("the model has no affine normalisation layer to put noise on")
+
+    @contextlib.contextmanager
+    def on(self) -> Iterator[None]:
+        previous, self.active = self.active, True
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def reset(self, generator: torch.Generator | None = None) -> None:
+        for p in self._params:
+            noise = torch.rand(p.delta.shape, generator=generator).to(p.delta.device, p.delta.dtype)
+            p.delta = (noise * 2.0 - 1.0) * self.eps
+
+    def ascend(self, loss_fn: Callable[[], torch.Tensor], steps: int) -> None:
+        """Maximise ``loss_fn()`` (computed with the noise on) over the noise by sign ascent."""
+        step = self.eps / max(steps, 1)
+        for _ in range(steps):
+            deltas = [p.delta.requires_grad_(True) for p in self._params]
+            with self.on():
+                loss = loss_fn()
+            grads = torch.autograd.grad(loss, deltas, allow_unused=True)
+            for p, g in zip(self._params, grads, strict=True):
+                d = p.delta.detach()
+                if g is not None:
+                    d = (d + step * g.sign()).clamp_(-self.eps, self.eps)
+                p.delta = d
+
+    def remove(self) -> None:
+        """Take the noise parametrizations off, leaving the original tensors."""
+        for _, module in norm_layers(self.model):
+            if parametrize.is_parametrized(module):
+                for name in ("weight", "bias"):
+                    if parametrize.is_parametrized(module, name) and any(
+                        isinstance(p, _NoiseParam) for p in module.parametrizations[name]
+                    ):
+                        parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        self._params.clear()
