@@ -1,0 +1,359 @@
+"""Benchmark harness: build (and cache) a zoo of backdoored and clean models, run defences and
+the detector over it, and write JSON results plus the Markdown table in ``RESULTS.md``.
+
+Usage::
+
+    python benchmarks/run.py --suite quick                       # no-defence numbers, mini data
+    python benchmarks/run.py --suite quick --methods npd,nft,awm,ft
+    python benchmarks/run.py --suite full --archs resnet18 --methods npd --detect
+    python benchmarks/run.py --render                            # rebuild RESULTS.md from results/*.json
+
+Every row records the machine, library versions and seeds. Models are cached under
+``benchmarks/cache/`` (ignored by git) keyed by everything that shapes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+
+from timm_purify._train import TrainConfig, build_backdoored_model, environment_info
+from timm_purify.attacks import build_attack, from_json
+from timm_purify.data import clean_subset, load_data
+from timm_purify.metrics import der, evaluate
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one architecture is trained from scratch at 32x32."""
+
+    arch: str
+    lr: float
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    model_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+RECIPES = {
+    "resnet18": Recipe("resnet18", lr=0.05),
+    "convnext_atto": Recipe("convnext_atto", lr=2e-3, optimizer="adamw", weight_decay=0.05),
+    "vit_tiny": Recipe(
+        "vit_tiny_patch16_224",
+        lr=1e-3,
+        optimizer="adamw",
+        weight_decay=0.05,
+        model_kwargs=(("patch_size", 4),),
+    ),
+    "efficientnet_b0": Recipe("efficientnet_b0", lr=0.05),
+}
+
+# attack key -> (attack name, extra build_attack kwargs)
+ATTACKS = {
+    "badnets": ("badnets", {}),
+    "blended": ("blended", {}),
+    "sig": ("sig", {}),
+    "wanet": ("wanet", {}),
+    "badnets-a2a": ("badnets", {"mode": "all-to-all"}),
+}
+
+
+@dataclass(frozen=True)
+class Suite:
+    data: str
+    archs: tuple[str, ...]
+    attacks: tuple[str, ...]
+    epochs: int
+    clean_fraction: float
+    poison_rate: float = 0.1
+    train_size: int | None = None
+
+
+SUITES = {
+    "quick": Suite(
+        "fashion-mnist-mini",
+        ("resnet18",),
+        ("badnets", "blended", "sig", "wanet"),
+        epochs=4,
+        clean_fraction=0.05,
+    ),
+    "full": Suite(
+        "fashion-mnist",
+        ("resnet18", "convnext_atto", "vit_tiny", "efficientnet_b0"),
+        ("badnets", "blended", "sig", "wanet", "badnets-a2a"),
+        epochs=3,
+        clean_fraction=0.05,
+    ),
+}
+
+
+def model_dir(cache: Path, suite: Suite, arch: str, attack: str | None, seed: int) -> Path:
+    tag = attack or "clean"
+    size = f"-n{suite.train_size}" if suite.train_size else ""
+    return cache / f"{suite.data}{size}-{arch}-{tag}-p{suite.poison_rate}-e{suite.epochs}-s{seed}"
+
+
+def get_model(cache: Path, suite: Suite, arch: str, attack_key: str | None, seed: int, quiet: bool) -> Path:
+    """Build the model once; later runs reuse the cached folder."""
+    path = model_dir(cache, suite, arch, attack_key, seed)
+    if (path / "model.safetensors").is_file():
+        return path
+    recipe = RECIPES[arch]
+    attack = None
+    if attack_key is not None:
+        name, extra = ATTACKS[attack_key]
+        attack = build_attack(name, num_classes=10, poison_rate=suite.poison_rate, seed=seed, **extra)
+    config = TrainConfig(
+        epochs=suite.epochs,
+        lr=recipe.lr,
+        optimizer=recipe.optimizer,
+        weight_decay=recipe.weight_decay,
+        seed=seed,
+    )
+    print(f"[build] {path.name}", flush=True)
+    build_backdoored_model(
+        model=recipe.arch,
+        data=suite.data,
+        attack=attack,
+        out_dir=path,
+        config=config,
+        train_size=suite.train_size,
+        model_kwargs=dict(recipe.model_kwargs),
+        quiet=quiet,
+    )
+    return path
+
+
+def ft_epoch_seconds(model, clean, seed: int) -> float:
+    """Wall seconds of one epoch of plain fine-tuning over ``clean`` (the runtime yardstick)."""
+    from timm_purify.defenses import purify
+
+    return purify(model, clean, method="ft", epochs=1, seed=seed, quiet=True).seconds
+
+
+def run(args: argparse.Namespace) -> Path:
+    suite = SUITES[args.suite]
+    if args.archs:
+        suite = Suite(**{**suite.__dict__, "archs": tuple(args.archs.split(","))})
+    if args.attacks:
+        suite = Suite(**{**suite.__dict__, "attacks": tuple(args.attacks.split(","))})
+    if args.train_size:
+        suite = Suite(**{**suite.__dict__, "train_size": args.train_size})
+    methods = [m for m in args.methods.split(",") if m] if args.methods else []
+    options = json.loads(args.options) if args.options else {}
+    cache = Path(args.cache)
+    rows = []
+    env = environment_info()
+    for arch in suite.archs:
+        for attack_key in suite.attacks:
+            path = get_model(cache, suite, arch, attack_key, args.seed, args.quiet)
+            model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+            attack = from_json(path / "attack.json")
+            test = load_data(suite.data, split="test", model=model)
+            train = load_data(suite.data, split="train", model=model)
+            clean = clean_subset(train, fraction=suite.clean_fraction, seed=args.seed)
+            before = evaluate(model, test, attack=attack)
+            base = {
+                "suite": args.suite,
+                "arch": arch,
+                "attack": attack_key,
+                "model": path.name,
+                "seed": args.seed,
+                "num_clean": len(clean),
+                "environment": env,
+            }
+            rows.append({**base, "method": "none", **_metrics(before), "der": None, "seconds": 0.0})
+            print(f"[eval] {arch} {attack_key} none: {before}", flush=True)
+            yardstick = ft_epoch_seconds(model, clean, args.seed) if methods else None
+            for method in methods:
+                from timm_purify.defenses import purify
+
+                opts = dict(options.get(method, {}))
+                if method in ("npd-tp", "npd-tu") and attack.mode == "all-to-one":
+                    opts.setdefault("target", attack.target)
+                start = time.perf_counter()
+                try:
+                    result = purify(model, clean, method=method, seed=args.seed, quiet=args.quiet, **opts)
+                except Exception as err:  # a failing method is a result to report, not a crash
+                    rows.append({**base, "method": method, "error": f"{type(err).__name__}: {err}"})
+                    print(f"[fail] {arch} {attack_key} {method}: {err}", flush=True)
+                    continue
+                after = evaluate(result.model, test, attack=attack)
+                rows.append(
+                    {
+                        **base,
+                        "method": method,
+                        **_metrics(after),
+                        "der": der(before, after),
+                        "seconds": result.seconds,
+                        "total_seconds": time.perf_counter() - start,
+                        "ft_epoch_seconds": yardstick,
+                        "ratio_to_ft_epoch": result.seconds / yardstick if yardstick else None,
+                        "config": result.config,
+                    }
+                )
+                print(
+                    f"[eval] {arch} {attack_key} {method}: {after} DER {der(before, after):.3f} ({result.seconds:.0f}s)",
+                    flush=True,
+                )
+            if args.detect:
+                rows.append({**base, **_scan_row(model, clean, args.seed, backdoored=True, target=attack)})
+        if args.detect:
+            for seed in range(args.clean_seeds):
+                path = get_model(cache, suite, arch, None, seed, args.quiet)
+                model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+                train = load_data(suite.data, split="train", model=model)
+                clean = clean_subset(train, fraction=suite.clean_fraction, seed=seed)
+                rows.append(
+                    {
+                        "suite": args.suite,
+                        "arch": arch,
+                        "attack": "clean",
+                        "model": path.name,
+                        "seed": seed,
+                        "environment": env,
+                        **_scan_row(model, clean, seed, backdoored=False, target=None),
+                    }
+                )
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(
+        json.dumps({"suite": args.suite, "suite_config": suite.__dict__, "rows": rows}, indent=2, default=str)
+    )
+    print(f"wrote {out}")
+    return out
+
+
+def _metrics(r) -> dict:
+    return {"acc": r.acc, "asr": r.asr, "ra": r.ra, "n_test": r.n_clean, "n_triggered": r.n_triggered}
+
+
+def _scan_row(model, clean, seed: int, *, backdoored: bool, target) -> dict:
+    from timm_purify.detection import scan
+
+    report = scan(model, clean, seed=seed, quiet=True)
+    truth = getattr(target, "target", None) if target is not None and target.mode == "all-to-one" else None
+    return {
+        "method": "scan",
+        "truth": "backdoored" if backdoored else "clean",
+        "verdict": report.verdict,
+        "score": report.score,
+        "threshold": report.threshold,
+        "suspected_target": report.suspected_target,
+        "true_target": truth,
+        "pattern": report.pattern,
+        "seconds": report.seconds,
+    }
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> Path:
+    """Rebuild RESULTS.md from every JSON file in ``results_dir`` (newest row per key wins)."""
+    latest: dict[tuple, dict] = {}
+    envs: dict[str, dict] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        payload = json.loads(path.read_text())
+        for row in payload["rows"]:
+            key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
+            latest[key] = {**row, "file": path.name}
+            envs[path.name] = row.get("environment", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        "Produced by `python benchmarks/run.py` (see its docstring); regenerate this page with",
+        "`python benchmarks/run.py --render`. ACC, ASR and RA in %, DER in % (50 = no change),",
+        "seconds = wall time of the method alone; ratio = seconds / one epoch of plain fine-tuning",
+        "over the same clean set, measured in the same run.",
+        "",
+    ]
+    for suite in sorted({k[0] for k in latest}):
+        purif = [r for k, r in latest.items() if k[0] == suite and r["method"] != "scan"]
+        scans = [r for k, r in latest.items() if k[0] == suite and r["method"] == "scan"]
+        if purif:
+            lines += [
+                f"## Suite `{suite}`: purification",
+                "",
+                "| model | attack | method | ACC | ASR | RA | DER | seconds | ratio to FT epoch |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in sorted(
+                purif, key=lambda r: (r["arch"], r["attack"], r["method"] != "none", r["method"])
+            ):
+                if "error" in r:
+                    lines.append(
+                        f"| {r['arch']} | {r['attack']} | {r['method']} | failed: {r['error'][:80]} | | | | | |"
+                    )
+                    continue
+                ratio = r.get("ratio_to_ft_epoch")
+                lines.append(
+                    f"| {r['arch']} | {r['attack']} | {r['method']} | {_pct(r['acc'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | "
+                    f"{_pct(r.get('der'))} | {r.get('seconds', 0):.1f} | {'-' if ratio is None else f'{ratio:.1f}x'} |"
+                )
+            lines.append("")
+        if scans:
+            correct = sum(r["verdict"] == r["truth"] for r in scans)
+            fp = sum(r["truth"] == "clean" and r["verdict"] != "clean" for r in scans)
+            a2o = [r for r in scans if r.get("true_target") is not None]
+            tgt = sum(r["suspected_target"] == r["true_target"] for r in a2o)
+            lines += [
+                f"## Suite `{suite}`: detection",
+                "",
+                f"Detection accuracy {correct}/{len(scans)}; false positives on clean models: {fp}; "
+                f"target found for {tgt}/{len(a2o)} all-to-one models.",
+                "",
+                "| model | truth | verdict | score | threshold | suspected target | true target | seconds |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in sorted(scans, key=lambda r: (r["arch"], r["attack"], r.get("seed", 0))):
+                lines.append(
+                    f"| {r['model']} | {r['truth']} | {r['verdict']} | {r['score']:.3f} | {r['threshold']:.3f} | "
+                    f"{r['suspected_target']} | {r['true_target']} | {r['seconds']:.1f} |"
+                )
+            lines.append("")
+    lines += ["## Machines and versions", ""]
+    for name, env in sorted(envs.items()):
+        lines.append(f"- `{name}`: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--archs", help="comma-separated subset of: " + ",".join(RECIPES))
+    parser.add_argument("--attacks", help="comma-separated subset of: " + ",".join(ATTACKS))
+    parser.add_argument(
+        "--methods", default="", help="comma-separated defences (default: none, i.e. no-defence rows only)"
+    )
+    parser.add_argument("--options", help='JSON {"method": {"option": value}} passed to purify')
+    parser.add_argument("--detect", action="store_true", help="also scan every model, and clean models")
+    parser.add_argument(
+        "--clean-seeds", type=int, default=2, help="clean models per architecture for --detect"
+    )
+    parser.add_argument("--train-size", type=int, help="class-balanced subset of the training split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=str(HERE / "cache"))
+    parser.add_argument("--out", help="JSON output path (default: results/<suite>-<time>.json)")
+    parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md from results/*.json")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.render:
+        run(args)
+    print(f"wrote {render()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
