@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from ._version import __version__
+from ._wrap import POLARIZER_CONFIG, load_polarizer
 from .detection.static import (
     PICKLE_EXTENSIONS,
     SCANNED_EXTENSIONS,
@@ -54,7 +55,17 @@ __all__ = [
 
 # What a timm Hub repository needs; everything else in the repo (images, logs, ONNX...) is skipped.
 # Pickle weights are fetched only when the repo has no safetensors (see _download_hub).
-HUB_FILE_PATTERNS = ["config.json", "*.safetensors", "*.bin", "*.pth", "README.md"]
+# polarizer_config.json (with polarizer.safetensors) makes a purified folder whose polarizer
+# could not be folded; load_model re-inserts the polarizer.
+HUB_FILE_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "*.bin",
+    "*.pth",
+    "README.md",
+    "polarizer_config.json",
+    "purify_result.json",
+]
 _SAFE_PATTERNS = [p for p in HUB_FILE_PATTERNS if p not in ("*.bin", "*.pth")]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -139,8 +150,14 @@ def load_model(
     img_size: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     allow_pickle: bool = True,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
 ) -> nn.Module:
     """Build the timm classifier ``spec`` names, in eval mode, after checking its files.
+
+    A folder written by ``save_pretrained`` with an unfolded polarizer
+    (``polarizer_config.json``) comes back as a ``PolarizedModel`` with the polarizer in place.
 
     The model remembers its origin in ``model._timm_purify_source`` (a Hub model by its bare
     id ``org/name[@rev]``, anything else as typed), which names the base model downstream.
@@ -156,6 +173,8 @@ def load_model(
             take it (ViT, Swin...) and recorded in ``pretrained_cfg`` (crop_pct 1.0) for all.
         model_kwargs: extra keyword arguments for ``timm.create_model``.
         allow_pickle: when False, refuse pickle-based weights even if the scan finds them safe.
+        endpoint, cache_dir, token: for Hub ids, passed to ``huggingface_hub.snapshot_download``
+            (default: ``HF_ENDPOINT``, the usual cache and the logged-in token).
 
     Raises:
         UnsafeFileError: a weight file holds unsafe imports or is damaged; nothing was loaded.
@@ -183,7 +202,8 @@ def load_model(
         )
     else:
         if kind == "hub":
-            folder, what = _download_hub(value), f"Hub repository {value}"
+            folder = _download_hub(value, endpoint=endpoint, cache_dir=cache_dir, token=token)
+            what = f"Hub repository {value}"
         else:
             folder, what = Path(value), f"folder {value}"
             if not folder.is_dir():
@@ -205,13 +225,34 @@ def load_model(
         raise NoClassifierError(f"{spec} was built without a classifier head (num_classes=0).")
     # how the user would name it again; a Hub model by its bare id, valid as a card's base_model
     model._timm_purify_source = value if kind == "hub" else str(spec).strip()
+    if kind != "architecture" and (folder / POLARIZER_CONFIG).is_file():
+        return _with_polarizer(model.eval(), folder)
     return model.eval()
+
+
+def _with_polarizer(base: nn.Module, folder: Path) -> nn.Module:
+    """Re-insert the polarizer saved beside ``base`` (its kind registered by its defence)."""
+    try:
+        kind = json.loads((folder / POLARIZER_CONFIG).read_text()).get("polarizer")
+    except ValueError as err:
+        raise NotATimmFolderError(f"{folder / POLARIZER_CONFIG} is not valid JSON ({err}).") from err
+    from .polarizers import POLARIZERS
+
+    if kind not in POLARIZERS:
+        from . import defenses  # noqa: F401 - the methods register their polarizer kinds
+    return load_polarizer(base, folder).eval()
 
 
 # ---------------------------------------------------------------------------------------
 # Hub
 # ---------------------------------------------------------------------------------------
-def _download_hub(repo: str) -> Path:
+def _download_hub(
+    repo: str,
+    *,
+    endpoint: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -229,6 +270,9 @@ def _download_hub(repo: str) -> Path:
                 repo_id,
                 revision=revision or None,
                 allow_patterns=patterns,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+                token=token,
                 library_name="timm-purify",
                 library_version=__version__,
             )

@@ -38,10 +38,19 @@ _HOOK_ATTR = "_timm_purify_polarizer"
 
 
 def model_reference(model: nn.Module) -> str:
-    """The best name for a model's origin: its Hub id if it came from one, else its architecture."""
+    """The best name for a model's origin: what the user loaded it from (a Hub id, a folder),
+    else its Hub id when timm really loaded its weights from the Hub, else its architecture.
+
+    ``pretrained_cfg["hf_hub_id"]`` alone proves nothing: timm fills it from the default
+    config even for ``pretrained=False``.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     source = getattr(model, "_timm_purify_source", None)
-    return source or cfg.get("hf_hub_id") or cfg.get("architecture") or type(model).__name__
+    if source:
+        return source
+    if cfg.get("source") == "hf-hub" and cfg.get("hf_hub_id"):
+        return cfg["hf_hub_id"]
+    return cfg.get("architecture") or type(model).__name__
 
 
 class PolarizedModel(nn.Module):
