@@ -226,21 +226,8 @@ def load_model(
     # how the user would name it again; a Hub model by its bare id, valid as a card's base_model
     model._timm_purify_source = value if kind == "hub" else str(spec).strip()
     if kind != "architecture" and (folder / POLARIZER_CONFIG).is_file():
-        return _with_polarizer(model.eval(), folder)
+        return load_polarizer(model.eval(), folder).eval()
     return model.eval()
-
-
-def _with_polarizer(base: nn.Module, folder: Path) -> nn.Module:
-    """Re-insert the polarizer saved beside ``base`` (its kind registered by its defence)."""
-    try:
-        kind = json.loads((folder / POLARIZER_CONFIG).read_text()).get("polarizer")
-    except ValueError as err:
-        raise NotATimmFolderError(f"{folder / POLARIZER_CONFIG} is not valid JSON ({err}).") from err
-    from .polarizers import POLARIZERS
-
-    if kind not in POLARIZERS:
-        from . import defenses  # noqa: F401 - the methods register their polarizer kinds
-    return load_polarizer(base, folder).eval()
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ``timm-purify`` command line: one click group, one module per command.
 
-Each command module defines a click command and is listed in :data:`_COMMANDS`; a module that
-fails to import (an optional dependency missing) does not take the others down.
+Each command module defines a click command and is listed in :data:`_COMMANDS`; command
+modules import the library lazily, so ``timm-purify --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,19 +14,26 @@ from .._version import __version__
 
 __all__ = ["main"]
 
-# (module under timm_purify.cli, attribute holding the click command)
+# (module under timm_purify.cli, attribute holding the click command), in --help order
 _COMMANDS = (
-    ("layers", "layers"),
-    ("backdoor", "backdoor"),
-    ("evaluate", "evaluate"),
+    ("demo", "demo"),
     ("scan", "scan"),
     ("purify", "purify"),
+    ("evaluate", "evaluate"),
     ("push", "push"),
-    ("demo", "demo"),
+    ("backdoor", "backdoor"),
+    ("layers", "layers"),
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OrderedGroup(click.Group):
+    """List commands in the order above (the main job first), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_OrderedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="timm-purify")
 def main() -> None:
     """Detect and remove neural backdoors in timm image classifiers.
@@ -37,10 +44,4 @@ def main() -> None:
 
 
 for _module, _attr in _COMMANDS:
-    try:
-        _mod = importlib.import_module(f"{__name__}.{_module}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"{__name__}.{_module}":
-            raise
-        continue  # command not written yet
-    main.add_command(getattr(_mod, _attr))
+    main.add_command(getattr(importlib.import_module(f"{__name__}.{_module}"), _attr))

@@ -10,16 +10,6 @@ import click
 __all__ = ["purify", "reproduce_command"]
 
 
-def _scan_available() -> bool:
-    try:
-        from ..detection import ban  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("timm_purify"):
-            return False
-        raise
-    return True
-
-
 def reproduce_command(params: dict) -> str:
     """The ``timm-purify purify`` line that redoes this run, from the parsed options.
 
@@ -47,8 +37,8 @@ def reproduce_command(params: dict) -> str:
     parts += ["--seed", str(params["seed"])]
     if params.get("merge", "auto") != "auto":
         parts += ["--merge", params["merge"]]
-    if params.get("scan") is not None:
-        parts.append("--scan" if params["scan"] else "--no-scan")
+    if params.get("scan") is False:
+        parts.append("--no-scan")
     for option in params.get("scan_options") or ():
         parts += ["--scan-option", option]
     if params.get("license"):
@@ -137,8 +127,9 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
 )
 @click.option(
     "--scan/--no-scan",
-    default=None,
-    help="Scan the input model first (default: on when the scan is installed).",
+    default=True,
+    show_default=True,
+    help="Scan the input model (files and behaviour) first; the report goes into the model card.",
 )
 @click.option(
     "--scan-option", "scan_options", multiple=True, metavar="KEY=VALUE", help="Scan option, e.g. eps=0.1."
@@ -183,9 +174,6 @@ def purify(**params) -> None:
     if "seed" in options:
         raise click.BadParameter("set the seed with --seed, not --option seed=...", param_hint="--option")
     scan_options = _parse_pairs(p["scan_options"], "--scan-option")
-    want_scan = p["scan"] if p["scan"] is not None else _scan_available()
-    if want_scan and not _scan_available():
-        raise click.ClickException("--scan needs timm_purify.detection.ban, which is not installed")
     out = Path(p["out_dir"]).expanduser()
     try:
         _check_out_dir(out, [])
@@ -203,7 +191,7 @@ def purify(**params) -> None:
         raise click.ClickException(str(err)) from err
 
     report = None
-    if want_scan:
+    if p["scan"]:
         from ..detection.ban import ScanOptionError, scan
 
         echo("scanning the input model for a backdoor")

@@ -1,5 +1,8 @@
-"""Find out whether a model is safe to load and whether it carries a backdoor."""
+"""Find out whether a model is safe to load (static file inspection) and whether it carries a
+backdoor (BAN-style behavioural scan)."""
 
+from .ban import scan
+from .report import ScanReport
 from .static import Finding, UnsafeFileError, assert_safe, inspect_files
 
-__all__ = ["Finding", "UnsafeFileError", "assert_safe", "inspect_files"]
+__all__ = ["Finding", "ScanReport", "UnsafeFileError", "assert_safe", "inspect_files", "scan"]

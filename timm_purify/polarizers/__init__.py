@@ -6,6 +6,7 @@ Each kind lives in its own file and registers itself under a name with
 
 from __future__ import annotations
 
+from . import cnpd  # noqa: F401 - registers the class-conditional kinds
 from ._base import POLARIZERS, Polarizer, build_polarizer, register_polarizer
 from .npd import NeuralPolarizer
 

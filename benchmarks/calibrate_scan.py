@@ -1,0 +1,425 @@
+"""Calibrate the thresholds of ``timm_purify.scan`` on clean and backdoored models.
+
+Builds (or reuses from ``--cache``) one small model per architecture x attack x seed with the
+library itself (``timm_purify._train.build_backdoored_model``), scans each with the same
+clean images, and chooses the two thresholds (all-to-one and all-to-all statistics) that
+separate the clean models from the backdoored ones. The result, with every model, score and
+the rule used, is written to ``--out`` (by default the file the library ships,
+``timm_purify/detection/calibration.json``).
+
+Examples::
+
+    # what ships (small: CPU only)
+    python benchmarks/calibrate_scan.py --archs resnet18,vit_tiny --seeds 0,1,2 \
+        --attacks none,badnets,blended,badnets:all-to-all --epochs 3 --train-size 2000
+
+    # the issue's full target: 20 clean + 20 backdoored over four architectures
+    python benchmarks/calibrate_scan.py --archs resnet18,convnext_atto,vit_tiny,efficientnet_b0 \
+        --seeds 0,1,2,3,4 --attacks none,badnets,blended,badnets:all-to-all,wanet --epochs 10
+
+Models are cached under ``--cache/<arch>-<attack>-<mode>-s<seed>-e<epochs>-n<train size>``
+as timm folders, so a second run only scans. ``--rescore`` recomputes the statistics from the
+confusion matrices stored in ``--results`` without scanning again (for changes to the
+statistic only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+
+from timm_purify._train import TrainConfig, build_backdoored_model, environment_info
+from timm_purify._version import __version__
+from timm_purify.attacks import build_attack
+from timm_purify.data import clean_subset, load_data
+from timm_purify.detection.ban import CALIBRATION_FILE, ScanOptions, scan, scan_statistics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one architecture is built and trained from scratch at 32x32."""
+
+    model: str
+    kwargs: dict = field(default_factory=dict)
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+
+
+RECIPES = {
+    "resnet18": Recipe("resnet18"),
+    "vit_tiny": Recipe(
+        "vit_tiny_patch16_224", {"patch_size": 4, "depth": 4}, optimizer="adamw", lr=1e-3, weight_decay=0.05
+    ),
+    "vit_tiny_full": Recipe(
+        "vit_tiny_patch16_224", {"patch_size": 4}, optimizer="adamw", lr=1e-3, weight_decay=0.05
+    ),
+    "convnext_atto": Recipe("convnext_atto", optimizer="adamw", lr=2e-3, weight_decay=0.05),
+    "efficientnet_b0": Recipe("efficientnet_b0"),
+    # timm's own tiny test architectures (0.2-0.4M parameters): real ResNet / ViT code, cheap
+    # enough on a CPU to calibrate over many seeds
+    "test_resnet": Recipe("test_resnet"),
+    "test_vit": Recipe("test_vit", optimizer="adamw", lr=1e-3, weight_decay=0.05),
+}
+# all-to-one targets cycle with the seed so the calibration also checks that targets are found
+TARGETS = (3, 7, 1, 5, 9, 0, 2, 4, 6, 8)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--archs",
+        default="resnet18,vit_tiny",
+        help=f"comma list among {', '.join(RECIPES)}; ARCH@0+1 gives that arch its own seeds",
+    )
+    p.add_argument(
+        "--attacks",
+        default="none,badnets@patch_size=6,blended,badnets@patch_size=6@mode=all-to-all",
+        help="comma list of attacks: 'none' (clean model), NAME or NAME@field=value@... "
+        "(e.g. badnets@patch_size=6@mode=all-to-all); all-to-one targets cycle with the seed; "
+        "@epochs=N trains that attack's models for N epochs instead of --epochs",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--train-size", type=int, default=2000, help="class-balanced training subset")
+    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--data", default="fashion-mnist-mini")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument(
+        "--scan-split",
+        default="test",
+        help="split the scan's clean images come from (not used for training: 'test')",
+    )
+    p.add_argument("--clean-count", type=int, default=600, help="clean images per scan (1%% of 60k)")
+    p.add_argument("--scan-seed", type=int, default=0)
+    p.add_argument("--min-asr", type=float, default=0.5, help="backdoors below this ASR did not implant")
+    p.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache" / "calibrate_scan"))
+    p.add_argument("--results", default=None, help="per-model results (default: <cache>/results.json)")
+    p.add_argument("--out", default=str(CALIBRATION_FILE))
+    p.add_argument("--rescore", action="store_true", help="recompute statistics from stored results")
+    p.add_argument("--no-write", action="store_true", help="print the thresholds, write nothing")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--scan-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="scan option other than its default (repeatable), e.g. eps=0.1; recorded in the output",
+    )
+    return p.parse_args(argv)
+
+
+def model_dir(cache: Path, arch: str, attack: str, seed: int, args: argparse.Namespace) -> Path:
+    name = "-".join(p for p in attack.split("@") if not p.startswith("epochs="))
+    name = name.replace("=", "").replace("all-to-all", "a2a")
+    epochs = spec_epochs(attack, args.epochs)
+    return (
+        cache / f"{arch}-{name}-s{seed}-e{epochs}-b{args.batch_size}-n{args.train_size}-p{args.poison_rate:g}"
+    )
+
+
+def make_attack(spec: str, seed: int, num_classes: int, poison_rate: float):
+    """``none``, ``NAME`` or ``NAME@field=value@...`` (e.g. ``badnets@patch_size=6@mode=all-to-all``)."""
+    if spec == "none":
+        return None
+    name, *fields = spec.split("@")
+    kwargs = {"seed": seed, "num_classes": num_classes, "poison_rate": poison_rate}
+    for item in fields:
+        if item.startswith("epochs="):
+            continue  # a training setting (see spec_epochs), not a field of the attack
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"attack field {item!r} in {spec!r} is not KEY=VALUE")
+        try:
+            kwargs[key] = json.loads(value)
+        except ValueError:
+            kwargs[key] = value
+    if kwargs.get("mode", "all-to-one") == "all-to-one":
+        kwargs.setdefault("target", TARGETS[seed % len(TARGETS)])
+    return build_attack(name, **kwargs)
+
+
+def spec_epochs(spec: str, default: int) -> int:
+    """Training epochs for one attack: ``@epochs=N`` in its spec (all-to-all backdoors need
+    more than all-to-one ones to implant), else ``--epochs``."""
+    for item in spec.split("@")[1:]:
+        if item.startswith("epochs="):
+            return int(item.partition("=")[2])
+    return default
+
+
+def get_model(arch: str, attack: str, seed: int, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The cached model folder, built on first use; returns the model and its training record."""
+    recipe = RECIPES[arch]
+    out = model_dir(Path(args.cache), arch, attack, seed, args)
+    if not (out / "training.json").is_file():
+        atk = make_attack(attack, seed, 10, args.poison_rate)
+        config = TrainConfig(
+            epochs=spec_epochs(attack, args.epochs),
+            batch_size=args.batch_size,
+            lr=recipe.lr,
+            weight_decay=recipe.weight_decay,
+            optimizer=recipe.optimizer,
+            seed=seed,
+        )
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)  # timm draws the initial weights from the global generator
+        build_backdoored_model(
+            model=recipe.model,
+            data=args.data,
+            attack=atk,
+            out_dir=out,
+            img_size=args.img_size,
+            config=config,
+            train_size=args.train_size,
+            model_kwargs=recipe.kwargs,
+            quiet=True,
+        )
+        print(f"  built {out.name} in {time.perf_counter() - t0:.0f}s", flush=True)
+    record = json.loads((out / "training.json").read_text())
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    return model, record
+
+
+def rescore(rows: list[dict]) -> None:
+    for row in rows:
+        c = row["confusions"]
+        row["statistics"] = scan_statistics(
+            torch.tensor(c["noisy"]), torch.tensor(c["noisy_masked"]), torch.tensor(c["clean"])
+        )
+
+
+def choose_threshold(negatives: list[float], positives: list[float]) -> dict:
+    """Midway between the highest negative and the lowest positive when they separate;
+    otherwise the cut with the fewest errors (ties: the middle one), flagged as not separable."""
+    if not negatives or not positives:
+        raise SystemExit("need at least one clean and one backdoored model per statistic to calibrate")
+    hi_neg, lo_pos = max(negatives), min(positives)
+    if hi_neg < lo_pos:
+        return {
+            "threshold": (hi_neg + lo_pos) / 2,
+            "separable": True,
+            "margin": (lo_pos - hi_neg) / 2,
+            "errors": 0,
+        }
+    values = sorted(set(negatives) | set(positives))
+    cuts = [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
+    cuts.append(hi_neg + (1.0 - hi_neg) / 2)  # above every negative: no false positive at all
+    scored = [(sum(v > c for v in negatives) + sum(v <= c for v in positives), c) for c in cuts]
+    best = min(e for e, _ in scored)
+    good = [c for e, c in scored if e == best]
+    return {"threshold": good[len(good) // 2], "separable": False, "margin": 0.0, "errors": best}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    results_file = Path(args.results) if args.results else cache / "results.json"
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    arch_seeds: dict[str, list[int]] = {}
+    for item in (a for a in args.archs.split(",") if a):
+        arch, _, own = item.partition("@")
+        arch_seeds[arch] = [int(s) for s in own.split("+")] if own else seeds
+    unknown = [a for a in arch_seeds if a not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown arch(s) {unknown}; known: {', '.join(RECIPES)}")
+    attacks = [a for a in args.attacks.split(",") if a]
+    overrides = {}
+    for item in args.scan_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--scan-option {item!r} is not KEY=VALUE")
+        overrides[key] = json.loads(value)
+    options = ScanOptions(**overrides)
+    options.validate()
+    stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    rows: list[dict] = []
+    for seed in sorted({s for own in arch_seeds.values() for s in own}):
+        for arch in (a for a, own in arch_seeds.items() if seed in own):
+            for attack in attacks:
+                key = (
+                    f"{model_dir(cache, arch, attack, seed, args).name}|scan{args.scan_seed}|n{args.clean_count}"
+                    + "".join(f"|{k}={v}" for k, v in sorted(overrides.items()))
+                )
+                if key in stored and (args.rescore or stored[key].get("scan_options") == asdict(options)):
+                    rows.append(stored[key])
+                    continue
+                if args.rescore:
+                    raise SystemExit(f"--rescore: {key} has no stored result; run without --rescore first")
+                model, record = get_model(arch, attack, seed, args)
+                data = load_data(args.data, split=args.scan_split, model=model)
+                data = clean_subset(data, count=args.clean_count, seed=args.scan_seed)
+                report = scan(
+                    model,
+                    data,
+                    seed=args.scan_seed,
+                    quiet=True,
+                    **{**overrides, "threshold": 1e9, "all_to_all_threshold": 1e9},
+                )
+                spec = record.get("attack")
+                row = {
+                    "key": key,
+                    "arch": arch,
+                    "model": record["model"],
+                    "model_kwargs": record["model_kwargs"],
+                    "attack": None if spec is None else spec["name"],
+                    "mode": None if spec is None else spec["mode"],
+                    "target": None if spec is None or spec["mode"] != "all-to-one" else spec["target"],
+                    "seed": seed,
+                    "train_size": record["train_size"],
+                    "epochs": record["train"]["epochs"],
+                    "acc": record["metrics"]["acc"],
+                    "asr": record["metrics"]["asr"],
+                    "scan_seconds": report.seconds,
+                    "scan_options": asdict(options),
+                    "confusions": report.config["confusions"],
+                    "statistics": report.config["statistics"],
+                }
+                stored[key] = row
+                results_file.write_text(json.dumps(stored, indent=1))
+                rows.append(row)
+                s = row["statistics"]
+                print(
+                    f"{key}: acc {row['acc']:.3f} asr {row['asr'] if row['asr'] is None else round(row['asr'], 3)} "
+                    f"a2o {s['all_to_one']:.3f} (target {s['target']}) a2a {s['all_to_all']:.3f} "
+                    f"[{report.seconds:.0f}s]",
+                    flush=True,
+                )
+    if args.rescore:
+        rescore(rows)
+        for row in rows:
+            stored[row["key"]] = row
+        results_file.write_text(json.dumps(stored, indent=1))
+    summarise(rows, args, argv, options)
+
+
+def summarise(
+    rows: list[dict], args: argparse.Namespace, argv: list[str] | None, options: ScanOptions
+) -> None:
+    implanted = [r for r in rows if r["attack"] is None or (r["asr"] or 0) >= args.min_asr]
+    failed = [r for r in rows if r not in implanted]
+    clean = [r for r in implanted if r["attack"] is None]
+    one = [r for r in implanted if r["mode"] == "all-to-one"]
+    allall = [r for r in implanted if r["mode"] == "all-to-all"]
+    a2o = choose_threshold(
+        [r["statistics"]["all_to_one"] for r in clean], [r["statistics"]["all_to_one"] for r in one]
+    )
+    a2a_neg = [r["statistics"]["all_to_all"] for r in clean + one]
+    a2a = (
+        choose_threshold(a2a_neg, [r["statistics"]["all_to_all"] for r in allall])
+        if allall
+        else {"threshold": None, "separable": None, "margin": None, "errors": None}
+    )
+    for r in implanted:
+        s = r["statistics"]
+        pred_bd = s["all_to_one"] > a2o["threshold"] or (
+            a2a["threshold"] is not None and s["all_to_all"] > a2a["threshold"]
+        )
+        r["detected"] = bool(pred_bd)
+        r["target_found"] = (
+            None
+            if r["target"] is None
+            else bool(s["all_to_one"] > a2o["threshold"] and s["target"] == r["target"])
+        )
+    print("\nmodel                                          acc    asr    a2o    tgt  a2a    verdict")
+    for r in rows:
+        s = r["statistics"]
+        asr = "  -  " if r["asr"] is None else f"{r['asr']:.3f}"
+        flag = (
+            "excluded (backdoor did not implant)"
+            if r in failed
+            else ("backdoored" if r.get("detected") else "clean")
+        )
+        print(
+            f"{r['key'].split('|')[0]:46s} {r['acc']:.3f}  {asr}  {s['all_to_one']:.3f}  {s['target']}/{r['target']}  "
+            f"{s['all_to_all']:.3f}  {flag}"
+        )
+    print(f"\nall-to-one threshold: {a2o}\nall-to-all threshold: {a2a}")
+    correct = sum(r["detected"] == (r["attack"] is not None) for r in implanted)
+    print(f"detection accuracy on the calibration set: {correct}/{len(implanted)}")
+    if args.no_write:
+        return
+    if a2a["threshold"] is None:
+        raise SystemExit("no all-to-all model in the set: add e.g. badnets:all-to-all to --attacks")
+    command = "python benchmarks/calibrate_scan.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out")
+    )
+    arch_list = sorted({r["arch"] for r in implanted})
+    record = {
+        "threshold": a2o["threshold"],
+        "all_to_all_threshold": a2a["threshold"],
+        "summary": (
+            f"{len(clean)} clean + {len(one) + len(allall)} backdoored models "
+            f"({', '.join(arch_list)}; {args.epochs} epochs on {args.train_size} images of {args.data}), "
+            f"calibrated {datetime.date.today().isoformat()}"
+        ),
+        "rule": (
+            "each threshold lies midway between the highest score of a negative model and the lowest "
+            "score of a positive one when they separate, else at the cut with the fewest errors. "
+            "all-to-one: negatives = clean models, positives = all-to-one backdoors. all-to-all: "
+            "negatives = clean and all-to-one models, positives = all-to-all backdoors. Backdoors "
+            f"whose ASR stayed below {args.min_asr} did not implant and are listed but not used."
+        ),
+        "all_to_one_fit": a2o,
+        "all_to_all_fit": a2a,
+        "detection_accuracy": f"{correct}/{len(implanted)}",
+        "scan": {
+            "options": {k: v for k, v in asdict(options).items() if "threshold" not in k},
+            "data": f"{args.data}:{args.scan_split}",
+            "clean_count": args.clean_count,
+            "seed": args.scan_seed,
+        },
+        "date": datetime.date.today().isoformat(),
+        "timm_purify_version": __version__,
+        "command": command,
+        "environment": environment_info(),
+        "models": [
+            {
+                k: r.get(k)
+                for k in (
+                    "arch",
+                    "model",
+                    "model_kwargs",
+                    "attack",
+                    "mode",
+                    "target",
+                    "seed",
+                    "train_size",
+                    "epochs",
+                    "acc",
+                    "asr",
+                    "scan_seconds",
+                    "detected",
+                    "target_found",
+                )
+            }
+            | {
+                "all_to_one": r["statistics"]["all_to_one"],
+                "suspected_target": r["statistics"]["target"],
+                "all_to_all": r["statistics"]["all_to_all"],
+                "used": r in implanted,
+            }
+            for r in rows
+        ],
+    }
+    out = Path(args.out)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

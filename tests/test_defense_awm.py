@@ -1,0 +1,185 @@
+"""AWM: element-wise soft weight masks against a recovered universal trigger (timm_purify.defenses.awm)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from test_defense_nft import _Counting, backdoored, eval_images, fresh_copy, state
+from torch import nn
+
+from timm_purify.data import ImageData
+from timm_purify.defenses import PurifyOptionError, purify
+from timm_purify.defenses._common import weight_layers
+from timm_purify.defenses.awm import AWMConfig, random_resized_crop, with_augmented_copies
+
+torch.set_num_threads(2)
+
+
+def toy_data(n: int, num_classes: int = 10) -> ImageData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return ImageData(x, torch.arange(n) % num_classes, [f"c{i}" for i in range(num_classes)], "toy")
+
+
+def test_few_shot_mode_is_automatic_and_overridable():
+    c = AWMConfig()
+    one_shot = c.resolved(num_clean=10, num_classes=10)
+    assert one_shot == {"few_shot": True, "alpha": 0.99, "trigger_norm": 100.0, "augment_copies": 9}
+    many = c.resolved(num_clean=250, num_classes=10)
+    assert many == {"few_shot": False, "alpha": 0.9, "trigger_norm": 1000.0, "augment_copies": 0}
+    forced = AWMConfig(few_shot=False, alpha=0.5).resolved(num_clean=10, num_classes=10)
+    assert forced == {"few_shot": False, "alpha": 0.5, "trigger_norm": 1000.0, "augment_copies": 0}
+
+
+def test_augmented_copies_keep_labels_and_originals():
+    data = toy_data(10)
+    out = with_augmented_copies(data, 9, generator=torch.Generator().manual_seed(0))
+    assert len(out) == 100 and out.x.dtype == torch.uint8
+    assert torch.equal(out.x[:10], data.x)
+    assert torch.equal(torch.bincount(out.y), torch.full((10,), 10))
+    assert torch.equal(out.y[10:].view(9, 10), data.y.repeat(9, 1))
+    assert not torch.equal(out.x[10:20], data.x)  # the copies are actually transformed
+    assert with_augmented_copies(data, 0, generator=torch.Generator()) is data
+
+
+def test_random_resized_crop_identity_and_range():
+    x = torch.rand(4, 3, 16, 16)
+    same = random_resized_crop(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    assert torch.allclose(same, x, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    out = random_resized_crop(x, generator=g)
+    assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    flipped = random_resized_crop(
+        x, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0)
+    )
+    for a, b in zip(flipped, x, strict=True):
+        assert torch.allclose(a, b, atol=1e-5) or torch.allclose(a, b.flip(-1), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_awm_cnn_lowers_asr_masks_convs_only_and_merges():
+    model, attack = backdoored("resnet18")
+    before_input = state(model)
+    result = purify(
+        model,
+        "fashion-mnist-mini",
+        method="awm",
+        clean_count=200,
+        eval_data=eval_images(),
+        eval_attack=attack,
+        quiet=True,
+        outer_steps=4,
+        inner_steps=5,
+        batch_size=64,
+    )
+    assert all(torch.equal(before_input[k], v) for k, v in state(model).items())  # input untouched
+    assert result.before.asr > 0.8
+    assert result.after.asr < result.before.asr - 0.3, (result.before, result.after)
+    assert result.after.acc > 0.5
+    assert len(result.history) == 4 and all("asr" in r for r in result.history)
+    # merged: same keys; masked weights are shrunk element-wise (|w'| <= |w|, same sign);
+    # the head, norm layers, biases and buffers are exactly the input's
+    masked = {f"{name}.weight" for name, _ in weight_layers(model, include_head=False)}
+    assert masked and "fc.weight" not in masked
+    purified = state(result.model)
+    assert purified.keys() == before_input.keys()
+    moved = 0
+    for key, value in purified.items():
+        orig = before_input[key]
+        if key in masked:
+            assert bool((value.abs() <= orig.abs() + 1e-6).all()) and bool((value * orig >= 0).all()), key
+            moved += int(not torch.equal(value, orig))
+        else:
+            assert torch.equal(value, orig), f"{key} should not change"
+    assert moved > 0
+    assert all(p.requires_grad for p in result.model.parameters())
+    plain = fresh_copy("resnet18", model)
+    plain.load_state_dict(result.model.state_dict(), strict=True)
+    plain.eval()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), result.model(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_awm_vit_one_shot_masks_linear_layers_without_merge():
+    model, _ = backdoored("vit")
+    result = purify(
+        model,
+        "fashion-mnist-mini",
+        method="awm",
+        clean_count=10,  # one image per class: few-shot mode with 9 augmented copies each
+        quiet=True,
+        outer_steps=2,
+        inner_steps=2,
+        batch_size=32,
+        merge=False,
+    )
+    out = result.model
+    masks = {k: v for k, v in out.named_parameters() if k.endswith(".mask")}
+    expected = weight_layers(model, include_head=False)
+    assert any(isinstance(m, nn.Linear) for _, m in expected)  # qkv, proj, mlp
+    assert {f"{n}.parametrizations.weight.0.mask" for n, _ in expected} == set(masks)
+    for name, layer in expected:
+        m = masks[f"{name}.parametrizations.weight.0.mask"]
+        assert m.shape == layer.weight.shape
+        assert bool((m >= 0).all() and (m <= 1).all())
+    assert any(not torch.allclose(m, torch.ones_like(m)) for m in masks.values())
+    assert "head.weight" in out.state_dict()  # the head is left alone
+    originals = {
+        k.replace(".parametrizations.weight.original", ".weight"): v for k, v in out.state_dict().items()
+    }
+    for key, value in model.state_dict().items():
+        assert torch.equal(originals[key], value), key
+    assert result.history[0]["few_shot"] is True and result.history[0]["alpha"] == 0.99
+    with torch.no_grad():
+        assert out(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_awm_same_seed_same_result_and_layer_options():
+    model, _ = backdoored("vit")
+    kw = dict(clean_count=20, quiet=True, outer_steps=1, inner_steps=2, batch_size=16)
+    a = purify(model, "fashion-mnist-mini", method="awm", seed=5, **kw).model.state_dict()
+    b = purify(model, "fashion-mnist-mini", method="awm", seed=5, **kw).model.state_dict()
+    c = purify(model, "fashion-mnist-mini", method="awm", seed=6, **kw).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    conv_only = purify(model, "fashion-mnist-mini", method="awm", mask_linear=False, merge=False, **kw).model
+    names = [k for k, _ in conv_only.named_parameters() if k.endswith(".mask")]
+    assert names == ["patch_embed.proj.parametrizations.weight.0.mask"]
+    with_head = purify(model, "fashion-mnist-mini", method="awm", mask_head=True, merge=False, **kw).model
+    assert "head.parametrizations.weight.0.mask" in dict(with_head.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"outer_steps": 0},
+        {"inner_steps": -1},
+        {"trigger_lr": 0},
+        {"trigger_norm": 0.0},
+        {"lr": 0},
+        {"lr_decay": 1.5},
+        {"alpha": 2.0},
+        {"gamma": -1.0},
+        {"augment_copies": -1},
+        {"batch_size": 0},
+        {"tau": 100},
+    ],
+)
+def test_awm_bad_options_fail_before_any_work(options):
+    net = _Counting(timm.create_model("resnet18", pretrained=False, num_classes=10))
+    with pytest.raises(PurifyOptionError):
+        purify(net, toy_data(20), method="awm", quiet=True, **options)
+    assert net.calls == 0
+
+
+def test_awm_conv_only_on_a_model_without_convs_is_refused():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Linear(16, 10))
+    net.num_classes = 10
+    net.get_classifier = lambda: net[-1]
+    net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    with pytest.raises(PurifyOptionError, match="mask"):
+        purify(net, toy_data(10), method="awm", quiet=True, mask_linear=False, outer_steps=1, inner_steps=1)

@@ -1,0 +1,262 @@
+"""NFT: per-channel masks on norm-layer weights, trained with MixUp (timm_purify.defenses.nft).
+
+The tiny backdoored models are built once per process by :func:`backdoored` (also imported by
+``test_defense_awm.py``) so both mask methods share them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from timm_purify._train import TrainConfig, build_backdoored_model
+from timm_purify.attacks import Attack, build_attack
+from timm_purify.data import ImageData, load_data
+from timm_purify.defenses import PurifyOptionError, purify
+from timm_purify.defenses._common import norm_layers
+from timm_purify.defenses.nft import NFTConfig, depth_floors
+
+torch.set_num_threads(2)
+
+# A 3x3 patch is not learnt in the ~50 steps a fast test affords (ASR stays ~5%): a larger
+# patch and a higher poison rate plant it in 3 epochs on 2,000 images.
+ATTACK_KW = dict(poison_rate=0.2, patch_size=6)
+VIT_KW = dict(patch_size=8, depth=2)
+
+
+@functools.cache
+def backdoored(arch: str) -> tuple[nn.Module, Attack]:
+    """A tiny backdoored ``resnet18`` or ViT (fashion-mnist-mini, 32x32), built once per process."""
+    attack = build_attack("badnets", num_classes=10, **ATTACK_KW)
+    if arch == "resnet18":
+        kwargs: dict = dict(model="resnet18", config=TrainConfig(epochs=3, batch_size=64))
+    else:
+        kwargs = dict(
+            model="vit_tiny_patch16_224",
+            model_kwargs=VIT_KW,
+            config=TrainConfig(epochs=3, optimizer="adamw", lr=1e-3, weight_decay=0.05),
+        )
+    result = build_backdoored_model(attack=attack, train_size=2000, quiet=True, **kwargs)
+    return result.model.cpu().eval(), attack
+
+
+@functools.cache
+def eval_images() -> ImageData:
+    return load_data("fashion-mnist-mini", split="test", input_size=(3, 32, 32))
+
+
+def fresh_copy(arch: str, model: nn.Module) -> nn.Module:
+    """A plain timm model of the same architecture, as a user would create it."""
+    kwargs = VIT_KW | {"img_size": 32} if arch != "resnet18" else {}
+    name = "vit_tiny_patch16_224" if arch != "resnet18" else "resnet18"
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_depth_floors_reference_and_relative():
+    ref = depth_floors(19, alpha=0.8, beta=0.5)
+    assert ref[0] == pytest.approx(0.8 * math.exp(-0.5))
+    assert ref[-1] == pytest.approx(0.8 * math.exp(-9.5))
+    assert all(a > b for a, b in zip(ref, ref[1:], strict=False))
+    # relative depth spans the reference's range whatever the number of layers ...
+    deep = depth_floors(53, alpha=0.8, beta=0.5, depth="relative")
+    assert deep[0] == pytest.approx(ref[0]) and deep[-1] == pytest.approx(ref[-1])
+    # ... and is the reference on the reference's 19 layers
+    assert depth_floors(19, alpha=0.8, beta=0.5, depth="relative") == pytest.approx(ref)
+    with pytest.raises(ValueError):
+        depth_floors(3, alpha=0.8, beta=0.5, depth="block")
+
+
+@pytest.mark.slow
+def test_nft_cnn_lowers_asr_trains_only_masks_and_merges():
+    model, attack = backdoored("resnet18")
+    before_input = state(model)
+    result = purify(
+        model,
+        "fashion-mnist-mini",
+        method="nft",
+        clean_count=200,
+        eval_data=eval_images(),
+        eval_attack=attack,
+        quiet=True,
+        iterations=60,
+        lr_period=20,
+        batch_size=64,
+    )
+    # the user's model is untouched
+    after_input = state(model)
+    assert all(torch.equal(before_input[k], after_input[k]) for k in before_input)
+    # the backdoor is weakened while the model still classifies
+    assert result.before.asr > 0.8
+    assert result.after.asr < result.before.asr - 0.3, (result.before, result.after)
+    assert result.after.acc > 0.5
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert all("asr" in r for r in result.history)
+    # merged: same keys; only norm weights changed, each channel scaled by a mask in [mu(l), 1]
+    purified = state(result.model)
+    assert purified.keys() == before_input.keys()
+    masked = [name for name, _ in norm_layers(model, skip_stem=True)]
+    floors = dict(zip(masked, depth_floors(len(masked), alpha=0.8, beta=0.5), strict=True))
+    changed = set()
+    for key, value in purified.items():
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue  # train mode: BN statistics follow the clean data, as in the reference
+        layer, _, param = key.rpartition(".")
+        if layer in floors and param == "weight":
+            orig = before_input[key]
+            ok = orig.abs() > 1e-6
+            ratio = value[ok] / orig[ok]
+            assert bool((ratio >= floors[layer] - 1e-5).all() and (ratio <= 1 + 1e-5).all()), key
+            if not torch.allclose(value, orig):
+                changed.add(layer)
+        else:
+            assert torch.equal(value, before_input[key]), f"{key} should not change"
+    assert changed, "no mask moved"
+    # nothing is left trainable-only-in-name: the user's requires_grad flags are back
+    assert all(p.requires_grad for p in result.model.parameters())
+    # a plain timm model of the same architecture loads the result strictly, same logits
+    plain = fresh_copy("resnet18", model)
+    plain.load_state_dict(result.model.state_dict(), strict=True)
+    plain.eval()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), result.model(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_nft_vit_one_shot_without_merge_exposes_masks():
+    model, _ = backdoored("vit")
+    result = purify(
+        model,
+        "fashion-mnist-mini",
+        method="nft",
+        clean_count=10,  # one image per class
+        quiet=True,
+        iterations=8,
+        lr_period=4,
+        batch_size=32,
+        merge=False,
+    )
+    out = result.model
+    norms = norm_layers(model, skip_stem=True)
+    assert len(norms) == 2 * VIT_KW["depth"]  # norm1/norm2 per block + final norm, stem (first) excluded
+    masks = {k: v for k, v in out.named_parameters() if k.endswith(".mask")}
+    assert len(masks) == len(norms)
+    floors = depth_floors(len(norms), alpha=0.8, beta=0.5)
+    for (name, layer), floor in zip(norms, floors, strict=True):
+        m = masks[f"{name}.parametrizations.weight.0.mask"]
+        assert m.shape == layer.weight.shape  # LayerNorm: one mask per normalised feature
+        assert bool((m >= floor - 1e-6).all() and (m <= 1).all())
+    assert any(not torch.allclose(m, torch.ones_like(m)) for m in masks.values())
+    # only the masks trained: every original tensor is the input's
+    originals = {
+        k.replace(".parametrizations.weight.original", ".weight"): v for k, v in out.state_dict().items()
+    }
+    for key, value in model.state_dict().items():
+        assert torch.equal(originals[key], value), key
+    # the model still runs and is trainable only where the user's flags say
+    with torch.no_grad():
+        assert out(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_nft_same_seed_same_result_and_stem_option():
+    model, _ = backdoored("vit")
+    kw = dict(clean_count=20, quiet=True, iterations=3, batch_size=16)
+    a = purify(model, "fashion-mnist-mini", method="nft", seed=3, **kw).model.state_dict()
+    b = purify(model, "fashion-mnist-mini", method="nft", seed=3, **kw).model.state_dict()
+    c = purify(model, "fashion-mnist-mini", method="nft", seed=4, **kw).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    with_stem = purify(model, "fashion-mnist-mini", method="nft", include_stem=True, merge=False, **kw).model
+    n_masks = sum(1 for k, _ in with_stem.named_parameters() if k.endswith(".mask"))
+    assert n_masks == len(norm_layers(model))
+
+
+class _Counting(nn.Module):
+    """Wraps a classifier and counts forward passes (to prove no work happened)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.num_classes = inner.num_classes
+        self.pretrained_cfg = inner.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        return self.inner.get_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"iterations": 0},
+        {"lr": -0.1},
+        {"alpha": 1.5},
+        {"beta": -1.0},
+        {"depth": "block"},
+        {"lr_min": 0.1},  # above lr
+        {"momentum": 1.0},
+        {"reg": -1e-3},
+        {"lr_period": 0},
+        {"mixup_alpha": 0},
+        {"batch_size": 0},
+        {"no_such_option": 1},
+    ],
+)
+def test_nft_bad_options_fail_before_any_work(options):
+    net = _Counting(timm.create_model("resnet18", pretrained=False, num_classes=10))
+    data = ImageData(
+        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(20) % 10,
+        list("abcdefghij"),
+        "t",
+    )
+    with pytest.raises(PurifyOptionError):
+        purify(net, data, method="nft", quiet=True, **options)
+    assert net.calls == 0
+
+
+def test_nft_model_without_norm_layers_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    net.num_classes = 10
+    net.get_classifier = lambda: net[-1]
+    net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    data = ImageData(
+        torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10), list("abcdefghij"), "t"
+    )
+    with pytest.raises(PurifyOptionError, match="awm"):
+        purify(copy.deepcopy(net), data, method="nft", quiet=True, iterations=1)
+
+
+def test_nft_config_defaults_are_the_reference():
+    c = NFTConfig()
+    assert (c.iterations, c.batch_size, c.lr, c.momentum, c.lr_min, c.lr_period) == (
+        1000,
+        128,
+        0.05,
+        0.95,
+        0.02,
+        200,
+    )
+    assert (c.alpha, c.beta, c.reg, c.depth, c.include_stem, c.merge) == (
+        0.8,
+        0.5,
+        0.001,
+        "layer",
+        False,
+        True,
+    )

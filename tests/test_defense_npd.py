@@ -1,0 +1,296 @@
+"""NPD, NPD-TP and NPD-TU: behaviour on a tiny backdoored ResNet-18 and a tiny ViT."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_purify import PolarizedModel
+from timm_purify._train import TrainConfig, build_backdoored_model
+from timm_purify.attacks import build_attack
+from timm_purify.data import load_data
+from timm_purify.defenses import PurifyOptionError, purify
+from timm_purify.defenses.npd import (
+    NPDConfig,
+    NPDTargetConfig,
+    known_target_pgd,
+    polarizer_loss,
+    runner_up,
+    universal_target_attack,
+)
+from timm_purify.metrics import evaluate
+
+DATA = "fashion-mnist-mini"
+# A spot on the main path: the auto spot of a briefly trained timm ResNet sits on the residual
+# branch of the last block, which zero_init_last keeps near zero (the branch barely matters).
+CNN_LAYER = "layer4:output"
+
+
+@functools.cache
+def backdoored_resnet():
+    """ResNet-18 with a BadNets backdoor strong enough to measure (ASR ~80%), built once per session.
+
+    The 6-pixel patch and 20% poisoning implant the backdoor in 3 short epochs on 1,000 images;
+    the reference 3x3 patch needs far longer training on Fashion-MNIST.
+    """
+    attack = build_attack("badnets", num_classes=10, poison_rate=0.2, patch_size=6)
+    result = build_backdoored_model(
+        model="resnet18",
+        attack=attack,
+        train_size=1000,
+        config=TrainConfig(epochs=3, batch_size=32),
+        quiet=True,
+    )
+    return result.model.eval(), attack
+
+
+@functools.cache
+def tiny_vit():
+    result = build_backdoored_model(
+        model="vit_tiny_patch16_224",
+        model_kwargs=dict(patch_size=8, depth=2),
+        attack=build_attack("badnets", num_classes=10),
+        train_size=300,
+        config=TrainConfig(epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.05),
+        quiet=True,
+    )
+    return result.model.eval()
+
+
+@functools.cache
+def eval_images():
+    """Every other test image (500), enough to measure ASR and ACC shifts of tens of points."""
+    model, _ = backdoored_resnet()
+    data = load_data(DATA, split="test", model=model)
+    return data.subset(torch.arange(0, len(data), 2))
+
+
+@pytest.fixture(scope="session")
+def resnet():
+    return backdoored_resnet()
+
+
+@pytest.fixture(scope="session")
+def vit():
+    return tiny_vit()
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_npd_lowers_badnets_asr_and_trains_only_the_polarizer(resnet):
+    model, attack = resnet
+    original = _state(model)
+    test = eval_images()
+    before = evaluate(model, test, attack=attack)
+    assert before.asr > 0.6, "the fixture lost its backdoor; the test would prove nothing"
+
+    result = purify(
+        model, DATA, method="npd", clean_count=128, quiet=True,
+        layer=CNN_LAYER, epochs=6, warmup_epochs=1, lr=0.05,
+    )  # fmt: skip
+    wrapped = result.model
+    assert isinstance(wrapped, PolarizedModel) and wrapped.polarizer.kind == "npd"
+    after = evaluate(wrapped, test, attack=attack)
+    assert after.asr < before.asr - 0.3, (before, after)
+    assert after.acc > before.acc - 0.1, (before, after)
+
+    _assert_same(_state(model), original)  # the caller's model is untouched
+    _assert_same(_state(wrapped.base), original)  # base weights and BN buffers bit-identical
+    eye = torch.eye(wrapped.polarizer.channels).view_as(wrapped.polarizer.proj.weight)
+    assert not torch.equal(wrapped.polarizer.proj.weight.detach(), eye)
+    assert not torch.equal(
+        wrapped.polarizer.norm.running_mean, torch.zeros_like(wrapped.polarizer.norm.running_mean)
+    )
+    phases = [h["phase"] for h in result.history]
+    assert phases == ["warmup"] + ["main"] * 6
+    assert all(0.0 <= h["adv_hit_rate"] <= 1.0 for h in result.history[1:])
+
+
+@pytest.mark.slow
+def test_npd_same_seed_same_polarizer(resnet):
+    model, _ = resnet
+    runs = [
+        purify(
+            model,
+            DATA,
+            method="npd",
+            clean_count=64,
+            quiet=True,
+            layer=CNN_LAYER,
+            epochs=1,
+            warmup_epochs=1,
+            seed=3,
+        )
+        for _ in range(2)
+    ]
+    _assert_same(_state(runs[0].model.polarizer), _state(runs[1].model.polarizer))
+    assert runs[0].history == runs[1].history
+
+
+@pytest.mark.slow
+def test_npd_runs_on_a_vit_token_spot(vit):
+    original = _state(vit)
+    result = purify(vit, DATA, method="npd", clean_count=40, quiet=True, epochs=1, warmup_epochs=1)
+    wrapped = result.model
+    assert wrapped.spot.layout == "NLC"
+    _assert_same(_state(wrapped.base), original)
+    assert not torch.equal(wrapped.polarizer.proj.weight.detach(), torch.eye(wrapped.polarizer.channels))
+    assert torch.isfinite(wrapped(torch.rand(4, 3, 32, 32))).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["npd-tp", "npd-tu"])
+def test_known_target_variants_run(resnet, method):
+    model, attack = resnet
+    result = purify(
+        model,
+        DATA,
+        method=method,
+        clean_count=64,
+        quiet=True,
+        layer=CNN_LAYER,
+        epochs=1,
+        warmup_epochs=0,
+        target=attack.target,
+    )
+    pol = result.model.polarizer
+    assert not torch.equal(pol.proj.weight.detach(), torch.eye(pol.channels).view_as(pol.proj.weight))
+    assert result.config["w_adv"] == 0.1 and result.config["target"] == attack.target
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def test_known_target_must_be_a_class():
+    with pytest.raises(PurifyOptionError, match="target=<class index>"):
+        NPDTargetConfig().validate(num_clean=100, num_classes=10)
+    for bad in (10, -1, True, 1.0):
+        with pytest.raises(PurifyOptionError, match=r"\[0, 9\]"):
+            NPDTargetConfig(target=bad).validate(num_clean=100, num_classes=10)
+    NPDTargetConfig(target=9).validate(num_clean=100, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rho": 0.0}, "rho"),
+        ({"rho": -1.0}, "rho"),
+        ({"epochs": 0}, "epochs"),
+        ({"pgd_steps": 1.5}, "pgd_steps"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"stop_fraction": 1.5}, "stop_fraction"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"w_clean": 0.0, "w_adv": 0.0, "w_other": 0.0, "w_target": 0.0}, "weights"),
+        ({"w_adv": -0.1}, "weights"),
+        ({"layer": 1.5}, "depth"),
+    ],
+)
+def test_bad_options_are_rejected(options, message):
+    with pytest.raises(PurifyOptionError, match=message):
+        NPDConfig(**options).validate(num_clean=100, num_classes=10)
+
+
+def test_bad_options_fail_before_any_work(vit):
+    before = _state(vit)
+    for method in ("npd-tp", "npd-tu"):
+        with pytest.raises(PurifyOptionError, match="target"):
+            purify(vit, DATA, method=method, clean_count=20, quiet=True)
+    with pytest.raises(PurifyOptionError, match="rho"):
+        purify(vit, DATA, method="npd", clean_count=20, quiet=True, rho=0)
+    with pytest.raises(PurifyOptionError, match="no input spot|names no"):
+        purify(vit, DATA, method="npd", clean_count=20, quiet=True, layer="not_a_layer")
+    _assert_same(_state(vit), before)
+
+
+# -- pieces ----------------------------------------------------------------------------------
+
+
+def test_runner_up_never_picks_the_true_class():
+    logits = torch.tensor([[5.0, 1.0, 3.0], [0.0, 9.0, 8.5], [1.0, 2.0, 3.0]])
+    y = torch.tensor([0, 1, 1])
+    assert runner_up(logits, y).tolist() == [2, 2, 2]
+
+
+def test_polarizer_loss_is_the_reference_objective():
+    torch.manual_seed(0)
+    clean, adv = torch.randn(5, 4), torch.randn(5, 4)
+    y, own, target = (
+        torch.tensor([0, 1, 2, 3, 0]),
+        torch.tensor([0, 1, 2, 0, 1]),
+        torch.tensor([1, 2, 3, 0, 2]),
+    )
+    cfg = NPDConfig(w_clean=1.0, w_adv=0.2, w_other=0.3, w_target=0.4)
+    p = adv.softmax(1)
+    other = torch.stack([max(p[i, k] for k in range(4) if k != y[i]) for i in range(5)])
+    expected = (
+        F.cross_entropy(clean, y)
+        + 0.2 * F.cross_entropy(adv, own)
+        + 0.3 * (-torch.log(1.0001 - other)).mean()
+        + 0.4 * (-torch.log(1.0001 - p[torch.arange(5), target])).mean()
+    )
+    assert torch.allclose(polarizer_loss(clean, adv, y, own, target, cfg), expected)
+    # samples of a known target class leave the target term out
+    weight = (y != 0).float()
+    masked = polarizer_loss(clean, adv, y, own, target, cfg, target_weight=weight)
+    term = (-torch.log(1.0001 - p[torch.arange(5), target]))[1:4].mean()
+    assert torch.allclose(
+        masked, expected - 0.4 * (-torch.log(1.0001 - p[torch.arange(5), target])).mean() + 0.4 * term
+    )
+
+
+def _linear_model():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    return net
+
+
+def test_known_target_pgd_leaves_target_class_images_alone():
+    f = _linear_model()
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 3, 1])
+    cfg = NPDTargetConfig(target=0, stop_fraction=1.0)
+    adv = known_target_pgd(cfg, 1.0)(f, x, y, torch.zeros_like(y))
+    assert torch.equal(adv[y == 0], x[y == 0])
+    moved = (adv - x)[y != 0].flatten(1).norm(dim=1)
+    assert (moved > 0).all() and (moved <= 1.0 + 1e-5).all()
+
+
+def test_universal_perturbation_is_shared_projected_and_persists():
+    f = _linear_model()
+    x = torch.full((5, 3, 8, 8), 0.5)  # mid-grey: no clamping, so every copy moves by the same delta
+    y = torch.tensor([0, 1, 2, 3, 0])
+    target = torch.full_like(y, 2)
+    # one small step per call: the second call continues from the stored perturbation
+    small = universal_target_attack(
+        NPDTargetConfig(target=2, stop_fraction=1.0, pgd_steps=1, pgd_step_size=0.01), 10.0, (3, 8, 8)
+    )
+    first = small(f, x, y, target) - x
+    assert torch.allclose(first, first[:1].expand_as(first))
+    assert torch.allclose(first.abs(), torch.full_like(first, 0.01))
+    second = small(f, x, y, target) - x
+    assert torch.allclose(second, 2 * first, atol=1e-6)
+    assert f(x + second)[:, 2].mean() > f(x + first)[:, 2].mean() > f(x)[:, 2].mean()
+    # large steps stay inside the L2 ball
+    big = universal_target_attack(NPDTargetConfig(target=2, stop_fraction=1.0, pgd_steps=3), 0.5, (3, 8, 8))
+    delta = big(f, x, y, target) - x
+    assert torch.allclose(delta[0].norm(), torch.tensor(0.5), atol=1e-5)
+
+
+def test_input_model_is_not_wrapped_after_purify(vit):
+    reference = copy.deepcopy(vit)
+    purify(vit, DATA, method="npd", clean_count=20, quiet=True, epochs=1, warmup_epochs=0)
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(vit(x), reference(x))
+    assert not any(hasattr(m, "_timm_purify_polarizer") for m in vit.modules())

@@ -1,0 +1,439 @@
+"""BAN backdoor scan: detection, target, report, CLI exit codes, option errors (timm_purify.detection.ban)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pickletools
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.nn.utils import parametrize
+
+from timm_purify._train import TrainConfig, build_backdoored_model, write_timm_folder
+from timm_purify.attacks import build_attack
+from timm_purify.cli import main
+from timm_purify.data import FASHION_MNIST_CLASSES, ImageData, clean_subset, load_data
+from timm_purify.detection.ban import (
+    ScanOptionError,
+    decide,
+    load_calibration,
+    scan,
+    scan_statistics,
+)
+from timm_purify.detection.report import REPORT_KEYS, ScanReport
+
+torch.set_num_threads(1)
+
+TARGET = 3  # "dress": not class 0, so finding it is not an accident of argmax ties
+SPEC_KEYS = {
+    "verdict",
+    "score",
+    "threshold",
+    "suspected_target",
+    "pattern",
+    "histogram_noisy",
+    "histogram_noisy_masked",
+    "clean_acc",
+    "noisy_acc",
+    "config",
+    "seconds",
+    "seed",
+    "static_findings",
+    "class_names",
+    "unsafe_files",
+}
+
+
+@functools.cache
+def build(arch: str, attack: str | None, *, optimizer: str = "sgd", lr: float = 0.05):
+    """A tiny timm model trained on 2,000 mini images for 3 epochs (about 15-30 s), cached per
+    arguments. BadNets uses a 6-pixel patch: the reference 3-pixel one does not implant in
+    three short epochs."""
+    atk = None
+    if attack == "badnets":
+        atk = build_attack("badnets", target=TARGET, patch_size=6, num_classes=10)
+    config = TrainConfig(epochs=3, batch_size=64, lr=lr, optimizer=optimizer, weight_decay=5e-4, seed=0)
+    torch.manual_seed(0)  # build_backdoored_model seeds training, not timm's weight init
+    result = build_backdoored_model(model=arch, attack=atk, train_size=2000, config=config, quiet=True)
+    return result.model.eval(), atk, result.metrics
+
+
+@functools.cache
+def clean_images() -> ImageData:
+    """600 balanced test images (1% of Fashion-MNIST's 60k), never seen in training."""
+    return clean_subset(
+        load_data("fashion-mnist-mini", split="test", input_size=(3, 32, 32)), count=600, seed=0
+    )
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    model, attack, metrics = build("test_resnet", "badnets")
+    assert metrics.asr > 0.8, f"the test backdoor did not implant ({metrics})"
+    return model
+
+
+@pytest.fixture(scope="module")
+def clean_model():
+    return build("test_resnet", None)[0]
+
+
+@pytest.fixture(scope="module")
+def backdoored_report(backdoored):
+    before = {k: v.clone() for k, v in backdoored.state_dict().items()}
+    report = scan(backdoored, clean_images(), seed=0, quiet=True)
+    after = backdoored.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(parametrize.is_parametrized(m) for m in backdoored.modules())
+    return report
+
+
+@pytest.fixture(scope="module")
+def clean_report(clean_model):
+    return scan(clean_model, clean_images(), seed=0, quiet=True)
+
+
+# ------------------------------------------------------------------ detection
+
+
+def test_backdoored_model_is_flagged_with_its_target(backdoored_report):
+    r = backdoored_report
+    assert r.verdict == "backdoored"
+    assert r.pattern == "all-to-one"
+    assert r.suspected_target == TARGET
+    assert r.score > r.threshold
+    assert r.threshold == pytest.approx(load_calibration()["threshold"])
+    # the statistic comes from these predictions: the target dominates them
+    assert max(range(10), key=r.histogram_noisy_masked.__getitem__) == TARGET
+    assert sum(r.histogram_noisy_masked) == r.config["num_held_out"]
+    assert r.class_names[TARGET] == FASHION_MNIST_CLASSES[TARGET]
+
+
+def test_clean_model_is_not_flagged(clean_report):
+    r = clean_report
+    assert r.verdict == "clean"
+    assert r.pattern is None and r.suspected_target is None
+    assert r.score <= r.threshold
+    assert r.config["statistics"]["all_to_all"] <= r.config["all_to_all_threshold"]
+    assert 0.5 < r.clean_acc <= 1.0
+    assert r.noisy_acc < r.clean_acc  # the noise really is adversarial
+
+
+def test_mask_stage_runs_on_cached_features(backdoored_report):
+    cfg = backdoored_report.config
+    assert cfg["features"] == "forward_features"
+    assert cfg["feature_shape"][0] == 96  # test_resnet's last stage width, before pooling
+    assert cfg["num_search"] + cfg["num_held_out"] == 600
+    stages = cfg["stage_seconds"]
+    assert set(stages) == {"features", "mask", "noise", "statistic"}
+
+
+def test_scan_runs_on_a_vit_with_layernorm_noise():
+    model, _, metrics = build("test_vit", "badnets", optimizer="adamw", lr=1e-3)
+    report = scan(model, clean_images(), quiet=True, steps=10, mask_epochs=5)
+    assert len(report.config["feature_shape"]) == 2  # tokens x channels
+    assert report.noisy_acc < report.clean_acc
+    if metrics.asr > 0.8:
+        assert report.verdict == "backdoored" and report.suspected_target == TARGET
+
+
+def test_same_seed_same_report(clean_model):
+    kwargs = dict(seed=5, quiet=True, steps=3, mask_epochs=2, clean_count=200)
+    a = scan(clean_model, clean_images(), **kwargs).to_dict()
+    b = scan(clean_model, clean_images(), **kwargs).to_dict()
+    for r in (a, b):
+        r.pop("seconds")
+        r["config"].pop("stage_seconds")
+    assert a == b
+
+
+# ------------------------------------------------------------------ the statistic
+
+
+def _confusion(mapping: dict[int, int], k: int = 10, n: int = 30, strength: float = 1.0) -> torch.Tensor:
+    """n images per class; a share ``strength`` of class c goes to ``mapping.get(c, c)``."""
+    c = torch.zeros(k, k, dtype=torch.long)
+    for cls in range(k):
+        moved = round(strength * n) if cls in mapping else 0
+        c[cls, mapping.get(cls, cls)] += moved
+        c[cls, cls] += n - moved
+    return c
+
+
+def test_statistics_all_to_one_all_to_all_and_clean():
+    diag = _confusion({})
+    one = _confusion({c: 4 for c in range(10) if c != 4})
+    perm = _confusion({c: (c + 1) % 10 for c in range(10)})
+    s = scan_statistics(one, one, diag)
+    assert s["target"] == 4 and s["all_to_one"] == pytest.approx(1.0)
+    assert s["all_to_all"] <= 0.1 + 1e-9  # one class may claim the target, not all
+    s = scan_statistics(perm, perm, diag)
+    assert s["all_to_all"] == pytest.approx(1.0)
+    assert s["all_to_all_map"] == [(c + 1) % 10 for c in range(10)]
+    assert s["all_to_one"] < 0.15
+    s = scan_statistics(diag, diag, diag)
+    assert s["all_to_one"] == pytest.approx(0.0) and s["all_to_all"] == pytest.approx(0.0)
+
+
+def test_noise_and_mask_must_agree():
+    """A clean model broken by noise collapses onto one class, its mask points elsewhere."""
+    diag = _confusion({})
+    to_two = _confusion({c: 2 for c in range(10) if c != 2})
+    to_seven = _confusion({c: 7 for c in range(10) if c != 7})
+    assert scan_statistics(to_two, to_seven, diag, default_class=7)["all_to_one"] < 0.15
+    assert scan_statistics(to_two, to_two, diag, default_class=7)["all_to_one"] > 0.9
+
+
+def test_masked_collapse_onto_the_default_class_is_no_evidence():
+    """With a full mask the negative branch sees ~zero features and predicts the head's
+    default class; leftover features that point elsewhere are evidence."""
+    diag = _confusion({})
+    to_seven = _confusion({c: 7 for c in range(10) if c != 7})
+    to_two = _confusion({c: 2 for c in range(10) if c != 2})
+    assert scan_statistics(to_two, to_seven, diag, default_class=7)["all_to_one"] < 0.15
+    s = scan_statistics(to_two, to_seven, diag, default_class=4)
+    assert s["target"] == 7 and s["all_to_one"] > 0.9 and s["residual"] > 0.9
+
+
+def test_baseline_confusion_is_not_blamed_on_a_backdoor():
+    natural = _confusion({c: 6 for c in (0, 2, 4)}, strength=0.5)  # tops, pullovers, coats read as shirts
+    assert scan_statistics(natural, natural, natural)["all_to_one"] == pytest.approx(0.0, abs=1e-9)
+    assert scan_statistics(natural, natural, _confusion({}))["all_to_one"] > 0.0
+
+
+def test_decide():
+    stats = {"all_to_one": 0.9, "target": 3, "all_to_all": 0.1}
+    assert decide(stats, threshold=0.5, all_to_all_threshold=0.3) == ("backdoored", "all-to-one", 3, 0.9, 0.5)
+    stats = {"all_to_one": 0.2, "target": 3, "all_to_all": 0.6}
+    assert decide(stats, threshold=0.5, all_to_all_threshold=0.3) == (
+        "backdoored",
+        "all-to-all",
+        None,
+        0.6,
+        0.3,
+    )
+    stats = {"all_to_one": 0.2, "target": 3, "all_to_all": 0.1}
+    assert decide(stats, threshold=0.5, all_to_all_threshold=0.3) == ("clean", None, None, 0.2, 0.5)
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_report_has_the_required_keys_and_round_trips(backdoored_report, tmp_path):
+    d = backdoored_report.to_dict()
+    assert set(d) == SPEC_KEYS == set(REPORT_KEYS)
+    json.dumps(d)  # plain JSON values only
+    assert ScanReport.from_dict(d) == backdoored_report
+    path = tmp_path / "sub" / "report.json"
+    text = backdoored_report.to_json(path)
+    assert json.loads(path.read_text()) == json.loads(text) == d
+    assert ScanReport.from_json(path) == backdoored_report
+    assert d["static_findings"] == [] and d["unsafe_files"] is False
+
+
+def test_report_rejects_foreign_json(backdoored_report):
+    d = backdoored_report.to_dict()
+    with pytest.raises(ValueError, match="unknown key"):
+        ScanReport.from_dict({**d, "verdikt": "clean"})
+    with pytest.raises(ValueError, match="missing"):
+        ScanReport.from_dict({k: v for k, v in d.items() if k != "score"})
+    with pytest.raises(ValueError, match="verdict"):
+        ScanReport.from_dict({**d, "verdict": "maybe"})
+
+
+def test_calibration_file_documents_its_provenance():
+    cal = load_calibration()
+    for key in (
+        "threshold",
+        "all_to_all_threshold",
+        "rule",
+        "models",
+        "date",
+        "timm_purify_version",
+        "command",
+    ):
+        assert key in cal
+    assert cal["command"].startswith("python benchmarks/calibrate_scan.py")
+    used = [m for m in cal["models"] if m["used"]]
+    clean = [m for m in used if m["attack"] is None]
+    one = [m for m in used if m["mode"] == "all-to-one"]
+    assert clean and one
+    # the shipped threshold separates the calibration models it was fitted on
+    assert max(m["all_to_one"] for m in clean) < cal["threshold"] < min(m["all_to_one"] for m in one)
+
+
+# ------------------------------------------------------------------ options
+
+
+class _Exploding(nn.Module):
+    """A classifier whose forward must never run: option errors come before any work."""
+
+    num_classes = 10
+    pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 10)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        raise AssertionError("the scan started work before validating its options")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(eps=0), "eps must be a number > 0"),
+        (dict(eps=-0.1), "eps must be a number > 0"),
+        (dict(eps=1.5), "below 1"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(steps=2.5), "steps must be a positive integer"),
+        (dict(mask_epochs=0), "mask_epochs"),
+        (dict(mask_lr=0.0), "mask_lr"),
+        (dict(mask_lambda=-1), "mask_lambda"),
+        (dict(holdout=1.0), "holdout"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(threshold="high"), "threshold"),
+        (dict(epsilon=0.3), "unknown scan option"),
+        (dict(clean_count=10), "at least 2 clean images of every class"),
+        (dict(clean_count=5), "cannot cover the 10 classes"),
+        (dict(clean_fraction=1.5), "fraction"),
+        (dict(seed="0"), "seed must be an integer"),
+    ],
+)
+def test_bad_options_fail_before_any_work(options, message):
+    with pytest.raises(ScanOptionError, match=message):
+        scan(_Exploding(), clean_images(), quiet=True, **options)
+
+
+def test_data_with_other_classes_is_refused():
+    data = clean_images()
+    three = data.subset(torch.nonzero(data.y < 3).flatten())
+    three = ImageData(three.x, three.y, ["a", "b", "c"], "three-class")
+    with pytest.raises(ScanOptionError, match="3 classes but the model's head has 10"):
+        scan(_Exploding(), three, quiet=True)
+
+
+def test_missing_files_path_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        scan(_Exploding(), clean_images(), files=tmp_path / "nowhere", quiet=True)
+
+
+class _NoTimmSplit(nn.Module):
+    """Not a timm model: no forward_features/forward_head, features found at the head's input."""
+
+    num_classes = 10
+    pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def test_models_without_forward_features_are_split_at_the_classifier_input():
+    torch.manual_seed(0)
+    report = scan(
+        _NoTimmSplit().eval(),
+        clean_images(),
+        clean_count=100,
+        steps=2,
+        mask_epochs=1,
+        quiet=True,
+        threshold=0.5,
+        all_to_all_threshold=0.5,
+    )
+    assert report.config["features"] == "classifier input"
+    assert report.config["feature_shape"] == [8]
+    assert report.threshold == 0.5
+
+
+# ------------------------------------------------------------------ command line
+
+
+@pytest.fixture(scope="module")
+def saved(backdoored, clean_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("scan-cli")
+    return {
+        "backdoored": write_timm_folder(backdoored, root / "backdoored"),
+        "clean": write_timm_folder(clean_model, root / "clean"),
+    }
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, ["scan", *args], catch_exceptions=False)
+
+
+def test_cli_exit_3_for_a_backdoored_folder(saved, tmp_path):
+    out = tmp_path / "report.json"
+    res = _cli(
+        str(saved["backdoored"]),
+        "--data",
+        "fashion-mnist-mini",
+        "--clean-count",
+        "600",
+        "--json",
+        str(out),
+        "--quiet",
+    )
+    assert res.exit_code == 3, res.output
+    assert "BACKDOORED (all-to-one)" in res.output
+    assert f"class {TARGET} ({FASHION_MNIST_CLASSES[TARGET]})" in res.output
+    report = ScanReport.from_json(out)
+    assert report.suspected_target == TARGET
+    assert [f["kind"] for f in report.static_findings] == ["safetensors"]  # the folder's file was inspected
+
+
+def test_cli_exit_0_for_a_clean_folder(saved):
+    res = _cli(str(saved["clean"]), "--data", "fashion-mnist-mini", "--clean-count", "600", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "verdict: CLEAN" in res.output
+
+
+def test_cli_exit_4_for_an_unsafe_file_without_loading_it(tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 10}))
+    # a pickle that would call os.system on load (protocol 0 GLOBAL + REDUCE); never unpickled here
+    payload = b"cos\nsystem\n(S'echo owned'\ntR."
+    list(pickletools.genops(payload))  # well-formed
+    (folder / "pytorch_model.bin").write_bytes(payload)
+    out = tmp_path / "r.json"
+    res = _cli(str(folder), "--data", "fashion-mnist-mini", "--json", str(out))
+    assert res.exit_code == 4, res.output
+    assert "UNSAFE" in res.output and "os.system" in res.output
+    record = json.loads(out.read_text())
+    assert record["unsafe_files"] is True and record["verdict"] is None
+
+
+def test_cli_bad_option_is_a_usage_error(saved):
+    res = _cli(str(saved["clean"]), "--data", "fashion-mnist-mini", "--eps", "0", "--quiet")
+    assert res.exit_code == 1
+    assert "eps must be a number > 0" in res.output
+
+
+def test_cli_help_documents_exit_codes():
+    res = _cli("--help")
+    assert res.exit_code == 0
+    assert "0 when no backdoor" in res.output and "3 when" in res.output and "4 when" in res.output
+
+
+def test_timm_loads_the_scanned_folder_unchanged(saved, backdoored):
+    """Scanning never writes into the model's folder."""
+    again = timm.create_model(f"local-dir:{saved['backdoored']}", pretrained=True).eval()
+    x = clean_images().floats()[:8]
+    with torch.no_grad():
+        assert torch.allclose(again(x), backdoored(x), atol=1e-5)

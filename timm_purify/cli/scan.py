@@ -1,0 +1,169 @@
+"""``timm-purify scan``: is this model safe to load, and does it carry a backdoor?"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+__all__ = ["scan", "EXIT_CLEAN", "EXIT_BACKDOORED", "EXIT_UNSAFE"]
+
+EXIT_CLEAN = 0
+EXIT_BACKDOORED = 3
+EXIT_UNSAFE = 4
+_BAR_WIDTH = 30
+
+
+def _histogram_lines(counts: list[int], names: list[str] | None, *, mark: int | None) -> list[str]:
+    """A small text bar chart, one line per class, the suspected target marked."""
+    total = max(sum(counts), 1)
+    labels = [names[i] if names and i < len(names) else str(i) for i in range(len(counts))]
+    width = max(len(f"{i} {label}") for i, label in enumerate(labels))
+    lines = []
+    for i, (label, count) in enumerate(zip(labels, counts, strict=True)):
+        bar = "#" * round(_BAR_WIDTH * count / total)
+        flag = "  <- suspected target" if i == mark else ""
+        lines.append(f"  {f'{i} {label}':<{width}} |{bar:<{_BAR_WIDTH}}| {count:4d}{flag}")
+    return lines
+
+
+def _summary(report, model: str) -> str:
+    cfg = report.config
+    verdict = report.verdict.upper() + (f" ({report.pattern})" if report.pattern else "")
+    stats = cfg["statistics"]
+
+    def compare(score: float, threshold: float) -> str:
+        return f"{score:.3f} {'>' if score > threshold else '<='} threshold {threshold:.3f}"
+
+    lines = [
+        f"BAN scan of {model}: {cfg['num_search']} clean images for the searches, "
+        f"{cfg['num_held_out']} held out, {report.seconds:.1f} s",
+        f"verdict: {verdict}",
+        f"  all-to-one score {compare(stats['all_to_one'], cfg['threshold'])}",
+        f"  all-to-all score {compare(stats['all_to_all'], cfg['all_to_all_threshold'])}",
+    ]
+    if report.suspected_target is not None:
+        lines.append(f"suspected target: class {report.suspected_target} ({report.target_name})")
+    if report.pattern == "all-to-all":
+        mapping = cfg["statistics"]["all_to_all_map"]
+        names = report.class_names or []
+        pairs = [
+            f"{names[k] if k < len(names) else k} -> {names[j] if j < len(names) else j}"
+            for k, j in enumerate(mapping)
+            if j is not None
+        ]
+        lines.append("class shifts: " + ", ".join(pairs))
+    lines.append(
+        f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%}"
+    )
+    lines.append("predictions with adversarial noise and the negative feature mask:")
+    lines += _histogram_lines(report.histogram_noisy_masked, report.class_names, mark=report.suspected_target)
+    if report.static_findings:
+        worst = [f for f in report.static_findings if f["severity"] != "info"]
+        lines.append(
+            f"file inspection: {len(report.static_findings)} finding(s), "
+            f"{sum(f['severity'] == 'critical' for f in worst)} critical, "
+            f"{sum(f['severity'] == 'warning' for f in worst)} warning(s)"
+        )
+        lines += [f"  [{f['severity']}] {f['file']}: {f['message']}" for f in worst]
+    return "\n".join(lines)
+
+
+@click.command(
+    epilog=(
+        "Exit status: 0 when no backdoor is found, 3 when the model is backdoored, 4 when a file "
+        "of the model is unsafe to load (the model is then not loaded and not scanned), 1 on a "
+        "usage error (bad option, unreadable data)."
+    )
+)
+@click.argument("model")
+@click.option(
+    "--data",
+    required=True,
+    help="Clean images of the model's classes: an image folder (one sub-folder per class; its "
+    "train split when it has one) or a bundled set (fashion-mnist-mini).",
+)
+@click.option(
+    "--json", "json_file", type=click.Path(dir_okay=False), default=None, help="Write the report here."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--clean-count",
+    type=int,
+    default=None,
+    help="Use a class-balanced subset of this many images (default: all of --data).",
+)
+@click.option("--clean-fraction", type=float, default=None, help="Or this share of --data, e.g. 0.01.")
+@click.option("--eps", type=float, default=None, help="Noise bound (default 0.3, for 32x32 images).")
+@click.option("--steps", type=int, default=None, help="Noise ascent steps (default 30).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: accelerate's choice).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def scan(
+    model: str,
+    data: str,
+    json_file: str | None,
+    seed: int,
+    clean_count: int | None,
+    clean_fraction: float | None,
+    eps: float | None,
+    steps: int | None,
+    device: str | None,
+    quiet: bool,
+) -> None:
+    """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask).
+
+    MODEL is a local timm folder, a Hub id or an architecture name. The files of a local
+    folder are first inspected without loading them; the behavioural scan then needs a few
+    hundred clean images of the model's classes (--data).
+    """
+    from .._hub import ModelLoadError, resolve_source
+    from ..detection.ban import ScanOptionError
+    from ..detection.ban import scan as run_scan
+    from ..detection.static import inspect_files
+    from ._common import open_model
+
+    ctx = click.get_current_context()
+    try:
+        kind, value = resolve_source(model)
+    except ModelLoadError as err:
+        raise click.ClickException(str(err)) from err
+    files = Path(value) if kind == "folder" else None
+    if files is not None and files.exists():
+        findings = inspect_files(files)
+        critical = [f for f in findings if f.severity == "critical"]
+        if critical:
+            click.echo(f"UNSAFE: {model} holds {len(critical)} file(s) that must not be loaded; not scanned.")
+            for f in critical:
+                click.echo(f"  [{f.kind}] {f.file}: {f.message}")
+            if json_file:
+                record = {
+                    "unsafe_files": True,
+                    "verdict": None,
+                    "static_findings": [f.to_dict() for f in findings],
+                }
+                Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
+            ctx.exit(EXIT_UNSAFE)
+    options = {k: v for k, v in (("eps", eps), ("steps", steps)) if v is not None}
+    net = open_model(model)
+    try:
+        report = run_scan(
+            net,
+            data,
+            files=files,
+            seed=seed,
+            clean_count=clean_count,
+            clean_fraction=clean_fraction,
+            device=device,
+            quiet=quiet,
+            **options,
+        )
+    except (ScanOptionError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(_summary(report, model))
+    if json_file:
+        report.to_json(json_file)
+        click.echo(f"report written to {json_file}")
+    if report.unsafe_files:
+        ctx.exit(EXIT_UNSAFE)
+    ctx.exit(EXIT_BACKDOORED if report.backdoored else EXIT_CLEAN)

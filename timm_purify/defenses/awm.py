@@ -1,0 +1,290 @@
+"""``awm``: Adversarial Weight Masking (Chai & Chen, NeurIPS 2022).
+
+A soft mask in [0, 1], one value per weight element, multiplies the weights of the model's
+conv (and, by default, linear) layers. Each outer iteration first recovers the worst-case
+*universal* perturbation ``Delta`` (one image-shaped tensor, L1-bounded) that pushes the
+current model off its own predictions, a proxy for the unknown trigger, then trains the masks
+to classify both clean and ``Delta``-shifted images correctly with a small L1 pull towards
+sparsity. Weights the recovered trigger relies on get masked down. Designed for the one-shot
+case: one image per class plus fixed augmented copies.
+
+Reference behaviour (the authors' released ``main.py``) kept as the default:
+
+* 20 outer iterations; phase 1: ``Delta`` from 0, 15 SGD steps (lr 10) maximising
+  ``CE(f(x + Delta), f's own prediction)`` on fresh batches, then one L1 projection onto
+  ``tau`` (1000 at 32x32x3); phase 2: 15 Adam steps (lr 1e-2, state kept across iterations) on
+  ``alpha * CE(f(x), y) + (1 - alpha) * CE(f(clamp(x + Delta)), y) + gamma * ||m||_1``,
+  masks clamped to [0, 1] after every step; alpha 0.9, gamma 1e-8.
+* The Adam learning rate decays by 0.9 after every outer iteration (``ExponentialLR`` in the
+  script, absent from the paper).
+* The model stays in eval mode throughout; batches are drawn with replacement.
+* Few-shot (one image per class): alpha 0.99, tau 100, and 9 augmented copies of every image
+  (random resized crop + horizontal flip, drawn once). Here "few-shot" is switched on
+  automatically when the clean set holds at most one image per class on average
+  (``few_shot=None``); ``few_shot=True/False`` forces it, and explicit ``alpha``,
+  ``trigger_norm`` or ``augment_copies`` override its values.
+
+Which layers: the reference masks every conv (stem, blocks, 1x1 shortcuts) and nothing else.
+On its CIFAR ResNets the only linear layer is the classifier head, so masking conv *and*
+linear layers with the head excluded (the defaults ``mask_linear=True, mask_head=False``) is
+the reference there, and it is what makes transformers (whose weights are nearly all linear)
+maskable at all. ``mask_linear=False`` gives the conv-only variant; ``mask_head=True`` masks
+the classifier too. Norm layers are never masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .._progress import progress
+from ..data import ImageData
+from ._base import DefenseConfig, PurifyContext, PurifyOptionError, positive, register_defense
+from ._common import (
+    PixelModel,
+    attach_masks,
+    merge_masks,
+    scale_budget,
+    universal_perturbation,
+    weight_layers,
+)
+from .nft import frozen_except
+
+__all__ = ["AWMConfig", "run_awm", "random_resized_crop", "with_augmented_copies"]
+
+_FEW_SHOT = {"alpha": 0.99, "trigger_norm": 100.0, "augment_copies": 9}
+_MANY_SHOT = {"alpha": 0.9, "trigger_norm": 1000.0, "augment_copies": 0}
+
+
+@dataclass
+class AWMConfig(DefenseConfig):
+    """Options of :func:`run_awm`; defaults are the reference script's.
+
+    Attributes:
+        outer_steps: outer iterations (trigger recovery + mask update).
+        inner_steps: SGD steps on ``Delta`` and Adam steps on the masks per outer iteration.
+        trigger_lr: SGD learning rate of ``Delta``.
+        trigger_norm: L1 bound ``tau`` of ``Delta`` defined at 32x32x3 and rescaled to the
+            image size; ``None``: 1000, or 100 in few-shot mode.
+        lr: Adam learning rate of the masks; ``lr_decay``: its factor per outer iteration.
+        alpha: weight of the clean loss (``1 - alpha`` on the perturbed one); ``None``: 0.9,
+            or 0.99 in few-shot mode.
+        gamma: weight of ``||m||_1``.
+        few_shot: ``None`` = automatic (at most one clean image per class on average).
+        augment_copies: augmented copies added per clean image before training; ``None``:
+            9 in few-shot mode, else 0.
+        mask_linear: mask linear layers as well as convs; ``mask_head``: mask the classifier.
+        merge: fold the masks into the weights at the end; ``False`` returns the model with
+            the masks attached as torch parametrizations.
+    """
+
+    outer_steps: int = positive(20)
+    inner_steps: int = positive(15)
+    trigger_lr: float = positive(10.0)
+    trigger_norm: float | None = None
+    lr: float = positive(1e-2)
+    lr_decay: float = 0.9
+    alpha: float | None = None
+    gamma: float = 1e-8
+    few_shot: bool | None = None
+    augment_copies: int | None = None
+    mask_linear: bool = True
+    mask_head: bool = False
+    merge: bool = True
+
+    def validate(self, *, num_clean: int, num_classes: int) -> None:
+        super().validate(num_clean=num_clean, num_classes=num_classes)
+        if self.trigger_norm is not None and not self.trigger_norm > 0:
+            raise PurifyOptionError(
+                f"trigger_norm must be > 0 (or None for the default), got {self.trigger_norm}"
+            )
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise PurifyOptionError(f"alpha must lie in [0, 1] (or None for the default), got {self.alpha}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise PurifyOptionError(f"lr_decay must lie in (0, 1], got {self.lr_decay}")
+        if self.gamma < 0:
+            raise PurifyOptionError(f"gamma must be >= 0, got {self.gamma}")
+        if self.augment_copies is not None and self.augment_copies < 0:
+            raise PurifyOptionError(f"augment_copies must be >= 0 (or None), got {self.augment_copies}")
+
+    def resolved(self, *, num_clean: int, num_classes: int) -> dict:
+        """The values of the mode-dependent options for a clean set of ``num_clean`` images."""
+        few = self.few_shot if self.few_shot is not None else num_clean <= num_classes
+        base = _FEW_SHOT if few else _MANY_SHOT
+        return {
+            "few_shot": few,
+            "alpha": base["alpha"] if self.alpha is None else self.alpha,
+            "trigger_norm": base["trigger_norm"] if self.trigger_norm is None else self.trigger_norm,
+            "augment_copies": base["augment_copies"] if self.augment_copies is None else self.augment_copies,
+        }
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop`` (+ horizontal flip) per sample, in one ``grid_sample``.
+
+    Each sample gets a crop covering ``scale`` of its area with aspect ratio in ``ratio``
+    (log-uniform), resized back to full size bilinearly. Crops that would leave the image are
+    shrunk to fit, instead of torchvision's retry loop; the distribution differs only for
+    extreme draws.
+    """
+    b, _, h, w = x.shape
+    area = torch.empty(b).uniform_(*scale, generator=generator)
+    log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = log_r.exp()
+    cw = (area * r).sqrt().clamp(max=1.0)  # crop width and height as fractions of the image
+    ch = (area / r).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - cw)  # centre in [-1, 1] coordinates
+    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - ch)
+    sx = cw
+    if flip:
+        sx = torch.where(torch.rand(b, generator=generator) < 0.5, -cw, cw)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def with_augmented_copies(data: ImageData, copies: int, *, generator: torch.Generator) -> ImageData:
+    """``data`` followed by ``copies`` fixed augmented views of each image (AWM's one-shot set)."""
+    if copies <= 0:
+        return data
+    x = data.floats().repeat(copies, 1, 1, 1)
+    views = random_resized_crop(x, generator=generator)
+    views = views.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return data.replace(
+        x=torch.cat([data.x, views]),
+        y=torch.cat([data.y, data.y.repeat(copies)]),
+        source=f"{data.source} + {copies} augmented copies per image",
+    )
+
+
+def _mask_layers(model: nn.Module, config: AWMConfig) -> list[tuple[str, nn.Module]]:
+    kinds: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear) if config.mask_linear else (nn.Conv2d,)
+    layers = weight_layers(model, include_head=config.mask_head, kinds=kinds)
+    if not layers:
+        what = "conv or linear" if config.mask_linear else "conv"
+        raise PurifyOptionError(
+            f"awm masks {what} weights and this model has none outside its head; "
+            + ("pass mask_head=True" if not config.mask_head else "use nft instead")
+        )
+    return layers
+
+
+class _Sampler:
+    """Batches drawn with replacement from ``data``; indices are kept so per-image values
+    computed once (the model's own predictions) can be looked up instead of recomputed."""
+
+    def __init__(self, data: ImageData, batch_size: int, *, generator: torch.Generator, device: torch.device):
+        self.data, self.batch_size, self.generator, self.device = data, batch_size, generator, device
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.data), (self.batch_size,), generator=self.generator)
+        x = self.data.x[idx].to(device=self.device, non_blocking=True).float().div_(255.0)
+        return x, self.data.y[idx].to(device=self.device, non_blocking=True), idx.to(self.device)
+
+    @torch.no_grad()
+    def predictions(self, f: nn.Module) -> torch.Tensor:
+        """``f``'s predicted label for every image of the set, in order."""
+        out = [f(x).argmax(1) for x, _ in self.data.batches(max(self.batch_size, 256), device=self.device)]
+        return torch.cat(out)
+
+
+def _recover_trigger(
+    f: nn.Module, sampler: _Sampler, masks: list[nn.Parameter], config: AWMConfig, tau: float
+) -> torch.Tensor:
+    """Phase 1: the universal perturbation that most moves ``f`` off its own predictions.
+
+    The masks are constant here, so they are taken out of autograd (no weight gradients are
+    computed, only the input's) and the masked weights are built once for the whole phase;
+    the model's own predictions, fixed while the masks are, are computed once per image
+    rather than once per drawn batch.
+    """
+    for m in masks:
+        m.requires_grad_(False)
+    try:
+        with parametrize.cached():
+            own = sampler.predictions(f)
+
+            def labelled():
+                while True:
+                    x, _, idx = sampler.draw()
+                    yield x, own[idx]
+
+            return universal_perturbation(
+                f,
+                labelled,
+                shape=sampler.data.image_size,
+                steps=config.inner_steps,
+                lr=config.trigger_lr,
+                l1_budget=tau,
+                device=sampler.device,
+            )
+    finally:
+        for m in masks:
+            m.requires_grad_(True)
+
+
+@register_defense("awm", AWMConfig, "adversarially recover a universal trigger, mask the weights it uses")
+def run_awm(model: nn.Module, clean: ImageData, config: AWMConfig, ctx: PurifyContext) -> nn.Module:
+    mode = config.resolved(num_clean=len(clean), num_classes=ctx.num_classes)
+    layers = _mask_layers(model, config)
+    data = with_augmented_copies(clean, mode["augment_copies"], generator=ctx.generator)
+    tau = scale_budget(mode["trigger_norm"], data.image_size, norm="l1")
+    alpha = mode["alpha"]
+    f = PixelModel(model, ctx.normalizer)
+    model.eval()
+    with frozen_except(model):
+        masks = attach_masks(layers)
+        opt = torch.optim.Adam(masks, lr=config.lr)
+        sampler = _Sampler(data, config.batch_size, generator=ctx.generator, device=ctx.device)
+        for outer in progress(range(config.outer_steps), desc="awm", disable=ctx.quiet):
+            delta = _recover_trigger(f, sampler, masks, config, tau)
+            loss_sum = 0.0
+            for _ in range(config.inner_steps):
+                x, y, _ = sampler.draw()
+                # clean and perturbed images in one pass: eval mode makes it the same as two
+                logits_clean, logits_adv = f(torch.cat([x, (x + delta).clamp_(0.0, 1.0)])).chunk(2)
+                l1 = torch.stack([m.sum() for m in masks]).sum()  # masks stay in [0, 1]
+                loss = (
+                    alpha * F.cross_entropy(logits_clean, y)
+                    + (1.0 - alpha) * F.cross_entropy(logits_adv, y)
+                    + config.gamma * l1
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for m in masks:
+                        m.clamp_(0.0, 1.0)
+                loss_sum += float(loss.detach())
+            record = {
+                "epoch": outer + 1,
+                "loss": loss_sum / config.inner_steps,
+                "lr": opt.param_groups[0]["lr"],
+                "trigger_l1": float(delta.abs().sum()),
+                "mask_mean": float(torch.cat([m.detach().flatten() for m in masks]).mean()),
+                "few_shot": mode["few_shot"],
+                "alpha": alpha,
+                "tau": tau,
+            }
+            for group in opt.param_groups:
+                group["lr"] *= config.lr_decay
+            ctx.log(record, model)
+        if config.merge:
+            merge_masks(model)
+    return model

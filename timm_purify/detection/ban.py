@@ -1,0 +1,610 @@
+"""BAN: find out whether a classifier carries a backdoor by activating it with adversarial
+neuron noise (Xu et al., NeurIPS 2024; ``shared/papers/ban-adversarial-neuron-noise.txt``).
+
+Why it works: a backdoor is a shortcut from a trigger feature to the target class. Noise on
+the neurons that *maximises* the loss on clean images finds the cheapest way to break the
+model; in a backdoored model that way is the shortcut, so the noisy model sends clean images
+of every class to the target, while a clean model under the same noise scatters its errors.
+A feature mask separates the features the model needs for correct answers (``m``) from the
+rest (``1 - m``); with the noise on and only the rest kept, the backdoored model piles its
+predictions onto the target.
+
+What runs (the reference code's order and defaults, ``shared/notes/methods.md``):
+
+1. The clean images are split, class-balanced and seeded, into a *search* part and a
+   *held-out* part (``holdout``).
+2. Feature mask: the penultimate features ``z`` of the search images are computed once with
+   the noise off (the reference trains the mask before any noise exists), and a mask ``m``
+   over one feature map (U(0, 1) start, clamped to [0, 1]) is trained for ``mask_epochs`` x
+   ``mask_steps_per_epoch`` Adam steps on
+   ``CE(h(m*z), y) - CE(h((1-m)*z), y) + mask_lambda * |m|_1 / stopgrad(|m|_1)``. Only the
+   head ``h`` runs in this stage, on cached features.
+3. Neuron noise: multiplicative noise on the weight and bias of every affine normalisation
+   layer (:class:`~timm_purify.defenses._common.NormNoise`), drawn from U(-eps, eps) and
+   pushed by ``steps`` sign-ascent steps of ``eps / steps`` on the CE of search batches.
+4. Statistic: the held-out images are predicted by the unmodified model, the noisy model
+   and the noisy model with the negative mask ``(1 - m)`` on its features; the three
+   confusion matrices give two scores (:func:`scan_statistics`), all-to-one and
+   all-to-all, each compared with a threshold calibrated on clean and backdoored models
+   (``calibration.json`` beside this file, written by ``benchmarks/calibrate_scan.py``;
+   :func:`decide`).
+
+Where this departs from the reference, and why:
+
+* The model stays in eval mode (the reference trains the mask and searches the noise in
+  train mode, so BatchNorm uses batch statistics and rewrites its running statistics): eval
+  mode is deterministic, leaves no trace in the model and treats BatchNorm, LayerNorm and
+  GroupNorm models alike.
+* The reference re-draws the noise for each of 10 batches and keeps only the last; here one
+  draw is ascended over ``steps`` different batches, the same cost as the last batch alone.
+* The verdict. The released code prints the prediction histogram of step 4 and leaves the
+  call to a person. On small models the noise (eps 0.3) breaks clean models as well: they
+  collapse onto one class too, so "most predictions on one class" flags everything. The
+  score here asks the noise and the negative mask to *agree* on the class, in excess of
+  what the unmodified model predicts there (see :func:`scan_statistics`).
+* The features are the output of timm's ``forward_features`` (before pooling: C x H x W for
+  CNNs, tokens x C for transformers), the head is ``forward_head``; a model where
+  ``forward_head(forward_features(x))`` is not ``model(x)`` falls back to the input of
+  ``get_classifier()``. Nothing depends on layer names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._device import get_device
+from .._layers import check_classifier
+from .._progress import progress
+from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
+from ..defenses._common import NormNoise
+from .report import ScanReport
+
+__all__ = [
+    "scan",
+    "ScanOptions",
+    "ScanOptionError",
+    "load_calibration",
+    "CALIBRATION_FILE",
+    "scan_statistics",
+    "decide",
+]
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+
+
+class ScanOptionError(ValueError):
+    """An option or data set :func:`scan` cannot work with; raised before any work starts."""
+
+
+@dataclass
+class ScanOptions:
+    """Options of :func:`scan`, with the reference implementation's defaults.
+
+    Attributes:
+        eps: bound of the multiplicative noise, ``|delta| <= eps`` (0.3 for 32x32 data in the
+            paper; 0.2 / 0.1 for 64x64 / 224x224).
+        steps: sign-ascent steps of the noise search (step size ``eps / steps``).
+        mask_epochs, mask_steps_per_epoch: Adam steps of the feature mask, as the reference
+            counts them (20 epochs of 10 batches sampled with replacement).
+        mask_lr: Adam learning rate of the mask.
+        mask_lambda: weight of the normalised L1 term that keeps the mask from filling with
+            ones (0.25 in the released code, 0.75 in the paper's appendix).
+        batch_size: images per step of the mask and noise searches.
+        holdout: share of the clean images kept out of the searches to compute the statistic.
+        threshold, all_to_all_threshold: override the calibrated thresholds of the all-to-one
+            and all-to-all statistics (``None``: use ``calibration.json``).
+    """
+
+    eps: float = 0.3
+    steps: int = 30
+    mask_epochs: int = 20
+    mask_steps_per_epoch: int = 10
+    mask_lr: float = 0.01
+    mask_lambda: float = 0.25
+    batch_size: int = 128
+    holdout: float = 0.5
+    threshold: float | None = None
+    all_to_all_threshold: float | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ScanOptionError` for values the scan cannot run with."""
+        for name in ("eps", "mask_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ScanOptionError(f"{name} must be a number > 0, got {value!r}")
+        for name in ("steps", "mask_epochs", "mask_steps_per_epoch", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ScanOptionError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.mask_lambda, bool) or not isinstance(self.mask_lambda, (int, float)):
+            raise ScanOptionError(f"mask_lambda must be a number >= 0, got {self.mask_lambda!r}")
+        if self.mask_lambda < 0:
+            raise ScanOptionError(f"mask_lambda must be >= 0, got {self.mask_lambda}")
+        if self.eps >= 1:
+            raise ScanOptionError(
+                f"eps={self.eps} would let the noise flip the sign of normalisation weights "
+                "(w * (1 + delta) with |delta| >= 1); use a value below 1 (0.3 for 32x32 images)"
+            )
+        if not (isinstance(self.holdout, (int, float)) and 0 < self.holdout < 1):
+            raise ScanOptionError(
+                f"holdout is the share of clean images kept for the statistic and must lie in (0, 1), "
+                f"got {self.holdout!r}"
+            )
+        for name in ("threshold", "all_to_all_threshold"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ScanOptionError(f"{name} must be a number or None, got {value!r}")
+
+
+def _build_options(options: dict[str, Any]) -> ScanOptions:
+    names = [f.name for f in dataclasses.fields(ScanOptions)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ScanOptionError(f"unknown scan option(s) {unknown}; the options are: {', '.join(names)}")
+    opts = ScanOptions(**options)
+    opts.validate()
+    return opts
+
+
+# ---------------------------------------------------------------------------------------
+# calibration
+# ---------------------------------------------------------------------------------------
+@cache
+def _read_calibration(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def load_calibration(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The calibration record (thresholds, the models they came from, how to regenerate it).
+
+    Raises:
+        FileNotFoundError: the file is missing (a broken install, or a custom path that does
+            not exist); pass ``threshold=`` and ``all_to_all_threshold=`` to scan without it.
+    """
+    file = Path(path) if path is not None else CALIBRATION_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"scan calibration {file} is missing; reinstall timm-purify, regenerate it with "
+            "`python benchmarks/calibrate_scan.py`, or pass threshold= and all_to_all_threshold=."
+        )
+    record = copy.deepcopy(_read_calibration(str(file.resolve())))
+    for key in ("threshold", "all_to_all_threshold"):
+        if not isinstance(record.get(key), (int, float)):
+            raise ValueError(
+                f"{file} has no numeric {key!r}: regenerate it with benchmarks/calibrate_scan.py"
+            )
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# features and head
+# ---------------------------------------------------------------------------------------
+@dataclass
+class _Split:
+    """``model(x) == head(features(x))`` with ``features`` the penultimate feature map."""
+
+    features: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    where: str
+
+
+def _split_model(model: nn.Module, probe: torch.Tensor) -> _Split:
+    """Find where the penultimate features are, generically, and check the split is exact.
+
+    timm's ``forward_features`` / ``forward_head`` give the unpooled map the paper masks; a
+    model that breaks that contract (custom forward) is split at the input of its classifier
+    module, captured by a forward pre-hook.
+    """
+    with torch.no_grad():
+        reference = model(probe)
+        if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+            try:
+                got = model.forward_head(model.forward_features(probe))
+            except Exception:  # a non-timm forward_head signature: use the hook below
+                got = None
+            if (
+                got is not None
+                and got.shape == reference.shape
+                and torch.allclose(got, reference, atol=1e-4, rtol=1e-4)
+            ):
+                return _Split(model.forward_features, model.forward_head, "forward_features")
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if not isinstance(head, nn.Module):
+            raise ScanOptionError(
+                f"{type(model).__name__}: cannot locate the penultimate features (no forward_features/"
+                "forward_head pair and no classifier module from get_classifier()); scan needs a timm classifier."
+            )
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, args):
+            captured.append(args[0])
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            captured.clear()
+            handle = head.register_forward_pre_hook(grab)
+            try:
+                model(x)
+            finally:
+                handle.remove()
+            return captured[-1]
+
+        z = features(probe)
+        if not torch.allclose(head(z), reference, atol=1e-4, rtol=1e-4):
+            raise ScanOptionError(
+                f"{type(model).__name__}: the classifier module does not produce the model's output from "
+                "its input alone; scan cannot separate features from head in this model."
+            )
+    return _Split(features, head, "classifier input")
+
+
+# ---------------------------------------------------------------------------------------
+# the statistic
+# ---------------------------------------------------------------------------------------
+def _greedy_matching(weights: torch.Tensor) -> list[tuple[int, int, float]]:
+    """Pairs ``(k, j)`` with each row and each column used at most once, heaviest first.
+
+    A greedy maximum-weight matching: within a factor 2 of the optimum, exact for the
+    permutation-like matrices an all-to-all backdoor produces, and free of a SciPy dependency.
+    """
+    w = weights.clone()
+    pairs = []
+    for _ in range(min(w.shape)):
+        flat = int(torch.argmax(w))
+        k, j = divmod(flat, w.shape[1])
+        value = float(w[k, j])
+        if value <= 0:
+            break
+        pairs.append((k, j, value))
+        w[k, :] = -1.0
+        w[:, j] = -1.0
+    return pairs
+
+
+def scan_statistics(
+    noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torch.Tensor, *, default_class: int | None = None
+) -> dict[str, Any]:
+    """Backdoor statistics from three confusion matrices of the held-out images.
+
+    ``noisy[k, j]`` counts images of class ``k`` predicted ``j`` with the adversarial noise on,
+    ``noisy_masked`` the same with the negative feature mask applied too, ``clean`` the
+    unmodified model; ``default_class`` is what the noisy head predicts from all-zero
+    features. Shares are always in excess of what the unmodified model already predicts,
+    ``(share - base) / (1 - base)``, so natural confusions are not blamed on a backdoor.
+
+    Two kinds of evidence point at a class ``c``; the all-to-one score is the larger:
+
+    * agreement: the noise and the negative mask both send images to ``c``,
+      ``min(noisy share, noisy+masked share)``. A clean model broken by the noise collapses
+      onto some class, but its mask points elsewhere; in a backdoored one both find the target.
+    * residual: the negative mask sends images to ``c`` although ``c`` is not the class the
+      head falls back on without features. The mask keeps almost every feature in ``m``
+      when the model has no feature that misleads it, so ``(1 - m) * z`` is close to zero and
+      the prediction is the head's default class, in clean and backdoored models alike (the
+      paper's Table 15); a backdoored model's leftover features carry the target instead.
+
+    * all-to-one: shares are over the held-out images of the *other* classes (an attack
+      success rate). The class with the largest evidence is the suspected target.
+    * all-to-all: shares per true class ``k`` and destination ``j != k`` (agreement only).
+      The score is the mean over classes of a greedy one-to-one matching ``k -> j``: a
+      permutation-like shift (class k mostly to one class k', every k' different) scores
+      high, while an all-to-one backdoor can claim its target for one class only.
+    """
+    n, m, b = noisy.double(), noisy_masked.double(), clean.double()
+    k = n.shape[0]
+    per_class = b.sum(1)
+    present = per_class > 0
+    others = (per_class.sum() - per_class).clamp_min(1)
+
+    def column_rate(conf: torch.Tensor) -> torch.Tensor:
+        return conf.clone().fill_diagonal_(0).sum(0) / others
+
+    def excess(rate: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return (rate - base) / (1 - base).clamp_min(1e-6)
+
+    base = column_rate(b)
+    agree = excess(torch.minimum(column_rate(n), column_rate(m)), base)
+    residual = excess(column_rate(m), base)
+    if default_class is not None:
+        residual[default_class] = float("-inf")
+    evidence = torch.maximum(agree, residual)
+    target = int(torch.argmax(evidence))
+
+    def row_share(conf: torch.Tensor) -> torch.Tensor:
+        return conf.clone().fill_diagonal_(0) / per_class.clamp_min(1)[:, None]
+
+    base_rows = row_share(b)
+    shift = excess(torch.minimum(row_share(n), row_share(m)), base_rows)
+    shift = shift.clamp_min(0).fill_diagonal_(0)
+    pairs = _greedy_matching(shift)
+    classes_present = max(int(present.sum()), 1)
+    mapping: list[int | None] = [None] * k
+    for row, col, _ in pairs:
+        mapping[row] = col
+    return {
+        "all_to_one": float(evidence[target]),
+        "target": target,
+        "agreement": float(agree[target]),
+        "residual": float(residual[target]) if bool(torch.isfinite(residual[target])) else None,
+        "default_class": default_class,
+        "target_rate_noisy": float(column_rate(n)[target]),
+        "target_rate_noisy_masked": float(column_rate(m)[target]),
+        "target_rate_clean": float(base[target]),
+        "all_to_all": sum(v for _, _, v in pairs) / classes_present,
+        "all_to_all_map": mapping,
+        "num_classes": k,
+    }
+
+
+def decide(
+    stats: dict[str, Any], *, threshold: float, all_to_all_threshold: float
+) -> tuple[str, str | None, int | None, float, float]:
+    """``(verdict, pattern, suspected_target, score, threshold)`` from :func:`scan_statistics`.
+
+    All-to-one wins when both statistics fire (its target is the actionable finding); a
+    clean verdict reports the all-to-one statistic, the paper's own.
+    """
+    if stats["all_to_one"] > threshold:
+        return "backdoored", "all-to-one", int(stats["target"]), float(stats["all_to_one"]), float(threshold)
+    if stats["all_to_all"] > all_to_all_threshold:
+        return "backdoored", "all-to-all", None, float(stats["all_to_all"]), float(all_to_all_threshold)
+    return "clean", None, None, float(stats["all_to_one"]), float(threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# the scan
+# ---------------------------------------------------------------------------------------
+def _stratified_split(
+    y: torch.Tensor, holdout: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    search, held = [], []
+    for cls in torch.unique(y).tolist():
+        idx = torch.nonzero(y == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_held = min(len(idx) - 1, max(1, round(holdout * len(idx))))
+        held.append(idx[:n_held])
+        search.append(idx[n_held:])
+    return torch.cat(search), torch.cat(held)
+
+
+def _confusion(y: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``out[k, j]`` = number of images of class ``k`` predicted ``j``."""
+    return torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
+        num_classes, num_classes
+    )
+
+
+def _predict(
+    split: _Split,
+    norm: nn.Module,
+    data: ImageData,
+    *,
+    batch_size: int,
+    device: torch.device,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for x, _ in data.batches(batch_size, device=device):
+            z = split.features(norm(x))
+            if mask is not None:
+                z = z * mask
+            out.append(split.head(z).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def scan(
+    model: nn.Module,
+    data: ImageData | str | os.PathLike,
+    *,
+    files: str | os.PathLike | None = None,
+    seed: int = 0,
+    clean_count: int | None = None,
+    clean_fraction: float | None = None,
+    device: torch.device | str | None = None,
+    quiet: bool = False,
+    **options: Any,
+) -> ScanReport:
+    """Scan ``model`` for a backdoor with BAN and return a :class:`ScanReport`.
+
+    Args:
+        model: a timm classifier (not modified: the scan works on a copy).
+        data: clean images: an :class:`ImageData`, a bundled set name or an image folder
+            (its ``train`` split). A few hundred class-balanced images suffice (the paper
+            uses 1% of the training set).
+        files: the file or folder the model was loaded from; its files are inspected
+            statically (nothing is loaded) and the findings join the report.
+        seed: drives the subset, the split, the mask start and the noise start.
+        clean_count, clean_fraction: take a class-balanced, seeded subset of ``data``.
+        device: where to run (default: accelerate's choice).
+        quiet: no progress bars.
+        **options: fields of :class:`ScanOptions` (``eps``, ``steps``, ``mask_epochs``, ...).
+
+    Raises:
+        ScanOptionError: unknown or invalid option, too few clean images (at least two per
+            class: one for the searches, one held out), data that does not fit the model.
+        FileNotFoundError: ``files`` does not exist, or the calibration file is missing.
+    """
+    opts = _build_options(options)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ScanOptionError(f"seed must be an integer, got {seed!r}")
+    num_classes = check_classifier(model)
+    findings: list[dict[str, str]] = []
+    if files is not None:
+        from .static import inspect_files
+
+        findings = [f.to_dict() for f in inspect_files(files)]
+    calibration: dict[str, Any] = {}
+    if opts.threshold is None or opts.all_to_all_threshold is None:
+        calibration = load_calibration()
+    threshold = float(opts.threshold if opts.threshold is not None else calibration["threshold"])
+    a2a_threshold = float(
+        opts.all_to_all_threshold
+        if opts.all_to_all_threshold is not None
+        else calibration["all_to_all_threshold"]
+    )
+    try:
+        if isinstance(data, ImageData):
+            if data.num_classes != num_classes:
+                raise ScanOptionError(
+                    f"the data has {data.num_classes} classes but the model's head has {num_classes}; "
+                    "give clean images of the classes the model was trained on"
+                )
+            data = data.to_model(model)
+        else:
+            data = load_data(data, split="train", model=model)
+        if clean_count is not None or clean_fraction is not None:
+            data = clean_subset(data, count=clean_count, fraction=clean_fraction, seed=seed)
+    except DataError as err:
+        raise ScanOptionError(str(err)) from err
+    if int(data.y.max()) >= num_classes:
+        raise ScanOptionError(f"labels go up to {int(data.y.max())} but the model has {num_classes} classes")
+    counts = torch.bincount(data.y, minlength=num_classes)
+    short = [
+        data.classes[c] if c < len(data.classes) else str(c) for c in range(num_classes) if counts[c] < 2
+    ]
+    if short:
+        raise ScanOptionError(
+            f"the scan needs at least 2 clean images of every class (one for the searches, one held out "
+            f"for the statistic); too few for class(es) {short[:10]}. Give more images "
+            "(e.g. clean_count=10 * number of classes or more)."
+        )
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    dev = get_device(device=device)
+    gen = torch.Generator().manual_seed(seed)
+    work = copy.deepcopy(model).to(dev).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    norm = Normalizer(work).to(dev)
+    search_idx, held_idx = _stratified_split(data.y, opts.holdout, gen)
+    search, held = data.subset(search_idx), data.subset(held_idx)
+
+    # 1. where the features are; cache them for the search images (noise off, eval mode)
+    t0 = time.perf_counter()
+    probe = search.x[: min(len(search), 8)].to(dev).float().div_(255.0)
+    split = _split_model(work, norm(probe))
+    with torch.no_grad():
+        z_all = torch.cat([split.features(norm(x)) for x, _ in search.batches(opts.batch_size, device=dev)])
+    y_all = search.y.to(dev)
+    with torch.no_grad():
+        search_acc = float((split.head(z_all).argmax(1) == y_all).float().mean())
+    timings["features"] = time.perf_counter() - t0
+
+    # 2. feature mask, head only
+    t0 = time.perf_counter()
+    mask = torch.rand(z_all.shape[1:], generator=gen).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([mask], lr=opts.mask_lr)
+    n = len(search)
+    mask_steps = opts.mask_epochs * opts.mask_steps_per_epoch
+    pos_loss = neg_loss = 0.0
+    for step in progress(range(mask_steps), desc="scan: feature mask", disable=quiet):
+        idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen).to(dev)
+        z, y = z_all[idx], y_all[idx]
+        loss_pos = F.cross_entropy(split.head(z * mask), y)
+        loss_neg = F.cross_entropy(split.head(z * (1 - mask)), y)
+        l1 = mask.abs().sum()
+        loss = loss_pos - loss_neg + opts.mask_lambda * l1 / l1.detach().clamp_min(1e-12)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            mask.clamp_(0.0, 1.0)
+        if step >= mask_steps - opts.mask_steps_per_epoch:  # last epoch's mean losses
+            pos_loss += float(loss_pos.detach()) / opts.mask_steps_per_epoch
+            neg_loss += float(loss_neg.detach()) / opts.mask_steps_per_epoch
+    mask = mask.detach()
+    del z_all
+    timings["mask"] = time.perf_counter() - t0
+
+    # 3. adversarial neuron noise on every affine norm layer
+    t0 = time.perf_counter()
+    noise = NormNoise(work, eps=opts.eps)
+    try:
+        noise.reset(gen)
+        bar = iter(progress(range(opts.steps), desc="scan: neuron noise", disable=quiet))
+
+        def noisy_loss() -> torch.Tensor:
+            next(bar, None)
+            idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
+            x = search.x[idx].to(dev).float().div_(255.0)
+            return F.cross_entropy(work(norm(x)), search.y[idx].to(dev))
+
+        with torch.enable_grad():
+            noise.ascend(noisy_loss, opts.steps)
+        timings["noise"] = time.perf_counter() - t0
+
+        # 4. the statistic on the held-out images
+        t0 = time.perf_counter()
+        bs = max(opts.batch_size, 256)
+        pred_clean = _predict(split, norm, held, batch_size=bs, device=dev)
+        with noise.on():
+            pred_noisy = _predict(split, norm, held, batch_size=bs, device=dev)
+            pred_masked = _predict(split, norm, held, batch_size=bs, device=dev, mask=1 - mask)
+            with torch.no_grad():  # what the noisy head says when no feature survives the mask
+                default_class = int(split.head(torch.zeros((1, *mask.shape), device=dev)).argmax(1))
+        timings["statistic"] = time.perf_counter() - t0
+    finally:
+        noise.remove()
+    y_held = held.y
+    confusions = {
+        name: _confusion(y_held, pred, num_classes)
+        for name, pred in (("noisy", pred_noisy), ("noisy_masked", pred_masked), ("clean", pred_clean))
+    }
+    stats = scan_statistics(
+        confusions["noisy"], confusions["noisy_masked"], confusions["clean"], default_class=default_class
+    )
+
+    verdict, pattern, target, score, used = decide(
+        stats, threshold=threshold, all_to_all_threshold=a2a_threshold
+    )
+    seconds = time.perf_counter() - start
+    config = {
+        **dataclasses.asdict(opts),
+        "threshold": threshold,
+        "all_to_all_threshold": a2a_threshold,
+        "calibration": calibration.get("summary") if calibration else "thresholds given by the caller",
+        "features": split.where,
+        "feature_shape": list(mask.shape),
+        "mask_mean": float(mask.mean()),
+        "mask_loss_positive": pos_loss,
+        "mask_loss_negative": neg_loss,
+        "search_acc": search_acc,
+        "num_search": len(search),
+        "num_held_out": len(held),
+        "data": data.source,
+        "device": str(dev),
+        "statistics": stats,
+        "confusions": {name: c.tolist() for name, c in confusions.items()},
+        "stage_seconds": timings,
+    }
+    return ScanReport(
+        verdict=verdict,
+        score=float(score),
+        threshold=float(used),
+        suspected_target=target,
+        pattern=pattern,
+        histogram_noisy=torch.bincount(pred_noisy, minlength=num_classes).tolist(),
+        histogram_noisy_masked=torch.bincount(pred_masked, minlength=num_classes).tolist(),
+        clean_acc=float((pred_clean == y_held).float().mean()),
+        noisy_acc=float((pred_noisy == y_held).float().mean()),
+        config=config,
+        seconds=seconds,
+        seed=seed,
+        static_findings=findings,
+        class_names=list(data.classes) if data.classes else None,
+        unsafe_files=any(f.get("severity") == "critical" for f in findings),
+    )
