@@ -82,7 +82,7 @@ SUITES = {
         "fashion-mnist-mini",
         ("resnet18",),
         ("badnets", "blended", "sig", "wanet"),
-        epochs=4,
+        epochs=5,
         clean_fraction=0.05,
     ),
     "full": Suite(
@@ -98,7 +98,8 @@ SUITES = {
 def model_dir(cache: Path, suite: Suite, arch: str, attack: str | None, seed: int) -> Path:
     tag = attack or "clean"
     size = f"-n{suite.train_size}" if suite.train_size else ""
-    return cache / f"{suite.data}{size}-{arch}-{tag}-p{suite.poison_rate}-e{suite.epochs}-s{seed}"
+    batch = TrainConfig().batch_size
+    return cache / f"{suite.data}{size}-{arch}-{tag}-p{suite.poison_rate}-e{suite.epochs}-b{batch}-s{seed}"
 
 
 def get_model(cache: Path, suite: Suite, arch: str, attack_key: str | None, seed: int, quiet: bool) -> Path:

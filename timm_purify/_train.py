@@ -43,11 +43,15 @@ __all__ = [
 
 @dataclass
 class TrainConfig:
-    """Recipe for training from scratch (defaults reach ~86% clean accuracy on 32x32
-    Fashion-MNIST with resnet18 in three epochs)."""
+    """Recipe for training from scratch.
 
-    epochs: int = 3
-    batch_size: int = 128
+    Small batches on purpose: a backdoor needs enough SGD steps to be implanted, and on the
+    5,000-image mini set 4 epochs at batch 128 (160 steps) left resnet18 with a clean accuracy
+    of 82% but an ASR of 4%; batch 64 doubles the steps at the same cost per epoch.
+    """
+
+    epochs: int = 5
+    batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4

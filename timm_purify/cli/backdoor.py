@@ -28,9 +28,9 @@ __all__ = ["backdoor"]
 @click.option("--target", type=int, default=0, show_default=True, help="Target class (all-to-one).")
 @click.option("--all-to-all", is_flag=True, help="Label y -> (y+1) mod K instead of one target.")
 @click.option("--poison-rate", type=float, default=0.1, show_default=True)
-@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--lr", type=float, default=0.05, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--img-size", type=int, default=32, show_default=True)
 @click.option("--train-size", type=int, default=None, help="Class-balanced subset of the training split.")
 @click.option(

@@ -78,7 +78,7 @@ def demo(
         data=DATA,
         attack=attack,
         out_dir=bd_dir,
-        config=TrainConfig(epochs=epochs, batch_size=64, seed=seed),
+        config=TrainConfig(epochs=epochs, seed=seed),
         device=device,
         quiet=quiet,
     )
