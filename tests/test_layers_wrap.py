@@ -144,6 +144,8 @@ def test_layer_choices():
     assert resolve_spot(model, "layer3.0.conv2", spots=spots).name == "layer3.0.conv2"
     assert resolve_spot(model, r"layer2\.1\.conv1", spots=spots).name == "layer2.1.conv1"
     assert resolve_spot(model, "layer4:output", spots=spots).where == "output"
+    last = resolve_spot(model, "last-stage", spots=spots)
+    assert (last.name, last.where, last.layout) == ("layer4", "output", "NCHW")
     shallow = resolve_spot(model, 0.1, spots=spots)
     deep = resolve_spot(model, 0.9, spots=spots)
     assert shallow.depth < deep.depth

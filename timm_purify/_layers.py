@@ -402,7 +402,10 @@ def resolve_spot(
 ) -> LayerSpot:
     """Turn a user's ``layer`` choice into exactly one :class:`LayerSpot`.
 
-    ``layer`` may be ``"auto"``; an exact module name (its input); ``"name:output"`` for the
+    ``layer`` may be ``"auto"``; ``"last-stage"`` (the output of the last ``feature_info``
+    stage: on the main path, so it also acts where a residual branch is still nearly switched
+    off, as timm's zero-initialised last norm leaves it in briefly trained ResNets); an exact
+    module name (its input); ``"name:output"`` for the
     output of a stage module; a regular expression (``re.fullmatch`` over module names, which
     must select exactly one spot); a float in [0, 1] (the input spot nearest that depth); or a
     ``LayerSpot`` from :func:`find_layers`.
@@ -424,6 +427,11 @@ def resolve_spot(
         )
     if layer == "auto":
         return _auto_spot(model, spots)
+    if layer == "last-stage":
+        outputs = [s for s in spots if s.where == "output" and s.stage is not None]
+        if not outputs:
+            raise LayerNotFoundError("the model declares no stages (feature_info); name a layer instead")
+        return max(outputs, key=lambda s: (s.stage, s.depth))
     where = "input"
     name = layer
     if layer.endswith(":output") or layer.endswith(":input"):

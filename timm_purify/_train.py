@@ -270,6 +270,7 @@ def build_backdoored_model(
     if train_size is not None and train_size < len(train):
         train = clean_subset(train, count=train_size, seed=config.seed)
     mean, std = _dataset_stats(train)
+    torch.manual_seed(config.seed)  # timm draws the initial weights from the global generator
     net = create_classifier(
         model,
         num_classes=train.num_classes,
