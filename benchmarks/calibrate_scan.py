@@ -359,12 +359,16 @@ def summarise(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out")
     )
     arch_list = sorted({r["arch"] for r in implanted})
+    epoch_list = "/".join(str(e) for e in sorted({r["epochs"] for r in implanted}))
+    false_pos = sum(r["detected"] for r in clean)
+    missed = [r for r in one + allall if not r["detected"]]
+    wrong_target = [r for r in one if r["detected"] and not r["target_found"]]
     record = {
         "threshold": a2o["threshold"],
         "all_to_all_threshold": a2a["threshold"],
         "summary": (
             f"{len(clean)} clean + {len(one) + len(allall)} backdoored models "
-            f"({', '.join(arch_list)}; {args.epochs} epochs on {args.train_size} images of {args.data}), "
+            f"({', '.join(arch_list)}; {epoch_list} epochs on {args.train_size} images of {args.data}), "
             f"calibrated {datetime.date.today().isoformat()}"
         ),
         "rule": (
@@ -377,6 +381,9 @@ def summarise(
         "all_to_one_fit": a2o,
         "all_to_all_fit": a2a,
         "detection_accuracy": f"{correct}/{len(implanted)}",
+        "false_positives": f"{false_pos}/{len(clean)} clean models",
+        "missed": f"{len(missed)}/{len(one) + len(allall)} backdoored models",
+        "wrong_target": f"{len(wrong_target)} of the detected all-to-one backdoors",
         "scan": {
             "options": {k: v for k, v in asdict(options).items() if "threshold" not in k},
             "data": f"{args.data}:{args.scan_split}",

@@ -97,15 +97,17 @@ def test_npd_lowers_badnets_asr_and_trains_only_the_polarizer(resnet):
     before = evaluate(model, test, attack=attack)
     assert before.asr > 0.6, "the fixture lost its backdoor; the test would prove nothing"
 
+    # short but decisive: on three differently trained fixtures these settings took ASR from
+    # 82-96% to 0-4% (clean accuracy -0 to -7 points); the default lr needs ~50 epochs
     result = purify(
-        model, DATA, method="npd", clean_count=128, quiet=True,
-        layer=CNN_LAYER, epochs=6, warmup_epochs=1, lr=0.05,
+        model, DATA, method="npd", clean_count=256, quiet=True,
+        layer=CNN_LAYER, epochs=8, warmup_epochs=1, lr=0.1,
     )  # fmt: skip
     wrapped = result.model
     assert isinstance(wrapped, PolarizedModel) and wrapped.polarizer.kind == "npd"
     after = evaluate(wrapped, test, attack=attack)
-    assert after.asr < before.asr - 0.3, (before, after)
-    assert after.acc > before.acc - 0.1, (before, after)
+    assert after.asr < before.asr - 0.4, (before, after)
+    assert after.acc > before.acc - 0.12, (before, after)
 
     _assert_same(_state(model), original)  # the caller's model is untouched
     _assert_same(_state(wrapped.base), original)  # base weights and BN buffers bit-identical
@@ -115,7 +117,7 @@ def test_npd_lowers_badnets_asr_and_trains_only_the_polarizer(resnet):
         wrapped.polarizer.norm.running_mean, torch.zeros_like(wrapped.polarizer.norm.running_mean)
     )
     phases = [h["phase"] for h in result.history]
-    assert phases == ["warmup"] + ["main"] * 6
+    assert phases == ["warmup"] + ["main"] * 8
     assert all(0.0 <= h["adv_hit_rate"] <= 1.0 for h in result.history[1:])
 
 

@@ -49,14 +49,18 @@ SPEC_KEYS = {
 
 
 @functools.cache
-def build(arch: str, attack: str | None, *, optimizer: str = "sgd", lr: float = 0.05):
+def build(
+    arch: str, attack: str | None, *, optimizer: str = "sgd", lr: float = 0.05, weight_decay: float = 5e-4
+):
     """A tiny timm model trained on 2,000 mini images for 3 epochs (about 15-30 s), cached per
     arguments. BadNets uses a 6-pixel patch: the reference 3-pixel one does not implant in
     three short epochs."""
     atk = None
     if attack == "badnets":
         atk = build_attack("badnets", target=TARGET, patch_size=6, num_classes=10)
-    config = TrainConfig(epochs=3, batch_size=64, lr=lr, optimizer=optimizer, weight_decay=5e-4, seed=0)
+    config = TrainConfig(
+        epochs=3, batch_size=64, lr=lr, optimizer=optimizer, weight_decay=weight_decay, seed=0
+    )
     torch.manual_seed(0)  # build_backdoored_model seeds training, not timm's weight init
     result = build_backdoored_model(model=arch, attack=atk, train_size=2000, config=config, quiet=True)
     return result.model.eval(), atk, result.metrics
@@ -132,13 +136,13 @@ def test_mask_stage_runs_on_cached_features(backdoored_report):
     assert set(stages) == {"features", "mask", "noise", "statistic"}
 
 
-def test_scan_runs_on_a_vit_with_layernorm_noise():
-    model, _, metrics = build("test_vit", "badnets", optimizer="adamw", lr=1e-3)
-    report = scan(model, clean_images(), quiet=True, steps=10, mask_epochs=5)
+def test_vit_with_layernorm_noise_is_flagged_with_its_target():
+    model, _, metrics = build("test_vit", "badnets", optimizer="adamw", lr=1e-3, weight_decay=0.05)
+    assert metrics.asr > 0.8, f"the test backdoor did not implant ({metrics})"
+    report = scan(model, clean_images(), quiet=True)
     assert len(report.config["feature_shape"]) == 2  # tokens x channels
     assert report.noisy_acc < report.clean_acc
-    if metrics.asr > 0.8:
-        assert report.verdict == "backdoored" and report.suspected_target == TARGET
+    assert report.verdict == "backdoored" and report.suspected_target == TARGET
 
 
 def test_same_seed_same_report(clean_model):
@@ -184,19 +188,8 @@ def test_noise_and_mask_must_agree():
     diag = _confusion({})
     to_two = _confusion({c: 2 for c in range(10) if c != 2})
     to_seven = _confusion({c: 7 for c in range(10) if c != 7})
-    assert scan_statistics(to_two, to_seven, diag, default_class=7)["all_to_one"] < 0.15
-    assert scan_statistics(to_two, to_two, diag, default_class=7)["all_to_one"] > 0.9
-
-
-def test_masked_collapse_onto_the_default_class_is_no_evidence():
-    """With a full mask the negative branch sees ~zero features and predicts the head's
-    default class; leftover features that point elsewhere are evidence."""
-    diag = _confusion({})
-    to_seven = _confusion({c: 7 for c in range(10) if c != 7})
-    to_two = _confusion({c: 2 for c in range(10) if c != 2})
-    assert scan_statistics(to_two, to_seven, diag, default_class=7)["all_to_one"] < 0.15
-    s = scan_statistics(to_two, to_seven, diag, default_class=4)
-    assert s["target"] == 7 and s["all_to_one"] > 0.9 and s["residual"] > 0.9
+    assert scan_statistics(to_two, to_seven, diag)["all_to_one"] < 0.15
+    assert scan_statistics(to_two, to_two, diag)["all_to_one"] > 0.9
 
 
 def test_baseline_confusion_is_not_blamed_on_a_backdoor():
@@ -262,8 +255,15 @@ def test_calibration_file_documents_its_provenance():
     clean = [m for m in used if m["attack"] is None]
     one = [m for m in used if m["mode"] == "all-to-one"]
     assert clean and one
-    # the shipped threshold separates the calibration models it was fitted on
-    assert max(m["all_to_one"] for m in clean) < cal["threshold"] < min(m["all_to_one"] for m in one)
+    # no clean calibration model is flagged; the recorded fit matches the recorded scores
+    assert max(m["all_to_one"] for m in clean) < cal["threshold"]
+    missed = sum(m["all_to_one"] <= cal["threshold"] for m in one)
+    assert missed == cal["all_to_one_fit"]["errors"]
+    assert cal["all_to_one_fit"]["separable"] == (missed == 0)
+    assert all(
+        m["detected"] == (m["all_to_one"] > cal["threshold"] or m["all_to_all"] > cal["all_to_all_threshold"])
+        for m in used
+    )
 
 
 # ------------------------------------------------------------------ options

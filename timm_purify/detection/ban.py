@@ -273,32 +273,23 @@ def _greedy_matching(weights: torch.Tensor) -> list[tuple[int, int, float]]:
     return pairs
 
 
-def scan_statistics(
-    noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torch.Tensor, *, default_class: int | None = None
-) -> dict[str, Any]:
+def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torch.Tensor) -> dict[str, Any]:
     """Backdoor statistics from three confusion matrices of the held-out images.
 
     ``noisy[k, j]`` counts images of class ``k`` predicted ``j`` with the adversarial noise on,
     ``noisy_masked`` the same with the negative feature mask applied too, ``clean`` the
-    unmodified model; ``default_class`` is what the noisy head predicts from all-zero
-    features. Shares are always in excess of what the unmodified model already predicts,
-    ``(share - base) / (1 - base)``, so natural confusions are not blamed on a backdoor.
-
-    Two kinds of evidence point at a class ``c``; the all-to-one score is the larger:
-
-    * agreement: the noise and the negative mask both send images to ``c``,
-      ``min(noisy share, noisy+masked share)``. A clean model broken by the noise collapses
-      onto some class, but its mask points elsewhere; in a backdoored one both find the target.
-    * residual: the negative mask sends images to ``c`` although ``c`` is not the class the
-      head falls back on without features. The mask keeps almost every feature in ``m``
-      when the model has no feature that misleads it, so ``(1 - m) * z`` is close to zero and
-      the prediction is the head's default class, in clean and backdoored models alike (the
-      paper's Table 15); a backdoored model's leftover features carry the target instead.
+    unmodified model. Both the noise and the negative mask are meant to activate the
+    backdoor, so the evidence for a class is what the two *agree* on,
+    ``min(noisy share, noisy+masked share)``: a clean model broken by the noise collapses onto
+    some class, and its negative mask (trained without noise) sends everything to some class
+    too, but the two classes are unrelated; in a backdoored model both find the target. The
+    share the unmodified model already sends there is subtracted and the rest rescaled,
+    ``(agree - base) / (1 - base)``, so natural confusions are not blamed on a backdoor.
 
     * all-to-one: shares are over the held-out images of the *other* classes (an attack
-      success rate). The class with the largest evidence is the suspected target.
-    * all-to-all: shares per true class ``k`` and destination ``j != k`` (agreement only).
-      The score is the mean over classes of a greedy one-to-one matching ``k -> j``: a
+      success rate). The class with the largest excess is the suspected target.
+    * all-to-all: shares per true class ``k`` and destination ``j != k``. The score is the
+      mean over classes of a greedy one-to-one matching ``k -> j`` on the excess: a
       permutation-like shift (class k mostly to one class k', every k' different) scores
       high, while an all-to-one backdoor can claim its target for one class only.
     """
@@ -316,11 +307,7 @@ def scan_statistics(
 
     base = column_rate(b)
     agree = excess(torch.minimum(column_rate(n), column_rate(m)), base)
-    residual = excess(column_rate(m), base)
-    if default_class is not None:
-        residual[default_class] = float("-inf")
-    evidence = torch.maximum(agree, residual)
-    target = int(torch.argmax(evidence))
+    target = int(torch.argmax(agree))
 
     def row_share(conf: torch.Tensor) -> torch.Tensor:
         return conf.clone().fill_diagonal_(0) / per_class.clamp_min(1)[:, None]
@@ -334,11 +321,8 @@ def scan_statistics(
     for row, col, _ in pairs:
         mapping[row] = col
     return {
-        "all_to_one": float(evidence[target]),
+        "all_to_one": float(agree[target]),
         "target": target,
-        "agreement": float(agree[target]),
-        "residual": float(residual[target]) if bool(torch.isfinite(residual[target])) else None,
-        "default_class": default_class,
         "target_rate_noisy": float(column_rate(n)[target]),
         "target_rate_noisy_masked": float(column_rate(m)[target]),
         "target_rate_clean": float(base[target]),
@@ -554,8 +538,6 @@ def scan(
         with noise.on():
             pred_noisy = _predict(split, norm, held, batch_size=bs, device=dev)
             pred_masked = _predict(split, norm, held, batch_size=bs, device=dev, mask=1 - mask)
-            with torch.no_grad():  # what the noisy head says when no feature survives the mask
-                default_class = int(split.head(torch.zeros((1, *mask.shape), device=dev)).argmax(1))
         timings["statistic"] = time.perf_counter() - t0
     finally:
         noise.remove()
@@ -564,9 +546,7 @@ def scan(
         name: _confusion(y_held, pred, num_classes)
         for name, pred in (("noisy", pred_noisy), ("noisy_masked", pred_masked), ("clean", pred_clean))
     }
-    stats = scan_statistics(
-        confusions["noisy"], confusions["noisy_masked"], confusions["clean"], default_class=default_class
-    )
+    stats = scan_statistics(confusions["noisy"], confusions["noisy_masked"], confusions["clean"])
 
     verdict, pattern, target, score, used = decide(
         stats, threshold=threshold, all_to_all_threshold=a2a_threshold
