@@ -428,7 +428,8 @@ def test_cli_bad_option_is_a_usage_error(saved):
 def test_cli_help_documents_exit_codes():
     res = _cli("--help")
     assert res.exit_code == 0
-    assert "0 when no backdoor" in res.output and "3 when" in res.output and "4 when" in res.output
+    text = " ".join(res.output.split())
+    assert "0 when no backdoor is found, 3 when the model is backdoored, 4 when a file" in text
 
 
 def test_timm_loads_the_scanned_folder_unchanged(saved, backdoored):

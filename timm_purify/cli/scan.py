@@ -57,6 +57,13 @@ def _summary(report, model: str) -> str:
     lines.append(
         f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%}"
     )
+    noisy = report.histogram_noisy
+    top = max(range(len(noisy)), key=noisy.__getitem__)
+    top_name = report.class_names[top] if report.class_names and top < len(report.class_names) else str(top)
+    lines.append(
+        f"with the noise alone, {noisy[top] / max(sum(noisy), 1):.0%} of the held-out images go to "
+        f"class {top} ({top_name}); the verdict needs the noise and the mask to agree"
+    )
     lines.append("predictions with adversarial noise and the negative feature mask:")
     lines += _histogram_lines(report.histogram_noisy_masked, report.class_names, mark=report.suspected_target)
     if report.static_findings:

@@ -53,7 +53,7 @@ from ._common import (
     universal_perturbation,
     weight_layers,
 )
-from .nft import frozen_except
+from .nft import frozen
 
 __all__ = ["AWMConfig", "run_awm", "random_resized_crop", "with_augmented_copies"]
 
@@ -80,7 +80,9 @@ class AWMConfig(DefenseConfig):
             9 in few-shot mode, else 0.
         mask_linear: mask linear layers as well as convs; ``mask_head``: mask the classifier.
         merge: fold the masks into the weights at the end; ``False`` returns the model with
-            the masks attached as torch parametrizations.
+            the masks attached as torch parametrizations
+            (``<layer>.parametrizations.weight[0].mask``); ``merge_masks(model)``
+            (``defenses._common``) folds them later.
     """
 
     outer_steps: int = positive(20)
@@ -248,7 +250,7 @@ def run_awm(model: nn.Module, clean: ImageData, config: AWMConfig, ctx: PurifyCo
     alpha = mode["alpha"]
     f = PixelModel(model, ctx.normalizer)
     model.eval()
-    with frozen_except(model):
+    with frozen(model):
         masks = attach_masks(layers)
         opt = torch.optim.Adam(masks, lr=config.lr)
         sampler = _Sampler(data, config.batch_size, generator=ctx.generator, device=ctx.device)

@@ -27,6 +27,7 @@ Reference behaviour kept as the default (read from the authors' released script)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from ..data import ImageData
 from ._base import DefenseConfig, PurifyContext, PurifyOptionError, positive, register_defense
 from ._common import attach_masks, merge_masks, mixup, norm_layers
 
-__all__ = ["NFTConfig", "run_nft", "depth_floors", "random_batches", "frozen_except"]
+__all__ = ["NFTConfig", "run_nft", "depth_floors", "random_batches", "frozen"]
 
 _DEPTH_MODES = ("layer", "relative")
 
@@ -63,7 +64,8 @@ class NFTConfig(DefenseConfig):
         include_stem: also mask the first norm layer in module order.
         merge: fold the masks into the weights at the end (a plain timm model with its
             original keys); ``False`` returns the model with the masks still attached as
-            torch parametrizations (``<layer>.parametrizations.weight[0].mask``).
+            torch parametrizations (``<layer>.parametrizations.weight[0].mask``), to inspect or
+            keep training them; ``merge_masks(model)`` (``defenses._common``) folds them later.
     """
 
     iterations: int = positive(1000)
@@ -135,25 +137,20 @@ def random_batches(
         yield x, data.y[idx].to(device=device, non_blocking=True)
 
 
-class frozen_except:  # noqa: N801 - used as a context manager, reads like a function
-    """Freeze every parameter of ``model`` on entry and restore each one's ``requires_grad`` on exit.
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Freeze every parameter of ``model`` inside the block; restore each ``requires_grad`` after.
 
-    Mask methods train masks only; the user's flags come back so the purified model can be
-    fine-tuned further like the input.
+    Mask methods create their masks inside the block, so only the masks train; the user's
+    flags come back afterwards so the purified model can be fine-tuned like the input.
     """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._flags: list[tuple[nn.Parameter, bool]] = []
-
-    def __enter__(self) -> frozen_except:
-        self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self._flags:
-            p.requires_grad_(False)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for p, flag in self._flags:
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
             p.requires_grad_(flag)
 
 
@@ -182,7 +179,7 @@ def run_nft(model: nn.Module, clean: ImageData, config: NFTConfig, ctx: PurifyCo
     n_per_class = len(clean) / ctx.num_classes
     num_periods = math.ceil(config.iterations / config.lr_period)
     pad = max(1, clean.image_size[-1] // 8)
-    with frozen_except(model):
+    with frozen(model):
         masks = attach_masks(layers, per_channel=True)
         opt = torch.optim.SGD(masks, lr=config.lr, momentum=config.momentum, weight_decay=0.0)
         batches = random_batches(clean, config.batch_size, generator=ctx.generator, device=ctx.device)

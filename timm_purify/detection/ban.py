@@ -529,6 +529,8 @@ def scan(
 
         with torch.enable_grad():
             noise.ascend(noisy_loss, opts.steps)
+        for _ in bar:  # exhaust the iterator so the progress bar closes
+            pass
         timings["noise"] = time.perf_counter() - t0
 
         # 4. the statistic on the held-out images
