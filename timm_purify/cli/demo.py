@@ -109,6 +109,7 @@ def demo(
     )
 
     click.echo(f"[3/4] purifying with {method} on {clean_fraction:.0%} clean data")
+    options = METHOD_OPTIONS.get(method, {})
     result = defenses.purify(
         model,
         DATA,
@@ -119,6 +120,7 @@ def demo(
         seed=seed,
         device=device,
         quiet=quiet,
+        **options,
     )
 
     click.echo("[4/4] writing the purified folder with its model card")
@@ -132,6 +134,7 @@ def demo(
             "eval_data": DATA,
             "attack_file": str(bd_dir / "attack.json"),
             "seed": seed,
+            "options": [f"{k}={v}" for k, v in options.items()],
         }
     )
     saved = save_pretrained(result, pure_dir, scan_report=report, command=command)
