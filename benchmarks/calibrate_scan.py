@@ -41,7 +41,7 @@ from timm_purify._train import TrainConfig, build_backdoored_model, environment_
 from timm_purify._version import __version__
 from timm_purify.attacks import build_attack
 from timm_purify.data import clean_subset, load_data
-from timm_purify.detection.ban import CALIBRATION_FILE, ScanOptions, scan, scan_statistics
+from timm_purify.detection.ban import CALIBRATION_FILE, ScanOptions, norm_family, scan, scan_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,6 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache" / "calibrate_scan"))
     p.add_argument("--results", default=None, help="per-model results (default: <cache>/results.json)")
     p.add_argument("--out", default=str(CALIBRATION_FILE))
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="RESULTS_JSON",
+        help="also calibrate on the models stored in another results file (e.g. a zoo built with "
+        "other --train-size/--epochs); only rows scanned with the same scan options are used",
+    )
     p.add_argument("--rescore", action="store_true", help="recompute statistics from stored results")
     p.add_argument("--no-write", action="store_true", help="print the thresholds, write nothing")
     p.add_argument("--threads", type=int, default=1)
@@ -191,6 +199,12 @@ def get_model(arch: str, attack: str, seed: int, args: argparse.Namespace) -> tu
     record = json.loads((out / "training.json").read_text())
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     return model, record
+
+
+def family_of(arch: str, kwargs: dict) -> str:
+    """The normalisation family of an architecture (built without weights, on the meta device)."""
+    with torch.device("meta"):
+        return norm_family(timm.create_model(arch, **kwargs))
 
 
 def rescore(rows: list[dict]) -> None:
@@ -304,6 +318,14 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             stored[row["key"]] = row
         results_file.write_text(json.dumps(stored, indent=1))
+    for extra in args.include:
+        included = [
+            r for r in json.loads(Path(extra).read_text()).values() if r["scan_options"] == asdict(options)
+        ]
+        if args.rescore:
+            rescore(included)
+        print(f"included {len(included)} models from {extra}")
+        rows.extend(included)
     summarise(rows, args, argv, options)
 
 
@@ -315,9 +337,19 @@ def summarise(
     clean = [r for r in implanted if r["attack"] is None]
     one = [r for r in implanted if r["mode"] == "all-to-one"]
     allall = [r for r in implanted if r["mode"] == "all-to-all"]
+    for r in rows:
+        r.setdefault("norm_family", family_of(r["model"], r["model_kwargs"]))
     a2o = choose_threshold(
         [r["statistics"]["all_to_one"] for r in clean], [r["statistics"]["all_to_one"] for r in one]
     )
+    # one all-to-one threshold per normalisation family (see timm_purify.detection.ban.norm_family)
+    by_family = {
+        fam: choose_threshold(
+            [r["statistics"]["all_to_one"] for r in clean if r["norm_family"] == fam],
+            [r["statistics"]["all_to_one"] for r in one if r["norm_family"] == fam],
+        )
+        for fam in sorted({r["norm_family"] for r in clean + one})
+    }
     a2a_neg = [r["statistics"]["all_to_all"] for r in clean + one]
     a2a = (
         choose_threshold(a2a_neg, [r["statistics"]["all_to_all"] for r in allall])
@@ -326,14 +358,13 @@ def summarise(
     )
     for r in implanted:
         s = r["statistics"]
-        pred_bd = s["all_to_one"] > a2o["threshold"] or (
+        cut = by_family[r["norm_family"]]["threshold"]
+        pred_bd = s["all_to_one"] > cut or (
             a2a["threshold"] is not None and s["all_to_all"] > a2a["threshold"]
         )
         r["detected"] = bool(pred_bd)
         r["target_found"] = (
-            None
-            if r["target"] is None
-            else bool(s["all_to_one"] > a2o["threshold"] and s["target"] == r["target"])
+            None if r["target"] is None else bool(s["all_to_one"] > cut and s["target"] == r["target"])
         )
     print("\nmodel                                          acc    asr    a2o    tgt  a2a    verdict")
     for r in rows:
@@ -348,7 +379,9 @@ def summarise(
             f"{r['key'].split('|')[0]:46s} {r['acc']:.3f}  {asr}  {s['all_to_one']:.3f}  {s['target']}/{r['target']}  "
             f"{s['all_to_all']:.3f}  {flag}"
         )
-    print(f"\nall-to-one threshold: {a2o}\nall-to-all threshold: {a2a}")
+    print(
+        f"\nall-to-one threshold: {a2o} (all families)\nper family: {by_family}\nall-to-all threshold: {a2a}"
+    )
     correct = sum(r["detected"] == (r["attack"] is not None) for r in implanted)
     print(f"detection accuracy on the calibration set: {correct}/{len(implanted)}")
     if args.no_write:
@@ -360,25 +393,30 @@ def summarise(
     )
     arch_list = sorted({r["arch"] for r in implanted})
     epoch_list = "/".join(str(e) for e in sorted({r["epochs"] for r in implanted}))
+    size_list = "/".join(str(n) for n in sorted({r["train_size"] for r in implanted}))
     false_pos = sum(r["detected"] for r in clean)
     missed = [r for r in one + allall if not r["detected"]]
     wrong_target = [r for r in one if r["detected"] and not r["target_found"]]
     record = {
         "threshold": a2o["threshold"],
+        "all_to_one_thresholds": {fam: fit["threshold"] for fam, fit in by_family.items()},
         "all_to_all_threshold": a2a["threshold"],
         "summary": (
             f"{len(clean)} clean + {len(one) + len(allall)} backdoored models "
-            f"({', '.join(arch_list)}; {epoch_list} epochs on {args.train_size} images of {args.data}), "
+            f"({', '.join(arch_list)}; {epoch_list} epochs on {size_list} images of {args.data}), "
             f"calibrated {datetime.date.today().isoformat()}"
         ),
         "rule": (
             "each threshold lies midway between the highest score of a negative model and the lowest "
             "score of a positive one when they separate, else at the cut with the fewest errors. "
-            "all-to-one: negatives = clean models, positives = all-to-one backdoors. all-to-all: "
+            "all-to-one: negatives = clean models, positives = all-to-one backdoors, one threshold per "
+            "normalisation family (all_to_one_thresholds; 'threshold' pools the families and is the "
+            "fallback). all-to-all: "
             "negatives = clean and all-to-one models, positives = all-to-all backdoors. Backdoors "
             f"whose ASR stayed below {args.min_asr} did not implant and are listed but not used."
         ),
         "all_to_one_fit": a2o,
+        "all_to_one_fit_by_family": by_family,
         "all_to_all_fit": a2a,
         "detection_accuracy": f"{correct}/{len(implanted)}",
         "false_positives": f"{false_pos}/{len(clean)} clean models",
@@ -410,6 +448,7 @@ def summarise(
                     "acc",
                     "asr",
                     "scan_seconds",
+                    "norm_family",
                     "detected",
                     "target_found",
                 )

@@ -57,15 +57,12 @@ def _summary(report, model: str) -> str:
     lines.append(
         f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%}"
     )
-    noisy = report.histogram_noisy
-    top = max(range(len(noisy)), key=noisy.__getitem__)
-    top_name = report.class_names[top] if report.class_names and top < len(report.class_names) else str(top)
+    restarts = report.config.get("restarts", 1)
     lines.append(
-        f"with the noise alone, {noisy[top] / max(sum(noisy), 1):.0%} of the held-out images go to "
-        f"class {top} ({top_name}); the verdict needs the noise and the mask to agree"
+        f"predictions of the held-out images with adversarial noise ({restarts} noise search(es) pooled; "
+        "the verdict's statistic):"
     )
-    lines.append("predictions with adversarial noise and the negative feature mask:")
-    lines += _histogram_lines(report.histogram_noisy_masked, report.class_names, mark=report.suspected_target)
+    lines += _histogram_lines(report.histogram_noisy, report.class_names, mark=report.suspected_target)
     if report.static_findings:
         worst = [f for f in report.static_findings if f["severity"] != "info"]
         lines.append(
@@ -124,7 +121,7 @@ def scan(
     folder are first inspected without loading them; the behavioural scan then needs a few
     hundred clean images of the model's classes (--data).
     """
-    from .._hub import ModelLoadError, resolve_source
+    from .._hub import ModelLoadError, _download_hub, resolve_source
     from ..detection.ban import ScanOptionError
     from ..detection.ban import scan as run_scan
     from ..detection.static import inspect_files
@@ -133,9 +130,11 @@ def scan(
     ctx = click.get_current_context()
     try:
         kind, value = resolve_source(model)
+        # a Hub model's files are fetched first (the cache, or HF_ENDPOINT) and inspected like a
+        # folder's, so an unsafe upload gets the same report and exit status as a local one
+        files = _download_hub(value) if kind == "hub" else Path(value) if kind == "folder" else None
     except ModelLoadError as err:
         raise click.ClickException(str(err)) from err
-    files = Path(value) if kind == "folder" else None
     if files is not None and files.exists():
         findings = inspect_files(files)
         critical = [f for f in findings if f.severity == "critical"]

@@ -1,8 +1,17 @@
 """Find out whether a model is safe to load (static file inspection) and whether it carries a
 backdoor (BAN-style behavioural scan)."""
 
-from .ban import scan
+from .ban import ScanOptionError, load_calibration, scan
 from .report import ScanReport
 from .static import Finding, UnsafeFileError, assert_safe, inspect_files
 
-__all__ = ["Finding", "ScanReport", "UnsafeFileError", "assert_safe", "inspect_files", "scan"]
+__all__ = [
+    "Finding",
+    "ScanOptionError",
+    "ScanReport",
+    "UnsafeFileError",
+    "assert_safe",
+    "inspect_files",
+    "load_calibration",
+    "scan",
+]
