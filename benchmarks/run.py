@@ -160,7 +160,11 @@ def run(args: argparse.Namespace) -> Path:
             attack = from_json(path / "attack.json")
             test = load_data(suite.data, split="test", model=model)
             train = load_data(suite.data, split="train", model=model)
-            clean = clean_subset(train, fraction=suite.clean_fraction, seed=args.seed)
+            clean = (
+                clean_subset(train, count=args.clean_count, seed=args.seed)
+                if args.clean_count
+                else clean_subset(train, fraction=suite.clean_fraction, seed=args.seed)
+            )
             before = evaluate(model, test, attack=attack)
             base = {
                 "suite": args.suite,
@@ -178,20 +182,24 @@ def run(args: argparse.Namespace) -> Path:
                 from timm_purify.defenses import purify
 
                 opts = dict(options.get(method, {}))
+                # a method run with non-default options is its own row, labelled with them
+                label = method + "".join(f" {k}={v}" for k, v in opts.items())
+                if args.clean_count:
+                    label += f" [{args.clean_count} clean images]"
                 if method in ("npd-tp", "npd-tu") and attack.mode == "all-to-one":
                     opts.setdefault("target", attack.target)
                 start = time.perf_counter()
                 try:
                     result = purify(model, clean, method=method, seed=args.seed, quiet=args.quiet, **opts)
                 except Exception as err:  # a failing method is a result to report, not a crash
-                    rows.append({**base, "method": method, "error": f"{type(err).__name__}: {err}"})
+                    rows.append({**base, "method": label, "error": f"{type(err).__name__}: {err}"})
                     print(f"[fail] {arch} {attack_key} {method}: {err}", flush=True)
                     continue
                 after = evaluate(result.model, test, attack=attack)
                 rows.append(
                     {
                         **base,
-                        "method": method,
+                        "method": label,
                         **_metrics(after),
                         "der": der(before, after),
                         "seconds": result.seconds,
@@ -202,7 +210,7 @@ def run(args: argparse.Namespace) -> Path:
                     }
                 )
                 print(
-                    f"[eval] {arch} {attack_key} {method}: {after} DER {der(before, after):.3f} ({result.seconds:.0f}s)",
+                    f"[eval] {arch} {attack_key} {label}: {after} DER {der(before, after):.3f} ({result.seconds:.0f}s)",
                     flush=True,
                 )
             if args.detect:
@@ -253,6 +261,43 @@ def _scan_row(model, clean, seed: int, *, backdoored: bool, target) -> dict:
         "pattern": report.pattern,
         "seconds": report.seconds,
     }
+
+
+def _calibration_section() -> list[str]:
+    """The scan's calibration zoo (``timm_purify/detection/calibration.json``, written by
+    ``benchmarks/calibrate_scan.py``): its detection accuracy and every model's score."""
+    from timm_purify.detection import load_calibration
+
+    cal = load_calibration()
+    cuts = cal.get("all_to_one_thresholds", {})
+    lines = [
+        "## Detection: the scan's calibration zoo",
+        "",
+        f"From `timm_purify/detection/calibration.json` ({cal['summary']}); regenerate with "
+        f"`{cal['command']}`.",
+        "",
+        f"Detection accuracy {cal['detection_accuracy']}; false positives {cal['false_positives']}; "
+        f"missed {cal['missed']}; wrong target: {cal['wrong_target']}. All-to-one thresholds per "
+        f"normalisation family: {', '.join(f'{k} {v:.3f}' for k, v in cuts.items())}; all-to-all "
+        f"threshold {cal['all_to_all_threshold']:.3f}. Scan options: {cal['scan']['options']}, "
+        f"{cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
+        "",
+        "| model | attack | seed | ACC | ASR | family | all-to-one score | suspected / true target "
+        "| all-to-all score | verdict | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in cal["models"]:
+        attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
+        if not m["used"]:
+            verdict = "not used (did not implant)"
+        else:
+            verdict = "backdoored" if m["detected"] else "clean"
+        lines.append(
+            f"| {m['arch']} | {attack} | {m['seed']} | {_pct(m['acc'])} | {_pct(m['asr'])} | "
+            f"{m.get('norm_family', '-')} | {m['all_to_one']:.3f} | {m['suspected_target']} / {m['target']} | "
+            f"{m['all_to_all']:.3f} | {verdict} | {m['scan_seconds']:.1f} |"
+        )
+    return lines + [""]
 
 
 def _pct(v) -> str:
@@ -322,6 +367,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
                     f"{r['suspected_target']} | {r['true_target']} | {r['seconds']:.1f} |"
                 )
             lines.append("")
+    lines += _calibration_section()
     lines += ["## Machines and versions", ""]
     for name, env in sorted(envs.items()):
         lines.append(f"- `{name}`: " + ", ".join(f"{k} {v}" for k, v in env.items()))
@@ -345,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
         "--clean-seeds", type=int, default=2, help="clean models per architecture for --detect"
     )
     parser.add_argument("--train-size", type=int, help="class-balanced subset of the training split")
+    parser.add_argument(
+        "--clean-count",
+        type=int,
+        help="defender's clean images (class-balanced) instead of the suite's fraction, e.g. 10 = one-shot",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=str(HERE / "cache"))
     parser.add_argument("--out", help="JSON output path (default: results/<suite>-<time>.json)")

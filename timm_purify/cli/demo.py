@@ -19,13 +19,22 @@ DATA = "fashion-mnist-mini"
 # Options the demo passes to each method. A resnet18 trained for a few epochs still has the
 # last norm of each residual branch near timm's zero initialisation, so a polarizer at the
 # reference spot (the branch input) barely reaches the logits: the demo polarizes the last
-# stage's output instead, with a learning rate that converges within its short budget.
-METHOD_OPTIONS = {
-    "npd": {"layer": "last-stage", "lr": 0.1, "epochs": 10},
-    "cnpd-r": {"layer": "last-stage", "lr": 0.1, "epochs": 10},
-    "cnpd-e": {"layer": "last-stage", "lr": 0.1, "epochs": 10},
-    "cnpd-a": {"layer": "last-stage", "lr": 0.1, "epochs": 10},
-}
+# stage's output instead, with a learning rate that converges within its short budget
+# (measured on the demo's model: benchmarks/RESULTS.md, issue notes).
+_POLARIZER = {"layer": "last-stage", "lr": 0.1, "epochs": 30}
+METHOD_OPTIONS = {name: _POLARIZER for name in ("npd", "npd-tp", "npd-tu", "cnpd-r", "cnpd-e", "cnpd-a")}
+AUTO = "auto"
+
+
+def choose_method(method: str, report) -> tuple[str, dict]:
+    """The method to run and its extra options. ``auto`` lets the scan's finding steer NPD:
+    with a suspected all-to-one target, NPD's known-target variant (npd-tp) attacks towards
+    that class; otherwise plain npd estimates a target per image."""
+    if method != AUTO:
+        return method, {}
+    if report.verdict == "backdoored" and report.suspected_target is not None:
+        return "npd-tp", {"target": int(report.suspected_target)}
+    return "npd", {}
 
 
 @click.command()
@@ -39,7 +48,13 @@ METHOD_OPTIONS = {
 )
 @click.option("--model", "arch", default="resnet18", show_default=True, help="timm architecture to backdoor.")
 @click.option("--attack", "attack_name", default="badnets", show_default=True)
-@click.option("--method", default="npd", show_default=True, help="Purification method.")
+@click.option(
+    "--method",
+    default=AUTO,
+    show_default=True,
+    help="Purification method; 'auto' runs npd-tp towards the scan's suspected target when it "
+    "names one, else npd.",
+)
 @click.option(
     "--epochs", type=int, default=5, show_default=True, help="Epochs to train the backdoored model."
 )
@@ -108,8 +123,10 @@ def demo(
         f"      {report.verdict}: score {report.score:.3f} vs threshold {report.threshold:.3f}{target}"
     )
 
-    click.echo(f"[3/4] purifying with {method} on {clean_fraction:.0%} clean data")
-    options = METHOD_OPTIONS.get(method, {})
+    method, chosen = choose_method(method, report)
+    options = {**METHOD_OPTIONS.get(method, {}), **chosen}
+    because = f" (towards the suspected target {chosen['target']})" if "target" in chosen else ""
+    click.echo(f"[3/4] purifying with {method}{because} on {clean_fraction:.0%} clean data")
     result = defenses.purify(
         model,
         DATA,
