@@ -322,6 +322,13 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "seconds = wall time of the method alone; ratio = seconds / one epoch of plain fine-tuning",
         "over the same clean set, measured in the same run.",
         "",
+        "Reading the rows: a method run with options other than its defaults is labelled with them;",
+        "`npd-tp`/`npd-tu` are given the attack's true target (in `timm-purify demo` the target comes",
+        "from the scan instead); `[N clean images]` marks runs on N clean images instead of the",
+        "suite's fraction. When the `none` row's ASR is low the backdoor did not implant and the",
+        "method rows of that attack measure nothing. Seconds are comparable within one results file",
+        "only (see the machines list: thread counts, and whether other jobs shared the CPU).",
+        "",
     ]
     for suite in sorted({k[0] for k in latest}):
         purif = [r for k, r in latest.items() if k[0] == suite and r["method"] != "scan"]
