@@ -117,8 +117,8 @@ def scan(
 ) -> None:
     """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask).
 
-    MODEL is a local timm folder, a Hub id or an architecture name. The files of a local
-    folder are first inspected without loading them; the behavioural scan then needs a few
+    MODEL is a local timm folder, a Hub id or an architecture name. The files of a folder
+    or of the downloaded Hub snapshot are first inspected without loading them; the behavioural scan then needs a few
     hundred clean images of the model's classes (--data).
     """
     from .._hub import ModelLoadError, _download_hub, resolve_source
