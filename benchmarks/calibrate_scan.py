@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                     "acc": record["metrics"]["acc"],
                     "asr": record["metrics"]["asr"],
                     "scan_seconds": report.seconds,
+                    "norm_family": report.config["norm_family"],
                     "scan_options": asdict(options),
                     "confusions": report.config["confusions"],
                     "statistics": report.config["statistics"],
@@ -337,8 +338,9 @@ def summarise(
     clean = [r for r in implanted if r["attack"] is None]
     one = [r for r in implanted if r["mode"] == "all-to-one"]
     allall = [r for r in implanted if r["mode"] == "all-to-all"]
-    for r in rows:
-        r.setdefault("norm_family", family_of(r["model"], r["model_kwargs"]))
+    for r in rows:  # rows stored before the scan recorded its family
+        if "norm_family" not in r:
+            r["norm_family"] = family_of(r["model"], r["model_kwargs"])
     a2o = choose_threshold(
         [r["statistics"]["all_to_one"] for r in clean], [r["statistics"]["all_to_one"] for r in one]
     )
