@@ -233,6 +233,18 @@ def test_local_folder_specs(saved: dict) -> None:
     assert resolve_source("org/name@v1") == ("hub", "org/name@v1")
 
 
+def test_hub_id_from_a_downloaded_snapshot_asks_no_server(saved: dict) -> None:
+    # `scan org/name` downloads the snapshot to inspect it, then loads from that folder; the
+    # endpoint here is a closed port, so any second Hub request would fail the load
+    model = load_model("org/tiny@main", snapshot=saved["folder"], endpoint="http://127.0.0.1:9")
+    assert model._timm_purify_source == "org/tiny@main"
+    assert model.pretrained_cfg["hf_hub_id"] == "org/tiny@main"
+    with torch.no_grad():
+        torch.testing.assert_close(model(saved["x"]), saved["logits"], rtol=0, atol=0)
+    with pytest.raises(ModelSpecError, match="snapshot= is the downloaded folder of a Hub id"):
+        load_model(str(saved["folder"]), snapshot=saved["folder"])
+
+
 def test_folder_errors(saved: dict, tmp_path: Path) -> None:
     with pytest.raises(NumClassesMismatchError, match="10-class model"):
         load_model(str(saved["folder"]), num_classes=5)

@@ -153,6 +153,7 @@ def load_model(
     endpoint: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    snapshot: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Build the timm classifier ``spec`` names, in eval mode, after checking its files.
 
@@ -175,6 +176,9 @@ def load_model(
         allow_pickle: when False, refuse pickle-based weights even if the scan finds them safe.
         endpoint, cache_dir, token: for Hub ids, passed to ``huggingface_hub.snapshot_download``
             (default: ``HF_ENDPOINT``, the usual cache and the logged-in token).
+        snapshot: for a Hub id, the snapshot folder the caller already downloaded (``scan``
+            inspects the files before loading them): it is used instead of asking the Hub again,
+            while the model is still named by its Hub id downstream.
 
     Raises:
         UnsafeFileError: a weight file holds unsafe imports or is damaged; nothing was loaded.
@@ -191,6 +195,10 @@ def load_model(
             f"checkpoint= applies to an architecture name, but {spec!r} is a {kind} that already holds "
             "its weights: drop the checkpoint, or name the architecture instead."
         )
+    if snapshot is not None and kind != "hub":
+        raise ModelSpecError(
+            f"snapshot= is the downloaded folder of a Hub id, but {spec!r} is a {kind}: drop snapshot=."
+        )
     if kind == "architecture":
         model = _load_architecture(
             value,
@@ -202,7 +210,11 @@ def load_model(
         )
     else:
         if kind == "hub":
-            folder = _download_hub(value, endpoint=endpoint, cache_dir=cache_dir, token=token)
+            folder = (
+                Path(snapshot)
+                if snapshot is not None
+                else _download_hub(value, endpoint=endpoint, cache_dir=cache_dir, token=token)
+            )
             what = f"Hub repository {value}"
         else:
             folder, what = Path(value), f"folder {value}"

@@ -16,6 +16,7 @@ def open_model(
     num_classes: int | None = None,
     img_size: int | None = None,
     checkpoint: str | os.PathLike | None = None,
+    snapshot: str | os.PathLike | None = None,
 ) -> nn.Module:
     """:func:`timm_purify._hub.load_model` for a command: a user mistake or an unsafe file
     becomes a :class:`click.ClickException`, so the command prints one clean line of advice
@@ -24,6 +25,8 @@ def open_model(
     from ..detection.static import UnsafeFileError
 
     try:
-        return load_model(spec, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint)
+        return load_model(
+            spec, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, snapshot=snapshot
+        )
     except (ModelLoadError, UnsafeFileError) as err:
         raise click.ClickException(str(err)) from err

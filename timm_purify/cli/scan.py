@@ -151,7 +151,7 @@ def scan(
                 Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
             ctx.exit(EXIT_UNSAFE)
     options = {k: v for k, v in (("eps", eps), ("steps", steps)) if v is not None}
-    net = open_model(model)
+    net = open_model(model, snapshot=files if kind == "hub" else None)  # no second Hub request
     try:
         report = run_scan(
             net,
