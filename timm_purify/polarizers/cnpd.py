@@ -54,6 +54,7 @@ changes torch's global random state and a purification is reproducible from its 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,22 +177,8 @@ class ReplicaPolarizer(ConditionalPolarizer):
     The normalisation statistics are shared by the replicas (see the module docstring).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        layout: str,
-        *,
-        prefix_tokens: int = 0,
-        include_prefix: bool = True,
-        num_classes: int | None = None,
-    ):
-        super().__init__(
-            channels,
-            layout,
-            prefix_tokens=prefix_tokens,
-            include_prefix=include_prefix,
-            num_classes=num_classes,
-        )
+    def __init__(self, channels: int, layout: str, **options: Any):
+        super().__init__(channels, layout, **options)  # validated by ConditionalPolarizer
         k = self.num_classes
         # one identity NPD replica, copied K times, keeps the identity convention in one place
         proj = nn.Linear(channels, channels, bias=False)
@@ -221,22 +208,8 @@ class ReplicaPolarizer(ConditionalPolarizer):
 class EmbeddingPolarizer(ConditionalPolarizer):
     """e-CNPD: a shared NPD polarizer with a per-class scale and shift from an embedding table."""
 
-    def __init__(
-        self,
-        channels: int,
-        layout: str,
-        *,
-        prefix_tokens: int = 0,
-        include_prefix: bool = True,
-        num_classes: int | None = None,
-    ):
-        super().__init__(
-            channels,
-            layout,
-            prefix_tokens=prefix_tokens,
-            include_prefix=include_prefix,
-            num_classes=num_classes,
-        )
+    def __init__(self, channels: int, layout: str, **options: Any):
+        super().__init__(channels, layout, **options)  # validated by ConditionalPolarizer
         self.core = NeuralPolarizer(channels, layout)
         self.film = nn.Embedding(self.num_classes, 2 * channels)
         nn.init.zeros_(self.film.weight)
@@ -255,23 +228,9 @@ class AttentionPolarizer(ConditionalPolarizer):
     """a-CNPD: a shared NPD polarizer followed by class-guided channel attention."""
 
     def __init__(
-        self,
-        channels: int,
-        layout: str,
-        *,
-        prefix_tokens: int = 0,
-        include_prefix: bool = True,
-        num_classes: int | None = None,
-        attention_dim: int = 32,
-        init_seed: int = 0,
+        self, channels: int, layout: str, *, attention_dim: int = 32, init_seed: int = 0, **options: Any
     ):
-        super().__init__(
-            channels,
-            layout,
-            prefix_tokens=prefix_tokens,
-            include_prefix=include_prefix,
-            num_classes=num_classes,
-        )
+        super().__init__(channels, layout, **options)  # validated by ConditionalPolarizer
         if isinstance(attention_dim, bool) or not isinstance(attention_dim, int) or attention_dim < 1:
             raise ValueError(f"attention_dim must be an int >= 1, got {attention_dim!r}")
         self.attention_dim = min(attention_dim, channels)
