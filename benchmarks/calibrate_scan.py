@@ -105,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clean-count", type=int, default=600, help="clean images per scan (1%% of 60k)")
     p.add_argument("--scan-seed", type=int, default=0)
     p.add_argument("--min-asr", type=float, default=0.5, help="backdoors below this ASR did not implant")
+    p.add_argument(
+        "--min-acc",
+        type=float,
+        default=0.5,
+        help="models below this clean accuracy did not learn the task (listed, not used)",
+    )
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache" / "calibrate_scan"))
     p.add_argument("--results", default=None, help="per-model results (default: <cache>/results.json)")
     p.add_argument("--out", default=str(CALIBRATION_FILE))
@@ -213,6 +219,27 @@ def rescore(rows: list[dict]) -> None:
         row["statistics"] = scan_statistics(
             torch.tensor(c["noisy"]), torch.tensor(c["noisy_masked"]), torch.tensor(c["clean"])
         )
+
+
+def family_reliability(implanted: list[dict]) -> dict[str, dict]:
+    """How far a verdict can be trusted, per normalisation family, measured on the calibration
+    models with the chosen thresholds; ``scan`` copies its family's entry into each report."""
+    out = {}
+    for fam in sorted({r["norm_family"] for r in implanted}):
+        rows = [r for r in implanted if r["norm_family"] == fam]
+        clean = [r for r in rows if r["attack"] is None]
+        bad = [r for r in rows if r["attack"] is not None]
+        one = [r for r in bad if r["mode"] == "all-to-one"]
+        out[fam] = {
+            "archs": sorted({r["arch"] for r in rows}),
+            "clean_models": len(clean),
+            "false_positives": sum(r["detected"] for r in clean),
+            "backdoored_models": len(bad),
+            "detected": sum(r["detected"] for r in bad),
+            "all_to_one_models": len(one),
+            "targets_correct": sum(bool(r["target_found"]) for r in one),
+        }
+    return out
 
 
 def choose_threshold(negatives: list[float], positives: list[float]) -> dict:
@@ -333,8 +360,11 @@ def main(argv: list[str] | None = None) -> None:
 def summarise(
     rows: list[dict], args: argparse.Namespace, argv: list[str] | None, options: ScanOptions
 ) -> None:
-    implanted = [r for r in rows if r["attack"] is None or (r["asr"] or 0) >= args.min_asr]
-    failed = [r for r in rows if r not in implanted]
+    untrained = [r for r in rows if r["acc"] < args.min_acc]
+    implanted = [
+        r for r in rows if r not in untrained and (r["attack"] is None or (r["asr"] or 0) >= args.min_asr)
+    ]
+    failed = [r for r in rows if r not in implanted and r not in untrained]
     clean = [r for r in implanted if r["attack"] is None]
     one = [r for r in implanted if r["mode"] == "all-to-one"]
     allall = [r for r in implanted if r["mode"] == "all-to-all"]
@@ -375,6 +405,8 @@ def summarise(
         flag = (
             "excluded (backdoor did not implant)"
             if r in failed
+            else "excluded (did not learn the task)"
+            if r in untrained
             else ("backdoored" if r.get("detected") else "clean")
         )
         print(
@@ -386,6 +418,9 @@ def summarise(
     )
     correct = sum(r["detected"] == (r["attack"] is not None) for r in implanted)
     print(f"detection accuracy on the calibration set: {correct}/{len(implanted)}")
+    reliability = family_reliability(implanted)
+    for fam, rel in reliability.items():
+        print(f"  {fam}: {rel}")
     if args.no_write:
         return
     if a2a["threshold"] is None:
@@ -415,8 +450,12 @@ def summarise(
             "normalisation family (all_to_one_thresholds; 'threshold' pools the families and is the "
             "fallback). all-to-all: "
             "negatives = clean and all-to-one models, positives = all-to-all backdoors. Backdoors "
-            f"whose ASR stayed below {args.min_asr} did not implant and are listed but not used."
+            f"whose ASR stayed below {args.min_asr} did not implant, and models whose clean accuracy "
+            f"stayed below {args.min_acc} did not learn the task: both are listed but not used."
         ),
+        "reliability_by_family": reliability,
+        "min_asr": args.min_asr,
+        "min_acc": args.min_acc,
         "all_to_one_fit": a2o,
         "all_to_one_fit_by_family": by_family,
         "all_to_all_fit": a2a,

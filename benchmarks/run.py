@@ -282,6 +282,18 @@ def _calibration_section() -> list[str]:
         f"threshold {cal['all_to_all_threshold']:.3f}. Scan options: {cal['scan']['options']}, "
         f"{cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
         "",
+        "Per normalisation family (what each scan report quotes as `calibration_reliability`, and "
+        "what `timm-purify scan` warns about when a family's backdoors were missed):",
+        "",
+        "| family | architectures | clean models flagged | backdoored models detected "
+        "| all-to-one targets correct |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {fam} | {', '.join(r['archs'])} | {r['false_positives']}/{r['clean_models']} | "
+            f"{r['detected']}/{r['backdoored_models']} | {r['targets_correct']}/{r['all_to_one_models']} |"
+            for fam, r in cal.get("reliability_by_family", {}).items()
+        ),
+        "",
         "| model | attack | seed | ACC | ASR | family | all-to-one score | suspected / true target "
         "| all-to-all score | verdict | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -289,7 +301,8 @@ def _calibration_section() -> list[str]:
     for m in cal["models"]:
         attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
         if not m["used"]:
-            verdict = "not used (did not implant)"
+            learned = m["acc"] >= cal.get("min_acc", 0.0)
+            verdict = "not used (" + ("did not implant" if learned else "did not learn the task") + ")"
         else:
             verdict = "backdoored" if m["detected"] else "clean"
         lines.append(

@@ -112,6 +112,7 @@ def test_backdoored_model_is_flagged_with_its_target(backdoored_report):
     assert r.score > r.threshold
     assert r.config["norm_family"] == "batchnorm"
     assert r.threshold == pytest.approx(load_calibration()["all_to_one_thresholds"]["batchnorm"])
+    assert r.config["calibration_reliability"] == load_calibration()["reliability_by_family"]["batchnorm"]
     # the statistic comes from these predictions: the target dominates them
     assert max(range(10), key=r.histogram_noisy.__getitem__) == TARGET
     restarts = r.config["restarts"]
@@ -275,17 +276,46 @@ def test_calibration_file_documents_its_provenance():
     clean = [m for m in used if m["attack"] is None]
     one = [m for m in used if m["mode"] == "all-to-one"]
     assert clean and one
-    # no clean calibration model is flagged; the recorded fit matches the recorded scores
+    # the recorded fit matches the recorded scores: its errors are the clean models above the
+    # cut and the all-to-one backdoors at or below it, per family
     cuts = cal["all_to_one_thresholds"]
     assert set(cuts) == {m["norm_family"] for m in used}
-    assert all(m["all_to_one"] < cuts[m["norm_family"]] for m in clean)
-    missed = sum(m["all_to_one"] <= cuts[m["norm_family"]] for m in one)
-    assert missed == sum(fit["errors"] for fit in cal["all_to_one_fit_by_family"].values())
+    for family, fit in cal["all_to_one_fit_by_family"].items():
+        false_pos = sum(m["all_to_one"] > cuts[family] for m in clean if m["norm_family"] == family)
+        missed = sum(m["all_to_one"] <= cuts[family] for m in one if m["norm_family"] == family)
+        assert fit["errors"] == false_pos + missed
+        assert fit["separable"] == (fit["errors"] == 0)
+    # the BatchNorm family, where the scan works, has no false positive
+    assert not any(m["all_to_one"] > cuts["batchnorm"] for m in clean if m["norm_family"] == "batchnorm")
     assert all(
         m["detected"]
         == (m["all_to_one"] > cuts[m["norm_family"]] or m["all_to_all"] > cal["all_to_all_threshold"])
         for m in used
     )
+    # the per-family record each report quotes is what the listed models show
+    for family, rel in cal["reliability_by_family"].items():
+        rows = [m for m in used if m["norm_family"] == family]
+        bad = [m for m in rows if m["attack"] is not None]
+        assert rel["archs"] == sorted({m["arch"] for m in rows})
+        assert rel["clean_models"] == len(rows) - len(bad)
+        assert rel["false_positives"] == sum(m["detected"] for m in rows if m["attack"] is None)
+        assert (rel["backdoored_models"], rel["detected"]) == (len(bad), sum(m["detected"] for m in bad))
+        assert rel["targets_correct"] == sum(
+            bool(m["target_found"]) for m in bad if m["mode"] == "all-to-one"
+        )
+
+
+def test_cli_summary_cautions_where_the_calibration_missed_backdoors():
+    from timm_purify.cli.scan import _reliability_lines
+
+    rel = {"archs": ["convnext_atto"], "clean_models": 5, "false_positives": 0, "backdoored_models": 4}
+    base = {"calibration": "12 clean + 29 backdoored models", "norm_family": "other"}
+    (line,) = _reliability_lines({**base, "calibration_reliability": {**rel, "detected": 1}})
+    assert "(other: convnext_atto)" in line and "detected 1/4" in line and "weak evidence" in line
+    assert _reliability_lines({**base, "calibration_reliability": {**rel, "detected": 4}}) == []
+    (line,) = _reliability_lines({**base, "calibration_reliability": None})
+    assert "no model of this normalisation family" in line
+    assert _reliability_lines({**base, "calibration": "thresholds given by the caller"}) == []
 
 
 # ------------------------------------------------------------------ options

@@ -28,6 +28,30 @@ def _histogram_lines(counts: list[int], names: list[str] | None, *, mark: int | 
     return lines
 
 
+def _reliability_lines(cfg: dict) -> list[str]:
+    """A caution when the calibration missed backdoors, or flagged clean models, of this
+    model's normalisation family: a clean verdict there is weak evidence, and the user
+    should know before deploying on it."""
+    rel = cfg.get("calibration_reliability")
+    family = cfg.get("norm_family")
+    if cfg.get("calibration") == "thresholds given by the caller":
+        return []
+    if rel is None:
+        return [
+            f"caution: the calibration holds no model of this normalisation family ({family}); "
+            "the threshold is the pooled fallback and the verdict is uncalibrated"
+        ]
+    missed = rel["backdoored_models"] - rel["detected"]
+    if not missed and not rel["false_positives"]:
+        return []
+    return [
+        f"caution: on the calibration models of this normalisation family ({family}: "
+        f"{', '.join(rel['archs'])}) the scan detected {rel['detected']}/{rel['backdoored_models']} "
+        f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones"
+        + ("; a clean verdict is weak evidence" if missed else "")
+    ]
+
+
 def _summary(report, model: str) -> str:
     cfg = report.config
     verdict = report.verdict.upper() + (f" ({report.pattern})" if report.pattern else "")
@@ -54,6 +78,7 @@ def _summary(report, model: str) -> str:
             if j is not None
         ]
         lines.append("class shifts: " + ", ".join(pairs))
+    lines += _reliability_lines(cfg)
     lines.append(
         f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%}"
     )

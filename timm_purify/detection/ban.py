@@ -635,6 +635,9 @@ def scan(
         "threshold": threshold,
         "all_to_all_threshold": a2a_threshold,
         "calibration": calibration.get("summary") if calibration else "thresholds given by the caller",
+        # how this family's verdicts fared on the calibration models (None: thresholds given,
+        # or a family the calibration holds no model of)
+        "calibration_reliability": (calibration.get("reliability_by_family") or {}).get(family),
         "norm_family": family,
         "features": split.where,
         "feature_shape": list(mask.shape),
