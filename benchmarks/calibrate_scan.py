@@ -66,7 +66,8 @@ RECIPES = {
         "vit_tiny_patch16_224", {"patch_size": 4}, optimizer="adamw", lr=1e-3, weight_decay=0.05
     ),
     "convnext_atto": Recipe("convnext_atto", optimizer="adamw", lr=2e-3, weight_decay=0.05),
-    "efficientnet_b0": Recipe("efficientnet_b0"),
+    # SGD 0.05 left it at 34% clean accuracy after 3 epochs on 2,000 images; AdamW reaches 52%
+    "efficientnet_b0": Recipe("efficientnet_b0", optimizer="adamw", lr=2e-3, weight_decay=0.05),
     # timm's own tiny test architectures (0.2-0.4M parameters): real ResNet / ViT code, cheap
     # enough on a CPU to calibrate over many seeds
     "test_resnet": Recipe("test_resnet"),

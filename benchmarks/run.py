@@ -274,7 +274,7 @@ def _calibration_section() -> list[str]:
         "## Detection: the scan's calibration zoo",
         "",
         f"From `timm_purify/detection/calibration.json` ({cal['summary']}); regenerate with "
-        f"`{cal['command']}`.",
+        f"`{cal['command']}` (the included zoo files are written by `bash benchmarks/scan_zoo.sh`).",
         "",
         f"Detection accuracy {cal['detection_accuracy']}; false positives {cal['false_positives']}; "
         f"missed {cal['missed']}; wrong target: {cal['wrong_target']}. All-to-one thresholds per "

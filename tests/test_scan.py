@@ -308,11 +308,25 @@ def test_calibration_file_documents_its_provenance():
 def test_cli_summary_cautions_where_the_calibration_missed_backdoors():
     from timm_purify.cli.scan import _reliability_lines
 
-    rel = {"archs": ["convnext_atto"], "clean_models": 5, "false_positives": 0, "backdoored_models": 4}
+    rel = {
+        "archs": ["convnext_atto"],
+        "clean_models": 5,
+        "false_positives": 0,
+        "backdoored_models": 4,
+        "detected": 4,
+        "all_to_one_models": 3,
+        "targets_correct": 3,
+    }
     base = {"calibration": "12 clean + 29 backdoored models", "norm_family": "other"}
+    assert _reliability_lines({**base, "calibration_reliability": rel}) == []
     (line,) = _reliability_lines({**base, "calibration_reliability": {**rel, "detected": 1}})
-    assert "(other: convnext_atto)" in line and "detected 1/4" in line and "weak evidence" in line
-    assert _reliability_lines({**base, "calibration_reliability": {**rel, "detected": 4}}) == []
+    assert "(other: convnext_atto)" in line and "detected 1/4" in line
+    assert line.endswith("; a clean verdict is weak evidence")
+    (line,) = _reliability_lines(
+        {**base, "calibration_reliability": {**rel, "false_positives": 2, "targets_correct": 1}}
+    )
+    assert "flagged 2/5 clean ones" in line and "false alarm" in line and "right for 1/3" in line
+    assert "weak evidence" not in line
     (line,) = _reliability_lines({**base, "calibration_reliability": None})
     assert "no model of this normalisation family" in line
     assert _reliability_lines({**base, "calibration": "thresholds given by the caller"}) == []

@@ -42,13 +42,21 @@ def _reliability_lines(cfg: dict) -> list[str]:
             "the threshold is the pooled fallback and the verdict is uncalibrated"
         ]
     missed = rel["backdoored_models"] - rel["detected"]
-    if not missed and not rel["false_positives"]:
+    wrong_targets = rel["targets_correct"] < rel["all_to_one_models"]
+    if not missed and not rel["false_positives"] and not wrong_targets:
         return []
+    consequences = [
+        "a clean verdict is weak evidence" if missed else "",
+        "a backdoored verdict may be a false alarm" if rel["false_positives"] else "",
+        f"suspected targets were right for {rel['targets_correct']}/{rel['all_to_one_models']}"
+        if wrong_targets
+        else "",
+    ]
     return [
         f"caution: on the calibration models of this normalisation family ({family}: "
         f"{', '.join(rel['archs'])}) the scan detected {rel['detected']}/{rel['backdoored_models']} "
-        f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones"
-        + ("; a clean verdict is weak evidence" if missed else "")
+        f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones; "
+        + "; ".join(c for c in consequences if c)
     ]
 
 
