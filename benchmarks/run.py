@@ -151,7 +151,9 @@ def run(args: argparse.Namespace) -> Path:
     methods = [m for m in args.methods.split(",") if m] if args.methods else []
     options = json.loads(args.options) if args.options else {}
     cache = Path(args.cache)
-    rows = []
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    rows = _RowLog(out, {"suite": args.suite, "suite_config": suite.__dict__})
     env = environment_info()
     for arch in suite.archs:
         for attack_key in suite.attacks:
@@ -232,13 +234,21 @@ def run(args: argparse.Namespace) -> Path:
                         **_scan_row(model, clean, seed, backdoored=False, target=None),
                     }
                 )
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(
-        json.dumps({"suite": args.suite, "suite_config": suite.__dict__, "rows": rows}, indent=2, default=str)
-    )
     print(f"wrote {out}")
     return out
+
+
+class _RowLog(list):
+    """The run's rows, rewritten to ``out`` after every row: an interrupted run (hours of CPU)
+    keeps every row it measured."""
+
+    def __init__(self, out: Path, header: dict) -> None:
+        super().__init__()
+        self.out, self.header = out, header
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.out.write_text(json.dumps({**self.header, "rows": list(self)}, indent=2, default=str))
 
 
 def _metrics(r) -> dict:
