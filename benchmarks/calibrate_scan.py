@@ -109,8 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--min-acc",
         type=float,
-        default=0.5,
-        help="models below this clean accuracy did not learn the task (listed, not used)",
+        default=0.6,
+        help="models below this clean accuracy did not learn the task (listed, not used); the "
+        "zoo's resnet18/convnext_atto/test models reach 0.67-0.82, its 3-epoch efficientnet_b0 and "
+        "vit_tiny only 0.41-0.59, and those collapse onto one class under the noise (see "
+        "benchmarks/DETECTION.md)",
     )
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / "cache" / "calibrate_scan"))
     p.add_argument("--results", default=None, help="per-model results (default: <cache>/results.json)")

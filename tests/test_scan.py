@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pickletools
@@ -303,6 +304,18 @@ def test_calibration_file_documents_its_provenance():
         assert rel["targets_correct"] == sum(
             bool(m["target_found"]) for m in bad if m["mode"] == "all-to-one"
         )
+
+
+def test_cli_summary_cautions_on_an_under_trained_model(backdoored_report):
+    from timm_purify.cli.scan import _summary
+
+    floor = load_calibration()["min_acc"]
+    assert backdoored_report.config["calibration_min_acc"] == floor
+    assert backdoored_report.clean_acc >= floor and "gets only" not in _summary(backdoored_report, "m")
+    weak = dataclasses.replace(backdoored_report, clean_acc=floor / 2)
+    assert f"caution: the model gets only {floor / 2:.1%} of the held-out clean images right" in _summary(
+        weak, "m"
+    )
 
 
 def test_cli_summary_cautions_where_the_calibration_missed_backdoors():

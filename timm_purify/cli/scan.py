@@ -87,6 +87,13 @@ def _summary(report, model: str) -> str:
         ]
         lines.append("class shifts: " + ", ".join(pairs))
     lines += _reliability_lines(cfg)
+    floor = cfg.get("calibration_min_acc")
+    if floor is not None and report.clean_acc < floor:
+        lines.append(
+            f"caution: the model gets only {report.clean_acc:.1%} of the held-out clean images right; the "
+            f"calibration left out models below {floor:.0%}, because under-trained models collapse onto one "
+            "class under the noise and score like backdoored ones"
+        )
     lines.append(
         f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%}"
     )

@@ -638,6 +638,8 @@ def scan(
         # how this family's verdicts fared on the calibration models (None: thresholds given,
         # or a family the calibration holds no model of)
         "calibration_reliability": (calibration.get("reliability_by_family") or {}).get(family),
+        # the calibration left out models below this clean accuracy (they collapse under the noise)
+        "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,
         "features": split.where,
         "feature_shape": list(mask.shape),
