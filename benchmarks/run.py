@@ -53,7 +53,8 @@ RECIPES = {
         weight_decay=0.05,
         model_kwargs=(("patch_size", 4),),
     ),
-    "efficientnet_b0": Recipe("efficientnet_b0", lr=0.05),
+    # SGD 0.05 reached 34% after 3 epochs on 2,000 images where AdamW reached 52% (calibrate_scan)
+    "efficientnet_b0": Recipe("efficientnet_b0", lr=2e-3, optimizer="adamw", weight_decay=0.05),
 }
 
 # attack key -> (attack name, extra build_attack kwargs)
