@@ -19,6 +19,7 @@ from timm_purify.attacks import build_attack
 from timm_purify.cli import main
 from timm_purify.data import FASHION_MNIST_CLASSES, ImageData, clean_subset, load_data
 from timm_purify.detection.ban import (
+    CALLER_THRESHOLDS,
     ScanOptionError,
     decide,
     load_calibration,
@@ -342,7 +343,7 @@ def test_cli_summary_cautions_where_the_calibration_missed_backdoors():
     assert "weak evidence" not in line
     (line,) = _reliability_lines({**base, "calibration_reliability": None})
     assert "no model of this normalisation family" in line
-    assert _reliability_lines({**base, "calibration": "thresholds given by the caller"}) == []
+    assert _reliability_lines({**base, "calibration": CALLER_THRESHOLDS}) == []
 
 
 # ------------------------------------------------------------------ options

@@ -32,9 +32,11 @@ def _reliability_lines(cfg: dict) -> list[str]:
     """A caution when the calibration missed backdoors, or flagged clean models, of this
     model's normalisation family: a clean verdict there is weak evidence, and the user
     should know before deploying on it."""
+    from ..detection.ban import CALLER_THRESHOLDS
+
     rel = cfg.get("calibration_reliability")
     family = cfg.get("norm_family")
-    if cfg.get("calibration") == "thresholds given by the caller":
+    if cfg.get("calibration") == CALLER_THRESHOLDS:
         return []
     if rel is None:
         return [

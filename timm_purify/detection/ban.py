@@ -86,12 +86,16 @@ __all__ = [
     "scan",
     "ScanOptions",
     "ScanOptionError",
+    "CALLER_THRESHOLDS",
     "load_calibration",
     "norm_family",
     "CALIBRATION_FILE",
     "scan_statistics",
     "decide",
 ]
+
+# ``config["calibration"]`` of a report whose thresholds the caller gave (no calibration used)
+CALLER_THRESHOLDS = "thresholds given by the caller"
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
@@ -634,7 +638,7 @@ def scan(
         **dataclasses.asdict(opts),
         "threshold": threshold,
         "all_to_all_threshold": a2a_threshold,
-        "calibration": calibration.get("summary") if calibration else "thresholds given by the caller",
+        "calibration": calibration.get("summary") if calibration else CALLER_THRESHOLDS,
         # how this family's verdicts fared on the calibration models (None: thresholds given,
         # or a family the calibration holds no model of)
         "calibration_reliability": (calibration.get("reliability_by_family") or {}).get(family),
