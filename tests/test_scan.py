@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pickletools
@@ -21,6 +20,7 @@ from timm_purify.data import FASHION_MNIST_CLASSES, ImageData, clean_subset, loa
 from timm_purify.detection.ban import (
     CALLER_THRESHOLDS,
     ScanOptionError,
+    calibration_cautions,
     decide,
     load_calibration,
     scan,
@@ -307,20 +307,22 @@ def test_calibration_file_documents_its_provenance():
         )
 
 
-def test_cli_summary_cautions_on_an_under_trained_model(backdoored_report):
+def test_cautions_on_an_under_trained_model_reach_the_report_and_the_cli(backdoored_report):
     from timm_purify.cli.scan import _summary
 
     floor = load_calibration()["min_acc"]
-    assert backdoored_report.config["calibration_min_acc"] == floor
-    assert backdoored_report.clean_acc >= floor and "gets only" not in _summary(backdoored_report, "m")
-    weak = dataclasses.replace(backdoored_report, clean_acc=floor / 2)
-    assert f"caution: the model gets only {floor / 2:.1%} of the held-out clean images right" in _summary(
-        weak, "m"
-    )
+    cfg = backdoored_report.config
+    assert cfg["calibration_min_acc"] == floor
+    assert cfg["cautions"] == calibration_cautions(cfg, backdoored_report.clean_acc)
+    assert backdoored_report.clean_acc >= floor and not any("gets only" in c for c in cfg["cautions"])
+    assert all(c in _summary(backdoored_report, "m") for c in cfg["cautions"])
+    weak = calibration_cautions(cfg, floor / 2)
+    assert f"caution: the model gets only {floor / 2:.1%} of the held-out clean images right" in weak[-1]
 
 
-def test_cli_summary_cautions_where_the_calibration_missed_backdoors():
-    from timm_purify.cli.scan import _reliability_lines
+def test_cautions_where_the_calibration_missed_backdoors():
+    def _reliability_lines(cfg: dict) -> list[str]:  # the family record only: accuracy above any floor
+        return calibration_cautions(cfg, clean_acc=1.0)
 
     rel = {
         "archs": ["convnext_atto"],

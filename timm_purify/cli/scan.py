@@ -28,40 +28,6 @@ def _histogram_lines(counts: list[int], names: list[str] | None, *, mark: int | 
     return lines
 
 
-def _reliability_lines(cfg: dict) -> list[str]:
-    """A caution when the calibration missed backdoors, or flagged clean models, of this
-    model's normalisation family: a clean verdict there is weak evidence, and the user
-    should know before deploying on it."""
-    from ..detection.ban import CALLER_THRESHOLDS
-
-    rel = cfg.get("calibration_reliability")
-    family = cfg.get("norm_family")
-    if cfg.get("calibration") == CALLER_THRESHOLDS:
-        return []
-    if rel is None:
-        return [
-            f"caution: the calibration holds no model of this normalisation family ({family}); "
-            "the threshold is the pooled fallback and the verdict is uncalibrated"
-        ]
-    missed = rel["backdoored_models"] - rel["detected"]
-    wrong_targets = rel["targets_correct"] < rel["all_to_one_models"]
-    if not missed and not rel["false_positives"] and not wrong_targets:
-        return []
-    consequences = [
-        "a clean verdict is weak evidence" if missed else "",
-        "a backdoored verdict may be a false alarm" if rel["false_positives"] else "",
-        f"suspected targets were right for {rel['targets_correct']}/{rel['all_to_one_models']}"
-        if wrong_targets
-        else "",
-    ]
-    return [
-        f"caution: on the calibration models of this normalisation family ({family}: "
-        f"{', '.join(rel['archs'])}) the scan detected {rel['detected']}/{rel['backdoored_models']} "
-        f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones; "
-        + "; ".join(c for c in consequences if c)
-    ]
-
-
 def _summary(report, model: str) -> str:
     cfg = report.config
     verdict = report.verdict.upper() + (f" ({report.pattern})" if report.pattern else "")
@@ -88,14 +54,7 @@ def _summary(report, model: str) -> str:
             if j is not None
         ]
         lines.append("class shifts: " + ", ".join(pairs))
-    lines += _reliability_lines(cfg)
-    floor = cfg.get("calibration_min_acc")
-    if floor is not None and report.clean_acc < floor:
-        lines.append(
-            f"caution: the model gets only {report.clean_acc:.1%} of the held-out clean images right; the "
-            f"calibration left out models below {floor:.0%}, because under-trained models collapse onto one "
-            "class under the noise and score like backdoored ones"
-        )
+    lines += cfg.get("cautions", [])
     lines.append(
         f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%}"
     )

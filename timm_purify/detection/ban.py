@@ -87,6 +87,7 @@ __all__ = [
     "ScanOptions",
     "ScanOptionError",
     "CALLER_THRESHOLDS",
+    "calibration_cautions",
     "load_calibration",
     "norm_family",
     "CALIBRATION_FILE",
@@ -381,6 +382,48 @@ def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torc
     }
 
 
+def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
+    """What a user should know before trusting a verdict, from a report's ``config``: its
+    normalisation family's record on the calibration models (misses make a clean verdict
+    weak evidence, false alarms a backdoored one doubtful), and a scanned model below the
+    calibration's accuracy floor (under-trained models collapse under the noise)."""
+    if config.get("calibration") == CALLER_THRESHOLDS:
+        return []
+    family = config.get("norm_family")
+    rel = config.get("calibration_reliability")
+    cautions = []
+    if rel is None:
+        cautions.append(
+            f"caution: the calibration holds no model of this normalisation family ({family}); "
+            "the threshold is the pooled fallback and the verdict is uncalibrated"
+        )
+    else:
+        missed = rel["backdoored_models"] - rel["detected"]
+        wrong_targets = rel["targets_correct"] < rel["all_to_one_models"]
+        consequences = [
+            "a clean verdict is weak evidence" if missed else "",
+            "a backdoored verdict may be a false alarm" if rel["false_positives"] else "",
+            f"suspected targets were right for {rel['targets_correct']}/{rel['all_to_one_models']}"
+            if wrong_targets
+            else "",
+        ]
+        if any(consequences):
+            cautions.append(
+                f"caution: on the calibration models of this normalisation family ({family}: "
+                f"{', '.join(rel['archs'])}) the scan detected {rel['detected']}/{rel['backdoored_models']} "
+                f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones; "
+                + "; ".join(c for c in consequences if c)
+            )
+    floor = config.get("calibration_min_acc")
+    if floor is not None and clean_acc < floor:
+        cautions.append(
+            f"caution: the model gets only {clean_acc:.1%} of the held-out clean images right; the "
+            f"calibration left out models below {floor:.0%}, because under-trained models collapse onto one "
+            "class under the noise and score like backdoored ones"
+        )
+    return cautions
+
+
 def decide(
     stats: dict[str, Any], *, threshold: float, all_to_all_threshold: float
 ) -> tuple[str, str | None, int | None, float, float]:
@@ -659,6 +702,8 @@ def scan(
         "confusions": {name: c.tolist() for name, c in confusions.items()},
         "stage_seconds": timings,
     }
+    clean_acc = float((pred_clean == y_held).float().mean())
+    config["cautions"] = calibration_cautions(config, clean_acc)
     return ScanReport(
         verdict=verdict,
         score=float(score),
@@ -667,7 +712,7 @@ def scan(
         pattern=pattern,
         histogram_noisy=torch.bincount(pred_noisy, minlength=num_classes).tolist(),
         histogram_noisy_masked=torch.bincount(pred_masked, minlength=num_classes).tolist(),
-        clean_acc=float((pred_clean == y_held).float().mean()),
+        clean_acc=clean_acc,
         noisy_acc=float((pred_noisy == y_pooled).float().mean()),
         config=config,
         seconds=seconds,
