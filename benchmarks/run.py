@@ -163,11 +163,8 @@ def run(args: argparse.Namespace) -> Path:
             attack = from_json(path / "attack.json")
             test = load_data(suite.data, split="test", model=model)
             train = load_data(suite.data, split="train", model=model)
-            clean = (
-                clean_subset(train, count=args.clean_count, seed=args.seed)
-                if args.clean_count
-                else clean_subset(train, fraction=suite.clean_fraction, seed=args.seed)
-            )
+            fraction = None if args.clean_count else suite.clean_fraction
+            clean = clean_subset(train, count=args.clean_count, fraction=fraction, seed=args.seed)
             before = evaluate(model, test, attack=attack)
             base = {
                 "suite": args.suite,
@@ -294,7 +291,7 @@ def _calibration_section() -> list[str]:
         f"{cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
         "",
         "Per normalisation family (what each scan report quotes as `calibration_reliability`, and "
-        "what `timm-purify scan` warns about when a family's backdoors were missed):",
+        "what `timm-purify scan` cautions about when a family shows misses, false alarms or wrong targets):",
         "",
         "| family | architectures | clean models flagged | backdoored models detected "
         "| all-to-one targets correct |",
