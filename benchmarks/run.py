@@ -76,6 +76,8 @@ class Suite:
     clean_fraction: float
     poison_rate: float = 0.1
     train_size: int | None = None
+    # the scan's clean set: the detection issue times one scan on 1% of the training data
+    scan_fraction: float = 0.01
 
 
 SUITES = {
@@ -214,13 +216,20 @@ def run(args: argparse.Namespace) -> Path:
                     flush=True,
                 )
             if args.detect:
-                rows.append({**base, **_scan_row(model, clean, args.seed, backdoored=True, target=attack)})
+                scan_clean = clean_subset(train, fraction=suite.scan_fraction, seed=args.seed)
+                rows.append(
+                    {
+                        **base,
+                        "num_clean": len(scan_clean),
+                        **_scan_row(model, scan_clean, args.seed, backdoored=True, target=attack),
+                    }
+                )
         if args.detect:
             for seed in range(args.clean_seeds):
                 path = get_model(cache, suite, arch, None, seed, args.quiet)
                 model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
                 train = load_data(suite.data, split="train", model=model)
-                clean = clean_subset(train, fraction=suite.clean_fraction, seed=seed)
+                clean = clean_subset(train, fraction=suite.scan_fraction, seed=seed)
                 rows.append(
                     {
                         "suite": args.suite,
@@ -228,6 +237,7 @@ def run(args: argparse.Namespace) -> Path:
                         "attack": "clean",
                         "model": path.name,
                         "seed": seed,
+                        "num_clean": len(clean),
                         "environment": env,
                         **_scan_row(model, clean, seed, backdoored=False, target=None),
                     }
@@ -257,6 +267,7 @@ def _scan_row(model, clean, seed: int, *, backdoored: bool, target) -> dict:
     from timm_purify.detection import scan
 
     report = scan(model, clean, seed=seed, quiet=True)
+    yardstick = ft_epoch_seconds(model, clean, seed)
     truth = getattr(target, "target", None) if target is not None and target.mode == "all-to-one" else None
     return {
         "method": "scan",
@@ -268,6 +279,8 @@ def _scan_row(model, clean, seed: int, *, backdoored: bool, target) -> dict:
         "true_target": truth,
         "pattern": report.pattern,
         "seconds": report.seconds,
+        "ft_epoch_seconds": yardstick,
+        "ratio_to_ft_epoch": report.seconds / yardstick,
     }
 
 
@@ -386,13 +399,16 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
                 f"Detection accuracy {correct}/{len(scans)}; false positives on clean models: {fp}; "
                 f"target found for {tgt}/{len(a2o)} all-to-one models.",
                 "",
-                "| model | truth | verdict | score | threshold | suspected target | true target | seconds |",
-                "|---|---|---|---|---|---|---|---|",
+                "| model | truth | verdict | score | threshold | suspected target | true target "
+                "| clean images | seconds | ratio to FT epoch |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in sorted(scans, key=lambda r: (r["arch"], r["attack"], r.get("seed", 0))):
+                ratio = r.get("ratio_to_ft_epoch")
                 lines.append(
                     f"| {r['model']} | {r['truth']} | {r['verdict']} | {r['score']:.3f} | {r['threshold']:.3f} | "
-                    f"{r['suspected_target']} | {r['true_target']} | {r['seconds']:.1f} |"
+                    f"{r['suspected_target']} | {r['true_target']} | {r.get('num_clean', '-')} | {r['seconds']:.1f} | "
+                    f"{'-' if ratio is None else f'{ratio:.1f}x'} |"
                 )
             lines.append("")
     lines += _calibration_section()

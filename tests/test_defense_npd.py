@@ -14,10 +14,12 @@ from timm_purify._train import TrainConfig, build_backdoored_model
 from timm_purify.attacks import build_attack
 from timm_purify.data import load_data
 from timm_purify.defenses import PurifyOptionError, purify
+from timm_purify.defenses._common import CleanForward
 from timm_purify.defenses.npd import (
     NPDConfig,
     NPDTargetConfig,
     known_target_pgd,
+    pgd_attack,
     polarizer_loss,
     runner_up,
     universal_target_attack,
@@ -269,6 +271,38 @@ def test_known_target_pgd_leaves_target_class_images_alone():
     assert torch.equal(adv[y == 0], x[y == 0])
     moved = (adv - x)[y != 0].flatten(1).norm(dim=1)
     assert (moved > 0).all() and (moved <= 1.0 + 1e-5).all()
+
+
+def _small_convnet():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, 4),
+    )
+
+
+@pytest.mark.parametrize("known_target", [False, True])
+def test_pgd_reusing_the_clean_forward_gives_the_same_images(known_target):
+    """NPD's loop hands its clean forward pass to the attack as the first step (one forward
+    pass less per batch); the adversarial images must be exactly those of a fresh attack, and
+    the caller's graph must survive for its own backward pass."""
+    f = _small_convnet()
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 3, 1])
+    target = runner_up(f(x), y) if not known_target else torch.zeros_like(y)
+    cfg = NPDTargetConfig(target=0, stop_fraction=1.0, pgd_steps=3)
+    attack = known_target_pgd(cfg, 1.0) if known_target else pgd_attack(cfg, 1.0)
+    fresh = attack(f, x, y, target)
+    leaf = x.clone().requires_grad_(True)
+    logits = f(leaf)
+    reused = attack(f, x, y, target, CleanForward(logits, leaf))
+    assert not torch.equal(fresh, x)
+    assert torch.equal(reused, fresh)
+    F.cross_entropy(logits, y).backward()  # the graph is still there
+    assert leaf.grad is not None
 
 
 def test_universal_perturbation_is_shared_projected_and_persists():

@@ -174,8 +174,9 @@ def train_model(
     history = []
     for epoch in range(config.epochs):
         model.train()
-        total = correct = 0
-        loss_sum = 0.0
+        total = 0
+        # loss sum and hits on the device, read once per epoch (no host sync per batch)
+        loss_sum, correct = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long)
         batches = data.batches(config.batch_size, shuffle=True, generator=gen, device=dev)
         n_batches = (len(data) + config.batch_size - 1) // config.batch_size
         for x, y in progress(
@@ -189,10 +190,10 @@ def train_model(
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             total += len(y)
-        row = {"epoch": epoch + 1, "loss": loss_sum / total, "train_acc": correct / total}
+        row = {"epoch": epoch + 1, "loss": float(loss_sum) / total, "train_acc": int(correct) / total}
         if eval_fn is not None:
             row.update(eval_fn(model))
         history.append(row)

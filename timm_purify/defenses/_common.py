@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "PixelModel",
+    "CleanForward",
     "targeted_pgd",
     "universal_perturbation",
     "project_l2",
@@ -80,6 +82,36 @@ def project_l1(delta: torch.Tensor, radius: float) -> torch.Tensor:
     return delta * min(1.0, radius / max(norm, 1e-12))
 
 
+@dataclass(frozen=True)
+class CleanForward:
+    """A forward pass a caller already ran on the clean batch, reused as PGD's first step.
+
+    At ``delta = 0`` the attack's first forward pass computes exactly the clean logits; a
+    training loop that needs those logits anyway (NPD's clean loss) runs its clean forward
+    with ``inputs.requires_grad_()`` and hands it over, which saves one full forward pass per
+    batch. The graph is kept (``retain_graph``) for the caller's own backward pass.
+
+    Attributes:
+        logits: ``f(inputs)``, graph alive, one row per image the attack works on.
+        inputs: the leaf tensor the logits were computed from (``requires_grad``).
+        rows: which rows of ``inputs`` the logits belong to (``None``: all of them).
+    """
+
+    logits: torch.Tensor
+    inputs: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def select(self, keep: torch.Tensor) -> CleanForward:
+        """The same forward pass restricted to the rows ``keep`` (a boolean mask)."""
+        rows = keep.nonzero().flatten()
+        return CleanForward(self.logits[rows], self.inputs, rows if self.rows is None else self.rows[rows])
+
+    def input_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        """``d loss / d inputs`` for the selected rows, keeping the graph."""
+        (grad,) = torch.autograd.grad(loss, self.inputs, retain_graph=True)
+        return grad if self.rows is None else grad[self.rows]
+
+
 def targeted_pgd(
     f: Forward,
     x: torch.Tensor,
@@ -90,23 +122,27 @@ def targeted_pgd(
     step_size: float,
     norm: str = "l2",
     stop_fraction: float | None = None,
+    clean: CleanForward | None = None,
 ) -> torch.Tensor:
     """Per-sample targeted attack in pixel space; returns the adversarial images.
 
     Sign-gradient descent on ``CE(f(x + delta), target)`` from ``delta = 0``, projected onto
     the L2 or Linf ball of ``eps`` and onto [0, 1] after each step (the NPD reference). With
     ``stop_fraction`` the loop ends once more than that share of the batch hits its target.
-    Gradients flow only into ``delta``; ``f``'s parameters are left untouched.
+    Gradients flow only into ``delta``; ``f``'s parameters are left untouched. ``clean``
+    (the caller's forward pass of ``f`` on ``x``) replaces the first step's forward pass.
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     x = x.detach()
     delta = torch.zeros_like(x, requires_grad=True)
-    for _ in range(steps):
-        logits = f(x + delta)
+    for step in range(steps):
+        reuse = step == 0 and clean is not None
+        logits = clean.logits if reuse else f(x + delta)
         if stop_fraction is not None and float((logits.argmax(1) == target).float().mean()) > stop_fraction:
             break
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits, target), delta)
+        loss = F.cross_entropy(logits, target)
+        grad = clean.input_grad(loss) if reuse else torch.autograd.grad(loss, delta)[0]
         with torch.no_grad():
             delta -= step_size * grad.sign()
             if norm == "l2":

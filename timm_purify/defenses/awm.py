@@ -256,7 +256,7 @@ def run_awm(model: nn.Module, clean: ImageData, config: AWMConfig, ctx: PurifyCo
         sampler = _Sampler(data, config.batch_size, generator=ctx.generator, device=ctx.device)
         for outer in progress(range(config.outer_steps), desc="awm", disable=ctx.quiet):
             delta = _recover_trigger(f, sampler, masks, config, tau)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=ctx.device)  # read once per outer iteration
             for _ in range(config.inner_steps):
                 x, y, _ = sampler.draw()
                 # clean and perturbed images in one pass: eval mode makes it the same as two
@@ -273,10 +273,10 @@ def run_awm(model: nn.Module, clean: ImageData, config: AWMConfig, ctx: PurifyCo
                 with torch.no_grad():
                     for m in masks:
                         m.clamp_(0.0, 1.0)
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach()
             record = {
                 "epoch": outer + 1,
-                "loss": loss_sum / config.inner_steps,
+                "loss": float(loss_sum) / config.inner_steps,
                 "lr": opt.param_groups[0]["lr"],
                 "trigger_l1": float(delta.abs().sum()),
                 "mask_mean": float(torch.cat([m.detach().flatten() for m in masks]).mean()),

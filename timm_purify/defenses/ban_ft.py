@@ -84,7 +84,8 @@ def run_ban_ft(model: nn.Module, clean: ImageData, config: BANFTConfig, ctx: Pur
         for epoch in progress(range(config.epochs), desc="ban-ft", disable=ctx.quiet):
             model.train()
             total = 0
-            loss_sum = clean_sum = noisy_sum = 0.0
+            # (total, clean, noisy) loss sums on the device, read once per epoch
+            sums = torch.zeros(3, device=ctx.device)
             for x, y in clean.batches(
                 config.batch_size, shuffle=True, generator=ctx.generator, device=ctx.device
             ):
@@ -101,10 +102,9 @@ def run_ban_ft(model: nn.Module, clean: ImageData, config: BANFTConfig, ctx: Pur
                 loss.backward()
                 opt.step()
                 total += len(y)
-                loss_sum += float(loss.detach()) * len(y)
-                clean_sum += float(loss_clean.detach()) * len(y)
-                noisy_sum += float(loss_noisy.detach()) * len(y)
+                sums += torch.stack([loss, loss_clean, loss_noisy]).detach() * len(y)
             model.eval()
+            loss_sum, clean_sum, noisy_sum = sums.tolist()
             ctx.log(
                 {
                     "epoch": epoch + 1,

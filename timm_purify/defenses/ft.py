@@ -38,7 +38,7 @@ def run_ft(model: nn.Module, clean: ImageData, config: FTConfig, ctx: PurifyCont
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
     for epoch in progress(range(config.epochs), desc="ft", disable=ctx.quiet):
         model.train()
-        total, loss_sum = 0, 0.0
+        total, loss_sum = 0, torch.zeros((), device=ctx.device)  # read once per epoch
         for x, y in clean.batches(
             config.batch_size, shuffle=True, generator=ctx.generator, device=ctx.device
         ):
@@ -49,8 +49,8 @@ def run_ft(model: nn.Module, clean: ImageData, config: FTConfig, ctx: PurifyCont
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += loss.detach() * len(y)
             total += len(y)
         model.eval()
-        ctx.log({"epoch": epoch + 1, "loss": loss_sum / total}, model)
+        ctx.log({"epoch": epoch + 1, "loss": float(loss_sum) / total}, model)
     return model

@@ -184,7 +184,7 @@ def run_nft(model: nn.Module, clean: ImageData, config: NFTConfig, ctx: PurifyCo
         opt = torch.optim.SGD(masks, lr=config.lr, momentum=config.momentum, weight_decay=0.0)
         batches = random_batches(clean, config.batch_size, generator=ctx.generator, device=ctx.device)
         model.train()
-        loss_sum, count = 0.0, 0
+        loss_sum, count = torch.zeros((), device=ctx.device), 0  # read once per period
         for step in progress(range(config.iterations), desc="nft", disable=ctx.quiet):
             period = step // config.lr_period
             if step % config.lr_period == 0:
@@ -205,18 +205,18 @@ def run_nft(model: nn.Module, clean: ImageData, config: NFTConfig, ctx: PurifyCo
             with torch.no_grad():
                 for m, floor in zip(masks, floors, strict=True):
                     m.clamp_(floor, 1.0)
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
             count += 1
             if (step + 1) % config.lr_period == 0 or step + 1 == config.iterations:
                 record = {
                     "epoch": period + 1,
                     "iteration": step + 1,
-                    "loss": loss_sum / count,
+                    "loss": float(loss_sum) / count,
                     "lr": opt.param_groups[0]["lr"],
                     "mask_mean": float(torch.cat([m.detach().flatten() for m in masks]).mean()),
                 }
                 ctx.log(record, model)
-                loss_sum, count = 0.0, 0
+                loss_sum, count = torch.zeros((), device=ctx.device), 0
         model.eval()
         if config.merge:
             merge_masks(model)

@@ -20,8 +20,9 @@ trained alone, as the reference code runs it:
      + w_other * mean(-log(1.0001 - max_{k != y} p_adv[k]))
      + w_target * mean(-log(1.0001 - p_adv[y']))``.
 
-   The clean forward pass is shared by the target estimate and the loss: nothing changes the
-   polarizer between the two and its batch norm is in eval mode, so both would compute the
+   The clean forward pass is shared by the target estimate, the loss and the PGD's first
+   step (at ``delta = 0`` the attack's forward pass is this one): nothing changes the
+   polarizer in between and its batch norm is in eval mode, so all three would compute the
    same logits.
 
 ``npd-tp`` and ``npd-tu`` are the paper's variants for a *known* target class ``target``:
@@ -50,7 +51,7 @@ from .._progress import progress
 from .._wrap import PolarizedModel, wrap_model
 from ..data import ImageData
 from ._base import DefenseConfig, PurifyContext, PurifyOptionError, positive, register_defense
-from ._common import PixelModel, project_l2, scale_budget, targeted_pgd
+from ._common import CleanForward, PixelModel, project_l2, scale_budget, targeted_pgd
 
 __all__ = [
     "NPDConfig",
@@ -69,9 +70,11 @@ __all__ = [
     "run_npd_tu",
 ]
 
-# (forward over pixels, clean images, true labels, per-sample targets) -> adversarial images
+# (forward over pixels, clean images, true labels, per-sample targets, the loop's clean
+# forward pass on those images) -> adversarial images
 Attack = Callable[
-    [Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+    [Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, CleanForward],
+    torch.Tensor,
 ]
 # (clean logits, true labels) -> per-sample target classes
 TargetRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -267,16 +270,17 @@ def train_polarizer(
         hits = torch.zeros((), device=ctx.device)
         attacked = torch.zeros((), device=ctx.device)
         for x, y in batches:
-            clean_logits = f(x)  # graph kept for the update below
+            # graph kept for the update below and, reaching x, for the attack's first step
+            clean_logits = f(x.requires_grad_(True))
             with torch.no_grad():
                 own = clean_logits.argmax(dim=1)
                 target = choose_target(clean_logits, y)
-            x_adv = attack(f, x, y, target)
+            x_adv = attack(f, x.detach(), y, target, CleanForward(clean_logits, x))
             adv_logits = f(x_adv)
             weight = None if exclude_class is None else (y != exclude_class).to(adv_logits.dtype)
             loss = polarizer_loss(clean_logits, adv_logits, y, own, target, config, target_weight=weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward(inputs=params)  # not on into the frozen layers below the polarizer
             opt.step()
             loss_sum += loss.detach() * len(y)
             hit = (adv_logits.detach().argmax(dim=1) == target).to(adv_logits.dtype)
@@ -297,10 +301,10 @@ def train_polarizer(
 def pgd_attack(config: NPDConfig, eps: float) -> Attack:
     """Per-sample targeted L2 PGD with the config's steps and early stop (NPD, CNPD)."""
 
-    def attack(f, x, y, target):
+    def attack(f, x, y, target, clean=None):
         return targeted_pgd(
             f, x, target, eps=eps, steps=config.pgd_steps, step_size=config.pgd_step_size,
-            norm="l2", stop_fraction=config.stop_fraction,
+            norm="l2", stop_fraction=config.stop_fraction, clean=clean,
         )  # fmt: skip
 
     return attack
@@ -310,11 +314,13 @@ def known_target_pgd(config: NPDTargetConfig, eps: float) -> Attack:
     """NPD-TP: per-sample PGD towards the known target, on the images of other classes only."""
     pgd = pgd_attack(config, eps)
 
-    def attack(f, x, y, target):
+    def attack(f, x, y, target, clean=None):
         keep = y != config.target
         x_adv = x.clone()
         if bool(keep.any()):
-            x_adv[keep] = pgd(f, x[keep], y[keep], target[keep])
+            x_adv[keep] = pgd(
+                f, x[keep], y[keep], target[keep], None if clean is None else clean.select(keep)
+            )
         return x_adv
 
     return attack
@@ -330,7 +336,7 @@ def universal_target_attack(config: NPDTargetConfig, eps: float, image_size: tup
     """
     state: dict[str, torch.Tensor] = {}
 
-    def attack(f, x, y, target):
+    def attack(f, x, y, target, clean=None):  # starts from the kept delta: no clean step to reuse
         delta = state.get("delta")
         if delta is None:
             delta = torch.zeros((1, *image_size), device=x.device, dtype=x.dtype)

@@ -614,7 +614,7 @@ def scan(
     opt = torch.optim.Adam([mask], lr=opts.mask_lr)
     n = len(search)
     mask_steps = opts.mask_epochs * opts.mask_steps_per_epoch
-    pos_loss = neg_loss = 0.0
+    last_losses = torch.zeros(2, device=dev)  # the last epoch's mean losses, read once
     for step in progress(range(mask_steps), desc="scan: feature mask", disable=quiet):
         idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen).to(dev)
         z, y = z_all[idx], y_all[idx]
@@ -628,9 +628,9 @@ def scan(
         with torch.no_grad():
             mask.clamp_(0.0, 1.0)
         if step >= mask_steps - opts.mask_steps_per_epoch:  # last epoch's mean losses
-            pos_loss += float(loss_pos.detach()) / opts.mask_steps_per_epoch
-            neg_loss += float(loss_neg.detach()) / opts.mask_steps_per_epoch
+            last_losses += torch.stack([loss_pos, loss_neg]).detach() / opts.mask_steps_per_epoch
     mask = mask.detach()
+    pos_loss, neg_loss = last_losses.tolist()
     del z_all
     timings["mask"] = time.perf_counter() - t0
 
