@@ -5,8 +5,8 @@ goes (cProfile, sorted by time spent inside each function).
 Usage::
 
     python benchmarks/run.py --suite quick                  # builds the cached model once
-    python benchmarks/profile.py awm --option outer_steps=2
-    python benchmarks/profile.py npd --option layer=last-stage --option epochs=4 --top 15
+    python benchmarks/profile_method.py awm --option outer_steps=2
+    python benchmarks/profile_method.py npd --option layer=last-stage --option epochs=4 --top 15
 
 Findings are written up by hand in ``benchmarks/PROFILE.md``.
 """
