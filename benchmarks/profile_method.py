@@ -16,24 +16,17 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 from pathlib import Path
 
 import timm
 
+from timm_purify._train import parse_model_args
 from timm_purify.data import clean_subset, load_data
 from timm_purify.defenses import purify
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "cache" / "fashion-mnist-mini-resnet18-badnets-p0.1-e5-b64-s0"
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,8 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             f"{args.model} holds no model.safetensors: run `python benchmarks/run.py --suite quick` first"
         )
-    options = dict(item.split("=", 1) for item in args.option)
-    options = {k: _value(v) for k, v in options.items()}
+    try:
+        options = parse_model_args(args.option)
+    except ValueError as err:
+        parser.error(str(err))
 
     model = timm.create_model(f"local-dir:{args.model}", pretrained=True).eval()
     clean = clean_subset(
