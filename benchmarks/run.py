@@ -216,20 +216,14 @@ def run(args: argparse.Namespace) -> Path:
                     flush=True,
                 )
             if args.detect:
-                scan_clean = clean_subset(train, fraction=suite.scan_fraction, seed=args.seed)
                 rows.append(
-                    {
-                        **base,
-                        "num_clean": len(scan_clean),
-                        **_scan_row(model, scan_clean, args.seed, backdoored=True, target=attack),
-                    }
+                    {**base, **_scan_row(model, train, suite, args.seed, backdoored=True, target=attack)}
                 )
         if args.detect:
             for seed in range(args.clean_seeds):
                 path = get_model(cache, suite, arch, None, seed, args.quiet)
                 model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
                 train = load_data(suite.data, split="train", model=model)
-                clean = clean_subset(train, fraction=suite.scan_fraction, seed=seed)
                 rows.append(
                     {
                         "suite": args.suite,
@@ -237,9 +231,8 @@ def run(args: argparse.Namespace) -> Path:
                         "attack": "clean",
                         "model": path.name,
                         "seed": seed,
-                        "num_clean": len(clean),
                         "environment": env,
-                        **_scan_row(model, clean, seed, backdoored=False, target=None),
+                        **_scan_row(model, train, suite, seed, backdoored=False, target=None),
                     }
                 )
     print(f"wrote {out}")
@@ -263,9 +256,11 @@ def _metrics(r) -> dict:
     return {"acc": r.acc, "asr": r.asr, "ra": r.ra, "n_test": r.n_clean, "n_triggered": r.n_triggered}
 
 
-def _scan_row(model, clean, seed: int, *, backdoored: bool, target) -> dict:
+def _scan_row(model, train, suite: Suite, seed: int, *, backdoored: bool, target) -> dict:
+    """Scan ``model`` on the suite's share of ``train`` and time one FT epoch over the same images."""
     from timm_purify.detection import scan
 
+    clean = clean_subset(train, fraction=suite.scan_fraction, seed=seed)
     report = scan(model, clean, seed=seed, quiet=True)
     yardstick = ft_epoch_seconds(model, clean, seed)
     truth = getattr(target, "target", None) if target is not None and target.mode == "all-to-one" else None
@@ -278,6 +273,7 @@ def _scan_row(model, clean, seed: int, *, backdoored: bool, target) -> dict:
         "suspected_target": report.suspected_target,
         "true_target": truth,
         "pattern": report.pattern,
+        "num_clean": len(clean),
         "seconds": report.seconds,
         "ft_epoch_seconds": yardstick,
         "ratio_to_ft_epoch": report.seconds / yardstick,
