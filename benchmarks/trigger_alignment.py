@@ -16,7 +16,11 @@ trigger those perturbations imitate. This script measures the imitation on a cac
 
 Usage::
 
-    python benchmarks/trigger_alignment.py benchmarks/cache/fashion-mnist-resnet18-badnets-p0.1-e3-b64-s0
+    python benchmarks/trigger_alignment.py benchmarks/cache/fashion-mnist-resnet18-badnets-p0.1-e3-b64-s0 \
+        --json benchmarks/results/alignment/full-resnet18-badnets.json
+
+(``results/alignment/``, not ``results/``: ``run.py --render`` reads every JSON file there as
+its own results.)
 
 Findings are written up by hand in ``benchmarks/PURIFICATION.md``.
 """
