@@ -41,7 +41,14 @@ from timm_purify._train import TrainConfig, build_backdoored_model, environment_
 from timm_purify._version import __version__
 from timm_purify.attacks import build_attack
 from timm_purify.data import clean_subset, load_data
-from timm_purify.detection.ban import CALIBRATION_FILE, ScanOptions, norm_family, scan, scan_statistics
+from timm_purify.detection.ban import (
+    CALIBRATION_FILE,
+    TARGET_SOURCES,
+    ScanOptions,
+    norm_family,
+    scan,
+    scan_statistics,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,6 +253,23 @@ def family_reliability(implanted: list[dict]) -> dict[str, dict]:
     return out
 
 
+def choose_target_sources(one: list[dict]) -> dict[str, dict]:
+    """Per normalisation family, whose predictions name the target of the all-to-one
+    backdoors more often: the noisy model's or the noisy model's with the negative mask
+    (ties keep ``"noisy"``, the paper's reading). Counted over every implanted all-to-one
+    model, detected or not, since the source does not change the verdict."""
+    out = {}
+    for fam in sorted({r["norm_family"] for r in one}):
+        rows = [r for r in one if r["norm_family"] == fam]
+        right = {
+            source: sum(r["statistics"][key] == r["target"] for r in rows)
+            for source, key in TARGET_SOURCES.items()
+        }
+        best = max(TARGET_SOURCES, key=lambda source: (right[source], source == "noisy"))
+        out[fam] = {"source": best, "right": right, "models": len(rows)}
+    return out
+
+
 def choose_threshold(negatives: list[float], positives: list[float]) -> dict:
     """Midway between the highest negative and the lowest positive when they separate;
     otherwise the cut with the fewest errors (ties: the middle one), flagged as not separable."""
@@ -392,15 +416,19 @@ def summarise(
         if allall
         else {"threshold": None, "separable": None, "margin": None, "errors": None}
     )
+    sources = choose_target_sources(one)
     for r in implanted:
         s = r["statistics"]
         cut = by_family[r["norm_family"]]["threshold"]
+        named = (
+            s[TARGET_SOURCES[sources[r["norm_family"]]["source"]]] if r["norm_family"] in sources else None
+        )
         pred_bd = s["all_to_one"] > cut or (
             a2a["threshold"] is not None and s["all_to_all"] > a2a["threshold"]
         )
         r["detected"] = bool(pred_bd)
         r["target_found"] = (
-            None if r["target"] is None else bool(s["all_to_one"] > cut and s["target"] == r["target"])
+            None if r["target"] is None else bool(s["all_to_one"] > cut and named == r["target"])
         )
     print("\nmodel                                          acc    asr    a2o    tgt  a2a    verdict")
     for r in rows:
@@ -419,6 +447,7 @@ def summarise(
         )
     print(
         f"\nall-to-one threshold: {a2o} (all families)\nper family: {by_family}\nall-to-all threshold: {a2a}"
+        f"\ntarget source per family: {sources}"
     )
     correct = sum(r["detected"] == (r["attack"] is not None) for r in implanted)
     print(f"detection accuracy on the calibration set: {correct}/{len(implanted)}")
@@ -442,6 +471,8 @@ def summarise(
         "threshold": a2o["threshold"],
         "all_to_one_thresholds": {fam: fit["threshold"] for fam, fit in by_family.items()},
         "all_to_all_threshold": a2a["threshold"],
+        "target_source_by_family": {fam: fit["source"] for fam, fit in sources.items()},
+        "target_source_fit": sources,
         "summary": (
             f"{len(clean)} clean + {len(one) + len(allall)} backdoored models "
             f"({', '.join(arch_list)}; {epoch_list} epochs on {size_list} images of {args.data}), "
@@ -453,7 +484,9 @@ def summarise(
             "all-to-one: negatives = clean models, positives = all-to-one backdoors, one threshold per "
             "normalisation family (all_to_one_thresholds; 'threshold' pools the families and is the "
             "fallback). all-to-all: "
-            "negatives = clean and all-to-one models, positives = all-to-all backdoors. Backdoors "
+            "negatives = clean and all-to-one models, positives = all-to-all backdoors. The suspected "
+            "target comes, per family, from the predictions (noisy, or noisy with the negative mask) "
+            "that named the true target of more all-to-one backdoors (target_source_fit). Backdoors "
             f"whose ASR stayed below {args.min_asr} did not implant, and models whose clean accuracy "
             f"stayed below {args.min_acc} did not learn the task: both are listed but not used."
         ),
@@ -500,7 +533,14 @@ def summarise(
             }
             | {
                 "all_to_one": r["statistics"]["all_to_one"],
-                "suspected_target": r["statistics"]["target"],
+                # what the scan reports: the family's target source (see choose_target_sources)
+                "suspected_target": r["statistics"][
+                    TARGET_SOURCES[
+                        sources[r["norm_family"]]["source"] if r["norm_family"] in sources else "noisy"
+                    ]
+                ],
+                "target_noisy": r["statistics"]["target"],
+                "target_noisy_masked": r["statistics"]["target_masked"],
                 "all_to_all": r["statistics"]["all_to_all"],
                 "used": r in implanted,
             }

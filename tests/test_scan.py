@@ -19,7 +19,9 @@ from timm_purify.cli import main
 from timm_purify.data import FASHION_MNIST_CLASSES, ImageData, clean_subset, load_data
 from timm_purify.detection.ban import (
     CALLER_THRESHOLDS,
+    TARGET_SOURCES,
     ScanOptionError,
+    _split_model,
     calibration_cautions,
     decide,
     load_calibration,
@@ -236,6 +238,33 @@ def test_decide():
     assert decide(stats, threshold=0.5, all_to_all_threshold=0.3) == ("clean", None, None, 0.2, 0.5)
 
 
+def test_decide_takes_the_target_from_the_calibrated_source():
+    """The verdict is the noise's; which predictions name the target is the family's choice."""
+    diag = _confusion({})
+    to_two = _confusion({c: 2 for c in range(10) if c != 2})
+    to_seven = _confusion({c: 7 for c in range(10) if c != 7})
+    stats = scan_statistics(to_two, to_seven, diag)
+    assert (stats["target"], stats["target_masked"]) == (2, 7)
+    assert decide(stats, threshold=0.5, all_to_all_threshold=2.0)[2] == 2
+    assert decide(stats, threshold=0.5, all_to_all_threshold=2.0, target_source="noisy_masked")[2] == 7
+    # below the threshold no source names a target
+    assert decide(stats, threshold=1.5, all_to_all_threshold=2.0, target_source="noisy_masked")[2] is None
+    with pytest.raises(ScanOptionError, match="target_source"):
+        decide(stats, threshold=0.5, all_to_all_threshold=2.0, target_source="mask")
+
+
+def test_calibration_chooses_each_familys_target_source_from_its_models():
+    cal = load_calibration()
+    used = [m for m in cal["models"] if m["used"] and m["mode"] == "all-to-one"]
+    for family, source in cal["target_source_by_family"].items():
+        assert source in TARGET_SOURCES
+        rows = [m for m in used if m["norm_family"] == family]
+        right = {s: sum(m[f"target_{s}"] == m["target"] for m in rows) for s in TARGET_SOURCES}
+        assert right == cal["target_source_fit"][family]["right"]
+        assert right[source] == max(right.values())
+        assert all(m["suspected_target"] == m[f"target_{source}"] for m in rows)
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -441,6 +470,31 @@ def test_models_without_forward_features_are_split_at_the_classifier_input():
     assert report.config["features"] == "classifier input"
     assert report.config["feature_shape"] == [8]
     assert report.threshold == 0.5
+
+
+@pytest.mark.parametrize(
+    ("arch", "where"),
+    [
+        ("test_convnext", "classifier input"),
+        ("test_resnet", "forward_features"),
+        ("test_vit", "forward_features"),
+    ],
+)
+def test_a_head_that_normalises_is_split_at_the_classifier_input(arch, where):
+    """ConvNeXt's head LayerNorm would rescale a mask on forward_features; the mask goes after it."""
+    torch.manual_seed(0)
+    model = (
+        timm.create_model(arch, num_classes=10, img_size=32).eval()
+        if arch == "test_vit"
+        else (timm.create_model(arch, num_classes=10).eval())
+    )
+    probe = torch.randn(4, 3, 32, 32)
+    split = _split_model(model, probe)
+    assert split.where == where
+    with torch.no_grad():
+        torch.testing.assert_close(split.head(split.features(probe)), model(probe))
+        if where == "classifier input":  # the features reach the classifier with nothing in between
+            assert split.features(probe).shape == (4, model.get_classifier().in_features)
 
 
 # ------------------------------------------------------------------ command line

@@ -53,8 +53,14 @@ Where this departs from the reference, and why:
   errors move between classes (see :func:`scan_statistics`).
 * The features are the output of timm's ``forward_features`` (before pooling: C x H x W for
   CNNs, tokens x C for transformers), the head is ``forward_head``; a model where
-  ``forward_head(forward_features(x))`` is not ``model(x)`` falls back to the input of
-  ``get_classifier()``. Nothing depends on layer names.
+  ``forward_head(forward_features(x))`` is not ``model(x)``, or whose head runs a
+  normalisation layer (ConvNeXt's pooled LayerNorm, which would rescale what the mask
+  removed), falls back to the input of ``get_classifier()``. Nothing depends on layer names.
+* The suspected target. The paper reads it off the noisy predictions. On the calibration zoo
+  that is right for BatchNorm models, while on LayerNorm models the noisy predictions *with
+  the negative mask* name the target more often (test_vit: 8 of 8 against 6 of 8), so
+  ``calibration.json`` records, per normalisation family, which of the two to report
+  (``target_source_by_family``); the verdict itself always comes from the noise alone.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ __all__ = [
     "ScanOptions",
     "ScanOptionError",
     "CALLER_THRESHOLDS",
+    "TARGET_SOURCES",
     "calibration_cautions",
     "load_calibration",
     "norm_family",
@@ -97,6 +104,12 @@ __all__ = [
 
 # ``config["calibration"]`` of a report whose thresholds the caller gave (no calibration used)
 CALLER_THRESHOLDS = "thresholds given by the caller"
+
+# which predictions name the suspected target -> the key of :func:`scan_statistics` holding it:
+# the noisy model's (the paper's reading, right for 15/16 BatchNorm zoo backdoors) or the noisy
+# model's with the negative mask (right for every test_vit backdoor where the noise alone
+# named 6 of 8). ``calibration.json`` picks one per normalisation family.
+TARGET_SOURCES = {"noisy": "target", "noisy_masked": "target_masked"}
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 
@@ -242,12 +255,40 @@ class _Split:
     where: str
 
 
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _head_normalises(model: nn.Module, probe: torch.Tensor) -> bool:
+    """Whether a normalisation layer runs inside ``forward_head`` (ConvNeXt's head LayerNorm).
+
+    Such a norm rescales what a mask on ``forward_features`` left over, undoing much of the
+    negative mask: measured on the convnext_atto zoo, the noisy and noisy+masked predictions
+    were nearly identical with the mask there, and masking the classifier's input instead
+    named the true target for 3 of 4 backdoors (``benchmarks/DETECTION.md``).
+    """
+    calls: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda mod, _a, _o: calls.append(mod))
+        for m in model.modules()
+        if isinstance(m, _NORMS)
+    ]
+    try:
+        features = model.forward_features(probe)
+        calls.clear()  # only the norms the head runs count
+        model.forward_head(features)
+    finally:
+        for h in handles:
+            h.remove()
+    return bool(calls)
+
+
 def _split_model(model: nn.Module, probe: torch.Tensor) -> _Split:
     """Find where the penultimate features are, generically, and check the split is exact.
 
-    timm's ``forward_features`` / ``forward_head`` give the unpooled map the paper masks; a
-    model that breaks that contract (custom forward) is split at the input of its classifier
-    module, captured by a forward pre-hook.
+    timm's ``forward_features`` / ``forward_head`` give the unpooled map the paper masks. A
+    model whose head normalises its input (a norm runs inside ``forward_head``), or one that
+    breaks that contract (custom forward), is split at the input of its classifier module,
+    captured by a forward pre-hook, after every norm.
     """
     with torch.no_grad():
         reference = model(probe)
@@ -260,6 +301,7 @@ def _split_model(model: nn.Module, probe: torch.Tensor) -> _Split:
                 got is not None
                 and got.shape == reference.shape
                 and torch.allclose(got, reference, atol=1e-4, rtol=1e-4)
+                and not _head_normalises(model, probe)
             ):
                 return _Split(model.forward_features, model.forward_head, "forward_features")
         head = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -328,7 +370,9 @@ def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torc
       natural confusions (shirt vs T-shirt) are not blamed on a backdoor. The class with the
       largest excess is the suspected target and the excess is the score. Pooling restarts
       is what makes it discriminate: a backdoor pulls every restart to its target, a clean
-      model breaks towards a different class each time.
+      model breaks towards a different class each time. ``target_masked`` is the class with
+      the largest excess under the noise *and* the negative mask: the better target estimate
+      on LayerNorm models (see :data:`TARGET_SOURCES` and :func:`decide`).
     * all-to-all: shares per true class ``k`` and destination ``j != k``, on what the noise
       and the negative mask *agree* on (``min`` of the two shares), excess over the
       unmodified model. The score is the mean over classes of a greedy one-to-one matching
@@ -361,6 +405,7 @@ def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torc
     noisy_excess = excess(column_rate(n), base)
     agree = excess(torch.minimum(column_rate(n), column_rate(m)), base)
     target = int(torch.argmax(noisy_excess))
+    target_masked = int(torch.argmax(excess(column_rate(m), base)))
 
     shift = excess(torch.minimum(row_share(n), row_share(m)), row_share(b))
     shift = shift.clamp_min(0).fill_diagonal_(0)
@@ -372,6 +417,7 @@ def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torc
     return {
         "all_to_one": float(noisy_excess[target]),
         "target": target,
+        "target_masked": target_masked,
         "all_to_one_agree": float(agree.max()),
         "target_rate_noisy": float(column_rate(n)[target]),
         "target_rate_noisy_masked": float(column_rate(m)[target]),
@@ -425,15 +471,20 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
 
 
 def decide(
-    stats: dict[str, Any], *, threshold: float, all_to_all_threshold: float
+    stats: dict[str, Any], *, threshold: float, all_to_all_threshold: float, target_source: str = "noisy"
 ) -> tuple[str, str | None, int | None, float, float]:
     """``(verdict, pattern, suspected_target, score, threshold)`` from :func:`scan_statistics`.
 
     All-to-one wins when both statistics fire (its target is the actionable finding); a
-    clean verdict reports the all-to-one statistic, the paper's own.
+    clean verdict reports the all-to-one statistic, the paper's own. The verdict always comes
+    from the noise alone; ``target_source`` (one of :data:`TARGET_SOURCES`, chosen per
+    normalisation family by the calibration) says which predictions name the target.
     """
+    if target_source not in TARGET_SOURCES:
+        raise ScanOptionError(f"target_source must be one of {sorted(TARGET_SOURCES)}, got {target_source!r}")
     if stats["all_to_one"] > threshold:
-        return "backdoored", "all-to-one", int(stats["target"]), float(stats["all_to_one"]), float(threshold)
+        target = int(stats[TARGET_SOURCES[target_source]])
+        return "backdoored", "all-to-one", target, float(stats["all_to_one"]), float(threshold)
     if stats["all_to_all"] > all_to_all_threshold:
         return "backdoored", "all-to-all", None, float(stats["all_to_all"]), float(all_to_all_threshold)
     return "clean", None, None, float(stats["all_to_one"]), float(threshold)
@@ -673,8 +724,9 @@ def scan(
     }
     stats = scan_statistics(confusions["noisy"], confusions["noisy_masked"], confusions["clean"])
 
+    target_source = (calibration.get("target_source_by_family") or {}).get(family, "noisy")
     verdict, pattern, target, score, used = decide(
-        stats, threshold=threshold, all_to_all_threshold=a2a_threshold
+        stats, threshold=threshold, all_to_all_threshold=a2a_threshold, target_source=target_source
     )
     seconds = time.perf_counter() - start
     config = {
@@ -688,6 +740,8 @@ def scan(
         # the calibration left out models below this clean accuracy (they collapse under the noise)
         "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,
+        # whose predictions named the suspected target (calibrated per family; see TARGET_SOURCES)
+        "target_source": target_source,
         "features": split.where,
         "feature_shape": list(mask.shape),
         "mask_mean": float(mask.mean()),
