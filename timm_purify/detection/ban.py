@@ -106,9 +106,9 @@ __all__ = [
 CALLER_THRESHOLDS = "thresholds given by the caller"
 
 # which predictions name the suspected target -> the key of :func:`scan_statistics` holding it:
-# the noisy model's (the paper's reading, right for 15/16 BatchNorm zoo backdoors) or the noisy
-# model's with the negative mask (right for every test_vit backdoor where the noise alone
-# named 6 of 8). ``calibration.json`` picks one per normalisation family.
+# the noisy model's (the paper's reading: right for all 16 BatchNorm all-to-one zoo backdoors)
+# or the noisy model's with the negative mask (LayerNorm zoo: 10 of 12, the noise alone 7).
+# ``calibration.json`` picks one per normalisation family.
 TARGET_SOURCES = {"noisy": "target", "noisy_masked": "target_masked"}
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
