@@ -270,6 +270,13 @@ def choose_target_sources(one: list[dict]) -> dict[str, dict]:
     return out
 
 
+def reported_target(row: dict, sources: dict[str, dict]) -> int:
+    """The class a scan of ``row``'s model reports: its family's target source (noisy when the
+    calibration holds no all-to-one model of that family)."""
+    fit = sources.get(row["norm_family"])
+    return row["statistics"][TARGET_SOURCES[fit["source"] if fit else "noisy"]]
+
+
 def choose_threshold(negatives: list[float], positives: list[float]) -> dict:
     """Midway between the highest negative and the lowest positive when they separate;
     otherwise the cut with the fewest errors (ties: the middle one), flagged as not separable."""
@@ -420,15 +427,14 @@ def summarise(
     for r in implanted:
         s = r["statistics"]
         cut = by_family[r["norm_family"]]["threshold"]
-        named = (
-            s[TARGET_SOURCES[sources[r["norm_family"]]["source"]]] if r["norm_family"] in sources else None
-        )
         pred_bd = s["all_to_one"] > cut or (
             a2a["threshold"] is not None and s["all_to_all"] > a2a["threshold"]
         )
         r["detected"] = bool(pred_bd)
         r["target_found"] = (
-            None if r["target"] is None else bool(s["all_to_one"] > cut and named == r["target"])
+            None
+            if r["target"] is None
+            else bool(s["all_to_one"] > cut and reported_target(r, sources) == r["target"])
         )
     print("\nmodel                                          acc    asr    a2o    tgt  a2a    verdict")
     for r in rows:
@@ -534,11 +540,7 @@ def summarise(
             | {
                 "all_to_one": r["statistics"]["all_to_one"],
                 # what the scan reports: the family's target source (see choose_target_sources)
-                "suspected_target": r["statistics"][
-                    TARGET_SOURCES[
-                        sources[r["norm_family"]]["source"] if r["norm_family"] in sources else "noisy"
-                    ]
-                ],
+                "suspected_target": reported_target(r, sources),
                 "target_noisy": r["statistics"]["target"],
                 "target_noisy_masked": r["statistics"]["target_masked"],
                 "all_to_all": r["statistics"]["all_to_all"],
