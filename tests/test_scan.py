@@ -473,21 +473,17 @@ def test_models_without_forward_features_are_split_at_the_classifier_input():
 
 
 @pytest.mark.parametrize(
-    ("arch", "where"),
+    ("arch", "kwargs", "where"),
     [
-        ("test_convnext", "classifier input"),
-        ("test_resnet", "forward_features"),
-        ("test_vit", "forward_features"),
+        ("test_convnext", {}, "classifier input"),
+        ("test_resnet", {}, "forward_features"),
+        ("test_vit", {"img_size": 32}, "forward_features"),
     ],
 )
-def test_a_head_that_normalises_is_split_at_the_classifier_input(arch, where):
+def test_a_head_that_normalises_is_split_at_the_classifier_input(arch, kwargs, where):
     """ConvNeXt's head LayerNorm would rescale a mask on forward_features; the mask goes after it."""
     torch.manual_seed(0)
-    model = (
-        timm.create_model(arch, num_classes=10, img_size=32).eval()
-        if arch == "test_vit"
-        else (timm.create_model(arch, num_classes=10).eval())
-    )
+    model = timm.create_model(arch, num_classes=10, **kwargs).eval()
     probe = torch.randn(4, 3, 32, 32)
     split = _split_model(model, probe)
     assert split.where == where

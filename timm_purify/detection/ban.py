@@ -85,7 +85,7 @@ from .._device import get_device
 from .._layers import check_classifier
 from .._progress import progress
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
-from ..defenses._common import NormNoise
+from ..defenses._common import _NORM_TYPES, NormNoise
 from .report import ScanReport
 
 __all__ = [
@@ -255,12 +255,11 @@ class _Split:
     where: str
 
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+@contextlib.contextmanager
+def _norm_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Record every normalisation layer of ``model`` that runs inside the block.
 
-
-def _head_normalises(model: nn.Module, probe: torch.Tensor) -> bool:
-    """Whether a normalisation layer runs inside ``forward_head`` (ConvNeXt's head LayerNorm).
-
+    Used to tell whether ``forward_head`` normalises its input (ConvNeXt's head LayerNorm).
     Such a norm rescales what a mask on ``forward_features`` left over, undoing much of the
     negative mask: measured on the convnext_atto zoo, the noisy and noisy+masked predictions
     were nearly identical with the mask there, and masking the classifier's input instead
@@ -270,16 +269,13 @@ def _head_normalises(model: nn.Module, probe: torch.Tensor) -> bool:
     handles = [
         m.register_forward_hook(lambda mod, _a, _o: calls.append(mod))
         for m in model.modules()
-        if isinstance(m, _NORMS)
+        if isinstance(m, _NORM_TYPES)
     ]
     try:
-        features = model.forward_features(probe)
-        calls.clear()  # only the norms the head runs count
-        model.forward_head(features)
+        yield calls
     finally:
         for h in handles:
             h.remove()
-    return bool(calls)
 
 
 def _split_model(model: nn.Module, probe: torch.Tensor) -> _Split:
@@ -294,14 +290,16 @@ def _split_model(model: nn.Module, probe: torch.Tensor) -> _Split:
         reference = model(probe)
         if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
             try:
-                got = model.forward_head(model.forward_features(probe))
+                features = model.forward_features(probe)
+                with _norm_calls(model) as head_norms:
+                    got = model.forward_head(features)
             except Exception:  # a non-timm forward_head signature: use the hook below
                 got = None
             if (
                 got is not None
                 and got.shape == reference.shape
                 and torch.allclose(got, reference, atol=1e-4, rtol=1e-4)
-                and not _head_normalises(model, probe)
+                and not head_norms
             ):
                 return _Split(model.forward_features, model.forward_head, "forward_features")
         head = model.get_classifier() if hasattr(model, "get_classifier") else None
