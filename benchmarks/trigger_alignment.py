@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from timm_purify.attacks import from_json
 from timm_purify.data import Normalizer, clean_subset, load_data
 from timm_purify.defenses._common import PixelModel, project_l2, targeted_pgd
+from timm_purify.metrics import predict
 
 # (rho, steps, stop_fraction): NPD's reference budget first, then larger ones
 BUDGETS = ((3.0, 2, 0.6), (3.0, 10, None), (6.0, 5, None), (10.0, 5, None))
@@ -90,10 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             return model.forward_head(model.forward_features(norm(images)), pre_logits=True)
 
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return f(images).argmax(1)
-
     base = features(x)
     trigger_shift = (features(attack.apply(x)) - base).mean(0)
     unit = trigger_shift / trigger_shift.norm()
@@ -101,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": folder.name,
         "target": target,
         "images": len(y),
-        "trigger_hit": float((predict(attack.apply(x)) == target).float().mean()),
+        "trigger_hit": float((predict(model, attack.apply(x), normalizer=norm) == target).float().mean()),
         "attacks": [],
     }
     with torch.no_grad():
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         for rho, steps, stop in BUDGETS:
             adv = targeted_pgd(f, x, goal, eps=rho, steps=steps, step_size=0.1, norm="l2", stop_fraction=stop)
             shift = features(adv) - base
-            pred = predict(adv)
+            pred = predict(model, adv, normalizer=norm)
             out["attacks"].append(
                 {
                     "towards": towards,
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     landing = {}
     for rho, steps in ((3.0, 2), (10.0, 5)):
-        pred = predict(_untargeted(f, x, y, rho, steps))
+        pred = predict(model, _untargeted(f, x, y, rho, steps), normalizer=norm)
         landing[f"rho{rho:g}-steps{steps}"] = torch.bincount(
             pred[pred != y], minlength=logits.shape[1]
         ).tolist()
