@@ -59,6 +59,37 @@ def test_identity_at_init_in_every_layout_and_trainable(kind, layout):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pol.parameters())
 
 
+def _channel_scaled(layout: str, seed: int = 0) -> torch.Tensor:
+    """Features whose channels have clearly different means and spreads (not 0 and 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPES[layout], generator=gen)
+    scale, shift = torch.linspace(0.5, 4.0, 8), torch.linspace(-3.0, 6.0, 8)
+    view = (1, 8, 1, 1) if layout == "NCHW" else (8,)
+    return x * scale.view(view) + shift.view(view)
+
+
+@pytest.mark.parametrize("kind", ("npd", *KINDS))
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_matched_statistics_keep_the_identity_in_train_mode(kind, layout):
+    options = {"prefix_tokens": 1 if layout == "NLC" else 0}
+    if kind != "npd":
+        options["num_classes"] = 4
+    x = _channel_scaled(layout)
+    reference = build_polarizer(kind, 8, layout, **options)  # unit statistics
+    matched = build_polarizer(kind, 8, layout, **options)
+    rows = matched.channel_rows(x)
+    assert rows.shape == (x.numel() // 8, 8)
+    matched.match_statistics_(rows.mean(0), rows.var(0, unbiased=False))
+    for pol in (reference, matched):
+        pol.set_condition(LABELS)
+    matched.eval()
+    assert torch.allclose(matched(x), x, atol=1e-5)
+    matched.train()  # a batch with exactly the matched moments goes through unchanged
+    assert torch.allclose(matched(x), x, atol=1e-4)
+    reference.train()  # whereas unit statistics standardise it
+    assert not torch.allclose(reference(x), x, atol=0.5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_condition_is_required(kind):
     pol = build_polarizer(kind, 8, "NC", num_classes=4).eval()

@@ -9,16 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_purify import PolarizedModel
+from timm_purify import PolarizedModel, wrap_model
 from timm_purify._train import TrainConfig, build_backdoored_model
 from timm_purify.attacks import build_attack
-from timm_purify.data import load_data
+from timm_purify.data import Normalizer, load_data
 from timm_purify.defenses import PurifyOptionError, purify
-from timm_purify.defenses._common import CleanForward
+from timm_purify.defenses._common import CleanForward, PixelModel
 from timm_purify.defenses.npd import (
     NPDConfig,
     NPDTargetConfig,
     known_target_pgd,
+    match_feature_statistics,
     pgd_attack,
     polarizer_loss,
     runner_up,
@@ -125,6 +126,35 @@ def test_npd_lowers_badnets_asr_and_trains_only_the_polarizer(resnet):
     assert all(0.0 <= h["adv_hit_rate"] <= 1.0 for h in result.history[1:])
 
 
+def test_feature_statistics_make_the_warm_up_start_from_the_model(resnet):
+    """norm_init="features": the polarizer's batch norm holds the clean features' moments at
+    its spot, so in train mode (the warm-up's) it passes a batch through almost unchanged,
+    where the reference's unit statistics standardise every channel."""
+    model, _ = resnet
+    data = load_data(DATA, split="train", model=model).subset(torch.arange(256))
+    normalizer = Normalizer(model)
+    x = next(data.batches(256))[0]
+    with torch.no_grad():
+        features = model.forward_features(normalizer(x))  # what layer4:output gives
+        base = model(normalizer(x))
+    matched = wrap_model(copy.deepcopy(model), layer=CNN_LAYER)  # wrapping hooks into its model
+    match_feature_statistics(PixelModel(matched, normalizer), data, batch_size=64, device="cpu")
+    norm = matched.polarizer.norm
+    assert torch.allclose(norm.running_mean, features.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(norm.running_var, features.var(dim=(0, 2, 3), unbiased=False), atol=1e-4)
+    reference = wrap_model(copy.deepcopy(model), layer=CNN_LAYER)
+    with torch.no_grad():
+        for wrapped in (matched, reference):
+            wrapped.eval()
+            assert torch.allclose(wrapped(normalizer(x)), base, atol=1e-4)  # identity in eval mode
+        outputs = {}
+        for name, wrapped in (("matched", matched), ("reference", reference)):
+            wrapped.polarizer.train()  # the warm-up's mode
+            outputs[name] = wrapped(normalizer(x))
+    assert torch.allclose(outputs["matched"], base, atol=1e-3)
+    assert (outputs["reference"] - base).abs().max() > 0.1
+
+
 @pytest.mark.slow
 def test_npd_same_seed_same_polarizer(resnet):
     model, _ = resnet
@@ -197,6 +227,7 @@ def test_known_target_must_be_a_class():
         ({"epochs": 0}, "epochs"),
         ({"pgd_steps": 1.5}, "pgd_steps"),
         ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"norm_init": "zeros"}, "norm_init"),
         ({"stop_fraction": 1.5}, "stop_fraction"),
         ({"momentum": 1.0}, "momentum"),
         ({"w_clean": 0.0, "w_adv": 0.0, "w_other": 0.0, "w_target": 0.0}, "weights"),

@@ -50,6 +50,28 @@ class Polarizer(nn.Module):
         """Apply the polarizer to a tensor of ``self.layout`` with every token/position included."""
         raise NotImplementedError
 
+    def channel_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``(samples, channels)`` view of ``x`` (as :meth:`forward` receives it) that the
+        polarizer's normalisation computes its statistics over: every position or token it
+        transforms is one sample."""
+        if self.layout == "NLC" and self.prefix_tokens and not self.include_prefix:
+            x = x[:, self.prefix_tokens :]
+        if self.layout == "NCHW":
+            return x.transpose(0, 1).reshape(self.channels, -1).T
+        return x.reshape(-1, self.channels)
+
+    def match_statistics_(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Make the freshly built polarizer the identity in train mode too, for features with
+        these per-channel moments (as :meth:`channel_rows` samples them).
+
+        The constructor's identity holds in eval mode only (unit running statistics): in train
+        mode a batch norm standardises its input, so NPD's warm-up would train, and leave
+        behind, a polarizer that rescales every channel. Setting the running statistics to the
+        features' moments and the affine scale and shift to their square root and mean makes
+        ``norm(x) == x`` in eval mode exactly and, up to batch noise, in train mode.
+        """
+        raise NotImplementedError(f"the {self.kind!r} polarizer cannot match feature statistics")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "NLC" and self.prefix_tokens and not self.include_prefix:
             prefix, tokens = x[:, : self.prefix_tokens], x[:, self.prefix_tokens :]

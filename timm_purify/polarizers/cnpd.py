@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._base import Polarizer, register_polarizer
-from .npd import NeuralPolarizer, identity_init_
+from .npd import NeuralPolarizer, identity_init_, match_identity_
 
 __all__ = [
     "ConditionalPolarizer",
@@ -191,6 +191,12 @@ class ReplicaPolarizer(ConditionalPolarizer):
         with torch.no_grad():
             self.norm.running_var.copy_(template.running_var)
 
+    def match_statistics_(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        match_identity_(self.norm, mean, var)
+        with torch.no_grad():
+            self.norm_weight.copy_((var + self.norm.eps).sqrt().expand_as(self.norm_weight))
+            self.norm_bias.copy_(mean.expand_as(self.norm_bias))
+
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         labels = self.condition(x.shape[0])
         gamma, beta = self.norm_weight[labels], self.norm_bias[labels]  # (N, C)
@@ -213,6 +219,9 @@ class EmbeddingPolarizer(ConditionalPolarizer):
         self.core = NeuralPolarizer(channels, layout)
         self.film = nn.Embedding(self.num_classes, 2 * channels)
         nn.init.zeros_(self.film.weight)
+
+    def match_statistics_(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.core.match_statistics_(mean, var)  # the class-wise scale and shift start at zero
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         labels = self.condition(x.shape[0])
@@ -251,6 +260,9 @@ class AttentionPolarizer(ConditionalPolarizer):
 
     def options(self) -> dict:
         return {**super().options(), "attention_dim": self.attention_dim, "init_seed": self.init_seed}
+
+    def match_statistics_(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.core.match_statistics_(mean, var)  # the attention starts at exactly 1
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         labels = self.condition(x.shape[0])

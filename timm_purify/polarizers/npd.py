@@ -13,7 +13,7 @@ from torch import nn
 
 from ._base import Polarizer, register_polarizer
 
-__all__ = ["NeuralPolarizer", "identity_init_"]
+__all__ = ["NeuralPolarizer", "identity_init_", "match_identity_"]
 
 
 def identity_init_(proj: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> None:
@@ -32,6 +32,18 @@ def identity_init_(proj: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> No
         norm.running_var.fill_(1.0 - norm.eps)
 
 
+def match_identity_(norm: nn.modules.batchnorm._NormBase, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Running statistics ``(mean, var)`` and, when ``norm`` is affine, scale ``sqrt(var + eps)``
+    and shift ``mean``: the identity in both modes for inputs of those moments (see
+    :meth:`~timm_purify.polarizers.Polarizer.match_statistics_`)."""
+    with torch.no_grad():
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+        if norm.affine:
+            norm.weight.copy_((var + norm.eps).sqrt())
+            norm.bias.copy_(mean)
+
+
 @register_polarizer("npd")
 class NeuralPolarizer(Polarizer):
     """Identity-initialised ``proj`` (1x1 conv or linear, no bias) followed by ``norm``."""
@@ -45,6 +57,9 @@ class NeuralPolarizer(Polarizer):
             self.proj = nn.Linear(channels, channels, bias=False)
             self.norm = nn.BatchNorm1d(channels)
         identity_init_(self.proj, self.norm)
+
+    def match_statistics_(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        match_identity_(self.norm, mean, var)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "NCHW":
