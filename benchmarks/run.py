@@ -334,6 +334,18 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def _row_label(row: dict) -> str:
+    """The row's method label, marking polarizer runs recorded before ``norm_init`` existed.
+
+    Those ran the reference's unit batch-norm statistics (``norm_init="unit"``); the default
+    has since become ``"features"``, so the same options name a different run.
+    """
+    config = row.get("config") or {}
+    if "w_clean" in config and "norm_init" not in config:
+        return row["method"] + " norm_init=unit"
+    return row["method"]
+
+
 def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> Path:
     """Rebuild RESULTS.md from every JSON file in ``results_dir`` (newest row per key wins)."""
     latest: dict[tuple, dict] = {}
@@ -341,6 +353,8 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
     for path in sorted(results_dir.glob("*.json")):
         payload = json.loads(path.read_text())
         for row in payload["rows"]:
+            if "method" in row:
+                row["method"] = _row_label(row)
             key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
             latest[key] = {**row, "file": path.name}
             envs[path.name] = row.get("environment", {})
@@ -352,7 +366,9 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "seconds = wall time of the method alone; ratio = seconds / one epoch of plain fine-tuning",
         "over the same clean set, measured in the same run.",
         "",
-        "Reading the rows: a method run with options other than its defaults is labelled with them;",
+        "Reading the rows: a method run with options other than its defaults is labelled with them",
+        "(`norm_init=unit`: an NPD/CNPD run recorded before the polarizer's batch norm started at the",
+        "clean features' moments, i.e. with the reference's unit statistics; see PURIFICATION.md);",
         "`npd-tp`/`npd-tu` are given the attack's true target (in `timm-purify demo` the target comes",
         "from the scan instead); `[N clean images]` marks runs on N clean images instead of the",
         "suite's fraction. When the `none` row's ASR is low the backdoor did not implant and the",
