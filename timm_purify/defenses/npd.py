@@ -4,6 +4,12 @@ A small identity-initialised polarizer (channel mixing + batch norm) is inserted
 frozen backdoored model (:func:`~timm_purify.wrap_model`, ``layer="auto"`` by default) and
 trained alone, as the reference code runs it:
 
+0. ``norm_init="features"`` (default; not in the reference): one pass over the clean set
+   sets the polarizer's batch norm to the features' per-channel moments at the insertion
+   spot, so the polarizer is the identity in train mode as well as in eval mode. The
+   reference's unit statistics (``norm_init="unit"``) make the warm-up train through
+   standardised features and leave a damaged model for the main loop to repair
+   (``benchmarks/PURIFICATION.md``: 1.5-2 points of clean accuracy on a full-suite resnet18);
 1. warm-up: ``warmup_epochs`` of cross-entropy on the clean set, SGD without momentum at
    ``warmup_lr``, polarizer batch norm in train mode (its running statistics settle on the
    features at the insertion spot);
@@ -244,13 +250,16 @@ def match_feature_statistics(f: PixelModel, clean: ImageData, *, batch_size: int
     :meth:`~timm_purify.polarizers.Polarizer.match_statistics_`).
     """
     polarizer = f.model.polarizer
-    moments: dict[str, torch.Tensor] = {}
+    total = torch.zeros(polarizer.channels, dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total)
+    count = 0
 
     def record(module, args):
+        nonlocal count
         rows = module.channel_rows(args[0]).detach().double()
-        for key, value in (("sum", rows.sum(0)), ("squares", rows.square().sum(0))):
-            moments[key] = moments[key] + value if key in moments else value
-        moments["count"] = moments.get("count", 0) + rows.shape[0]
+        total.add_(rows.sum(0))
+        squares.add_(rows.square().sum(0))
+        count += rows.shape[0]
 
     handle = polarizer.register_forward_pre_hook(record)
     try:
@@ -260,8 +269,8 @@ def match_feature_statistics(f: PixelModel, clean: ImageData, *, batch_size: int
                 f(x)
     finally:
         handle.remove()
-    mean = moments["sum"] / moments["count"]
-    var = (moments["squares"] / moments["count"] - mean.square()).clamp_min(0.0)
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0.0)
     dtype = next(polarizer.parameters()).dtype
     polarizer.match_statistics_(mean.to(dtype), var.to(dtype))
 
