@@ -335,15 +335,23 @@ def _pct(v) -> str:
 
 
 def _row_label(row: dict) -> str:
-    """The row's method label, marking polarizer runs recorded before ``norm_init`` existed.
+    """The row's method label, naming the polarizer's batch-norm start when it is not the
+    method's current default.
 
-    Those ran the reference's unit batch-norm statistics (``norm_init="unit"``); the default
-    has since become ``"features"``, so the same options name a different run.
+    Runs recorded before ``norm_init`` existed used the reference's unit statistics; NPD's
+    default has since become ``"features"`` (CNPD's stayed ``"unit"``), so without this the
+    same options would name different runs.
     """
+    from timm_purify.defenses import DEFENSES
+
     config = row.get("config") or {}
-    if "w_clean" in config and "norm_init" not in config:
-        return row["method"] + " norm_init=unit"
-    return row["method"]
+    label = row["method"]
+    if "w_clean" not in config or "norm_init=" in label:
+        return label
+    used = config.get("norm_init", "unit")
+    spec = DEFENSES.get(label.split()[0])
+    default = getattr(spec.config_cls(), "norm_init", None) if spec else None
+    return label if used == default else f"{label} norm_init={used}"
 
 
 def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> Path:
@@ -367,8 +375,8 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "over the same clean set, measured in the same run.",
         "",
         "Reading the rows: a method run with options other than its defaults is labelled with them",
-        "(`norm_init=unit`: an NPD/CNPD run recorded before the polarizer's batch norm started at the",
-        "clean features' moments, i.e. with the reference's unit statistics; see PURIFICATION.md);",
+        "(`norm_init=...`: the polarizer's batch-norm start, shown where it is not the method's current",
+        "default; NPD rows recorded before the option existed ran `unit`; see PURIFICATION.md);",
         "`npd-tp`/`npd-tu` are given the attack's true target (in `timm-purify demo` the target comes",
         "from the scan instead); `[N clean images]` marks runs on N clean images instead of the",
         "suite's fraction. When the `none` row's ASR is low the backdoor did not implant and the",
