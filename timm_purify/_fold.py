@@ -64,13 +64,6 @@ def _layout_batch(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x
 
 
-def _per_position(y: torch.Tensor, layout: str) -> torch.Tensor:
-    """A tensor of ``layout`` -> rows of channel vectors ``(positions, C)``."""
-    if layout == "NCHW":
-        return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-    return y.reshape(-1, y.shape[-1])
-
-
 @torch.no_grad()
 def polarizer_affine(
     polarizer: Polarizer, *, shape: tuple[int, ...] = ()
@@ -115,15 +108,15 @@ def polarizer_affine(
         rows = torch.cat(
             [torch.zeros(1, channels, dtype=torch.float64), torch.eye(channels, dtype=torch.float64)]
         )
-        out = _per_position(probe(_layout_batch(rows, probe.layout)), probe.layout)
+        out = probe.channel_rows(probe(_layout_batch(rows, probe.layout)))
         b = out[0]
         A = (out[1:] - b).T
     # check on tensors of the real shape: catches maps that mix positions or are not affine
     generator = torch.Generator().manual_seed(0)
     full = (3, *shape) if shape else (3, *_layout_batch(torch.zeros(1, channels), probe.layout).shape[1:])
     x = torch.randn(full, generator=generator, dtype=torch.float64) * 3.0
-    got = _per_position(probe(x), probe.layout)
-    want = _per_position(x, probe.layout) @ A.T + b
+    got = probe.channel_rows(probe(x))  # prefix-skipping polarizers were rejected above
+    want = probe.channel_rows(x) @ A.T + b
     err = float((got - want).abs().max())
     if err > _AFFINE_RTOL * (1.0 + float(want.abs().max())):
         raise FoldError(
