@@ -344,13 +344,13 @@ def _row_label(row: dict) -> str:
     """
     from timm_purify.defenses import DEFENSES
 
-    config = row.get("config") or {}
     label = row["method"]
-    if "w_clean" not in config or "norm_init=" in label:
-        return label
-    used = config.get("norm_init", "unit")
     spec = DEFENSES.get(label.split()[0])
     default = getattr(spec.config_cls(), "norm_init", None) if spec else None
+    config = row.get("config")  # absent from failed runs: nothing to say about them
+    if default is None or config is None or "norm_init=" in label:
+        return label
+    used = config.get("norm_init", "unit")
     return label if used == default else f"{label} norm_init={used}"
 
 
@@ -361,8 +361,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
     for path in sorted(results_dir.glob("*.json")):
         payload = json.loads(path.read_text())
         for row in payload["rows"]:
-            if "method" in row:
-                row["method"] = _row_label(row)
+            row["method"] = _row_label(row)
             key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
             latest[key] = {**row, "file": path.name}
             envs[path.name] = row.get("environment", {})
