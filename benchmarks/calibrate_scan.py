@@ -31,7 +31,9 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -43,6 +45,7 @@ from timm_purify.attacks import build_attack
 from timm_purify.data import clean_subset, load_data
 from timm_purify.detection.ban import (
     CALIBRATION_FILE,
+    DEFAULT_EPS,
     TARGET_SOURCES,
     ScanOptions,
     norm_family,
@@ -80,6 +83,8 @@ RECIPES = {
     "test_resnet": Recipe("test_resnet"),
     "test_vit": Recipe("test_vit", optimizer="adamw", lr=1e-3, weight_decay=0.05),
 }
+# the normalisation families thresholds and budgets are calibrated for (see norm_family)
+FAMILIES = ("batchnorm", "other")
 # all-to-one targets cycle with the seed so the calibration also checks that targets are found
 TARGETS = (3, 7, 1, 5, 9, 0, 2, 4, 6, 8)
 
@@ -140,10 +145,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scan-option",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="scan option other than its default (repeatable), e.g. eps=0.1; recorded in the output",
+        metavar="[FAMILY:]KEY=VALUE",
+        help="scan option other than its default (repeatable), e.g. eps=0.1, or for the models of one "
+        "normalisation family only, e.g. batchnorm:eps=0.75; recorded in the output (the budget per "
+        "family as eps_by_family, which the scan then uses by default)",
+    )
+    p.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also scan this model folder, written by timm_purify's build_backdoored_model (e.g. a "
+        "fully trained model of benchmarks/run.py's cache), on --clean-count images of the --scan-split "
+        "of the data it was trained on (repeatable)",
     )
     return p.parse_args(argv)
+
+
+def scan_options(args: argparse.Namespace) -> dict[str, ScanOptions]:
+    """The scan options per normalisation family from ``--scan-option`` (key ``""``: every other
+    family). The budget is always explicit here: left to the scan, it would come from the
+    calibration file being replaced."""
+    common: dict = {}
+    by_family: dict[str, dict] = {}
+    for item in args.scan_option:
+        scope, colon, setting = item.rpartition(":") if ":" in item.partition("=")[0] else ("", "", item)
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise SystemExit(f"--scan-option {item!r} is not [FAMILY:]KEY=VALUE")
+        if colon and scope not in FAMILIES:
+            raise SystemExit(
+                f"--scan-option {item!r}: unknown family {scope!r}; known: {', '.join(FAMILIES)}"
+            )
+        (by_family.setdefault(scope, {}) if colon else common)[key] = json.loads(value)
+    common.setdefault("eps", DEFAULT_EPS)
+    options = {"": ScanOptions(**common)}
+    options |= {fam: ScanOptions(**(common | own)) for fam, own in by_family.items()}
+    for opts in options.values():
+        opts.validate()
+    return options
+
+
+def options_for(options: dict[str, ScanOptions], family: str) -> ScanOptions:
+    return options.get(family, options[""])
+
+
+def non_default(opts: ScanOptions) -> dict:
+    """The options that differ from a scan at the paper's budget with every other default,
+    as they appear in a result's key."""
+    base = asdict(ScanOptions(eps=DEFAULT_EPS))
+    return {k: v for k, v in asdict(opts).items() if v != base[k]}
 
 
 def model_dir(cache: Path, arch: str, attack: str, seed: int, args: argparse.Namespace) -> Path:
@@ -216,6 +267,12 @@ def get_model(arch: str, attack: str, seed: int, args: argparse.Namespace) -> tu
     record = json.loads((out / "training.json").read_text())
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     return model, record
+
+
+def load_dir(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """A model folder of ``--model-dir`` and its training record."""
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    return model, json.loads((folder / "training.json").read_text())
 
 
 def family_of(arch: str, kwargs: dict) -> str:
@@ -314,77 +371,104 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown arch(s) {unknown}; known: {', '.join(RECIPES)}")
     attacks = [a for a in args.attacks.split(",") if a]
-    overrides = {}
-    for item in args.scan_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--scan-option {item!r} is not KEY=VALUE")
-        overrides[key] = json.loads(value)
-    options = ScanOptions(**overrides)
-    options.validate()
+    options = scan_options(args)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    rows: list[dict] = []
+    # (name in the key, arch, seed, family, how to get the model and its training record, its data)
+    jobs: list[tuple[str, str, int | None, str, Callable[[], tuple[torch.nn.Module, dict]], str]] = []
     for seed in sorted({s for own in arch_seeds.values() for s in own}):
         for arch in (a for a, own in arch_seeds.items() if seed in own):
+            recipe = RECIPES[arch]
             for attack in attacks:
-                key = (
-                    f"{model_dir(cache, arch, attack, seed, args).name}|scan{args.scan_seed}|n{args.clean_count}"
-                    + "".join(f"|{k}={v}" for k, v in sorted(overrides.items()))
+                jobs.append(
+                    (
+                        model_dir(cache, arch, attack, seed, args).name,
+                        arch,
+                        seed,
+                        family_of(recipe.model, recipe.kwargs),
+                        partial(get_model, arch, attack, seed, args),
+                        args.data,
+                    )
                 )
-                if key in stored and (args.rescore or stored[key].get("scan_options") == asdict(options)):
-                    rows.append(stored[key])
-                    continue
-                if args.rescore:
-                    raise SystemExit(f"--rescore: {key} has no stored result; run without --rescore first")
-                model, record = get_model(arch, attack, seed, args)
-                data = load_data(args.data, split=args.scan_split, model=model)
-                data = clean_subset(data, count=args.clean_count, seed=args.scan_seed)
-                report = scan(
-                    model,
-                    data,
-                    seed=args.scan_seed,
-                    quiet=True,
-                    **{**overrides, "threshold": 1e9, "all_to_all_threshold": 1e9},
-                )
-                spec = record.get("attack")
-                row = {
-                    "key": key,
-                    "arch": arch,
-                    "model": record["model"],
-                    "model_kwargs": record["model_kwargs"],
-                    "attack": None if spec is None else spec["name"],
-                    "mode": None if spec is None else spec["mode"],
-                    "target": None if spec is None or spec["mode"] != "all-to-one" else spec["target"],
-                    "seed": seed,
-                    "train_size": record["train_size"],
-                    "epochs": record["train"]["epochs"],
-                    "acc": record["metrics"]["acc"],
-                    "asr": record["metrics"]["asr"],
-                    "scan_seconds": report.seconds,
-                    "norm_family": report.config["norm_family"],
-                    "scan_options": asdict(options),
-                    "confusions": report.config["confusions"],
-                    "statistics": report.config["statistics"],
-                }
-                stored[key] = row
-                results_file.write_text(json.dumps(stored, indent=1))
-                rows.append(row)
-                s = row["statistics"]
-                print(
-                    f"{key}: acc {row['acc']:.3f} asr {row['asr'] if row['asr'] is None else round(row['asr'], 3)} "
-                    f"a2o {s['all_to_one']:.3f} (target {s['target']}) a2a {s['all_to_all']:.3f} "
-                    f"[{report.seconds:.0f}s]",
-                    flush=True,
-                )
+    for folder in map(Path, args.model_dir):
+        if not (folder / "training.json").is_file():
+            raise SystemExit(
+                f"--model-dir {folder}: no training.json (not written by build_backdoored_model)"
+            )
+        record = json.loads((folder / "training.json").read_text())
+        family = family_of(record["model"], record["model_kwargs"])
+        jobs.append(
+            (
+                folder.name,
+                record["model"],
+                record["train"]["seed"],
+                family,
+                partial(load_dir, folder),
+                record["data"],
+            )
+        )
+    rows: list[dict] = []
+    for name, arch, seed, family, load, data_name in jobs:
+        opts = options_for(options, family)
+        key = f"{name}|scan{args.scan_seed}|n{args.clean_count}" + "".join(
+            f"|{k}={v}" for k, v in sorted(non_default(opts).items())
+        )
+        if key in stored and (args.rescore or stored[key].get("scan_options") == asdict(opts)):
+            rows.append(stored[key])
+            continue
+        if args.rescore:
+            raise SystemExit(f"--rescore: {key} has no stored result; run without --rescore first")
+        model, record = load()
+        data = load_data(data_name, split=args.scan_split, model=model)
+        data = clean_subset(data, count=args.clean_count, seed=args.scan_seed)
+        report = scan(
+            model,
+            data,
+            seed=args.scan_seed,
+            quiet=True,
+            **{**asdict(opts), "threshold": 1e9, "all_to_all_threshold": 1e9},
+        )
+        spec = record.get("attack")
+        row = {
+            "key": key,
+            "arch": arch,
+            "model": record["model"],
+            "model_kwargs": record["model_kwargs"],
+            "attack": None if spec is None else spec["name"],
+            "mode": None if spec is None else spec["mode"],
+            "target": None if spec is None or spec["mode"] != "all-to-one" else spec["target"],
+            "seed": seed,
+            "data": data_name,
+            "train_size": record["train_size"],
+            "epochs": record["train"]["epochs"],
+            "acc": record["metrics"]["acc"],
+            "asr": record["metrics"]["asr"],
+            "scan_seconds": report.seconds,
+            "norm_family": report.config["norm_family"],
+            "scan_options": asdict(opts),
+            "confusions": report.config["confusions"],
+            "statistics": report.config["statistics"],
+        }
+        stored[key] = row
+        results_file.write_text(json.dumps(stored, indent=1))
+        rows.append(row)
+        s = row["statistics"]
+        print(
+            f"{key}: acc {row['acc']:.3f} asr {row['asr'] if row['asr'] is None else round(row['asr'], 3)} "
+            f"a2o {s['all_to_one']:.3f} (target {s['target']}) a2a {s['all_to_all']:.3f} "
+            f"[{report.seconds:.0f}s]",
+            flush=True,
+        )
     if args.rescore:
         rescore(rows)
         for row in rows:
             stored[row["key"]] = row
         results_file.write_text(json.dumps(stored, indent=1))
     for extra in args.include:
-        included = [
-            r for r in json.loads(Path(extra).read_text()).values() if r["scan_options"] == asdict(options)
-        ]
+        included = []
+        for r in json.loads(Path(extra).read_text()).values():
+            family = r.get("norm_family") or family_of(r["model"], r["model_kwargs"])
+            if r["scan_options"] == asdict(options_for(options, family)):
+                included.append(r)
         if args.rescore:
             rescore(included)
         print(f"included {len(included)} models from {extra}")
@@ -393,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def summarise(
-    rows: list[dict], args: argparse.Namespace, argv: list[str] | None, options: ScanOptions
+    rows: list[dict], args: argparse.Namespace, argv: list[str] | None, options: dict[str, ScanOptions]
 ) -> None:
     untrained = [r for r in rows if r["acc"] < args.min_acc]
     implanted = [
@@ -403,9 +487,10 @@ def summarise(
     clean = [r for r in implanted if r["attack"] is None]
     one = [r for r in implanted if r["mode"] == "all-to-one"]
     allall = [r for r in implanted if r["mode"] == "all-to-all"]
-    for r in rows:  # rows stored before the scan recorded its family
+    for r in rows:  # rows stored before the scan recorded its family, or its data
         if "norm_family" not in r:
             r["norm_family"] = family_of(r["model"], r["model_kwargs"])
+        r.setdefault("data", args.data)
     a2o = choose_threshold(
         [r["statistics"]["all_to_one"] for r in clean], [r["statistics"]["all_to_one"] for r in one]
     )
@@ -470,6 +555,7 @@ def summarise(
     arch_list = sorted({r["arch"] for r in implanted})
     epoch_list = "/".join(str(e) for e in sorted({r["epochs"] for r in implanted}))
     size_list = "/".join(str(n) for n in sorted({r["train_size"] for r in implanted}))
+    data_list = sorted({r["data"] for r in implanted})
     false_pos = sum(r["detected"] for r in clean)
     missed = [r for r in one + allall if not r["detected"]]
     wrong_target = [r for r in one if r["detected"] and not r["target_found"]]
@@ -481,7 +567,7 @@ def summarise(
         "target_source_fit": sources,
         "summary": (
             f"{len(clean)} clean + {len(one) + len(allall)} backdoored models "
-            f"({', '.join(arch_list)}; {epoch_list} epochs on {size_list} images of {args.data}), "
+            f"({', '.join(arch_list)}; {epoch_list} epochs on {size_list} images of {' / '.join(data_list)}), "
             f"calibrated {datetime.date.today().isoformat()}"
         ),
         "rule": (
@@ -506,9 +592,12 @@ def summarise(
         "false_positives": f"{false_pos}/{len(clean)} clean models",
         "missed": f"{len(missed)}/{len(one) + len(allall)} backdoored models",
         "wrong_target": f"{len(wrong_target)} of the detected all-to-one backdoors",
+        # the noise budget each family's threshold was fitted at: the scan's default for that family
+        "eps_by_family": {fam: options_for(options, fam).eps for fam in sorted(by_family)},
         "scan": {
-            "options": {k: v for k, v in asdict(options).items() if "threshold" not in k},
-            "data": f"{args.data}:{args.scan_split}",
+            "options": {k: v for k, v in asdict(options[""]).items() if "threshold" not in k},
+            "options_by_family": {fam: non_default(options_for(options, fam)) for fam in sorted(by_family)},
+            "data": ", ".join(f"{d}:{args.scan_split}" for d in data_list),
             "clean_count": args.clean_count,
             "seed": args.scan_seed,
         },
@@ -527,6 +616,7 @@ def summarise(
                     "mode",
                     "target",
                     "seed",
+                    "data",
                     "train_size",
                     "epochs",
                     "acc",

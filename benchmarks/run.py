@@ -296,8 +296,13 @@ def _calibration_section() -> list[str]:
         f"Detection accuracy {cal['detection_accuracy']}; false positives {cal['false_positives']}; "
         f"missed {cal['missed']}; wrong target: {cal['wrong_target']}. All-to-one thresholds per "
         f"normalisation family: {', '.join(f'{k} {v:.3f}' for k, v in cuts.items())}; all-to-all "
-        f"threshold {cal['all_to_all_threshold']:.3f}. Scan options: {cal['scan']['options']}, "
-        f"{cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
+        f"threshold {cal['all_to_all_threshold']:.3f}. Scan options: {cal['scan']['options']}"
+        + "".join(
+            f"; for the {fam} family {opts}"
+            for fam, opts in cal["scan"].get("options_by_family", {}).items()
+            if opts
+        )
+        + f"; {cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
         "",
         "Per normalisation family (what each scan report quotes as `calibration_reliability`, and "
         "what `timm-purify scan` cautions about when a family shows misses, false alarms or wrong targets):",
@@ -311,9 +316,9 @@ def _calibration_section() -> list[str]:
             for fam, r in cal.get("reliability_by_family", {}).items()
         ),
         "",
-        "| model | attack | seed | ACC | ASR | family | all-to-one score | suspected / true target "
+        "| model | training | attack | seed | ACC | ASR | family | all-to-one score | suspected / true target "
         "| all-to-all score | verdict | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in cal["models"]:
         attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
@@ -323,7 +328,7 @@ def _calibration_section() -> list[str]:
         else:
             verdict = "backdoored" if m["detected"] else "clean"
         lines.append(
-            f"| {m['arch']} | {attack} | {m['seed']} | {_pct(m['acc'])} | {_pct(m['asr'])} | "
+            f"| {m['arch']} | {m['epochs']} epochs x {m['train_size']} | {attack} | {m['seed']} | {_pct(m['acc'])} | {_pct(m['asr'])} | "
             f"{m.get('norm_family', '-')} | {m['all_to_one']:.3f} | {m['suspected_target']} / {m['target']} | "
             f"{m['all_to_all']:.3f} | {verdict} | {m['scan_seconds']:.1f} |"
         )

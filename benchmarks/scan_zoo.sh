@@ -5,6 +5,9 @@
 #
 #   bash benchmarks/scan_zoo.sh RESULTS_JSON ARCH [ARCH ...]
 #
+# Scan options other than the defaults go in SCAN_OPTIONS, as calibrate_scan.py's
+# --scan-option values, e.g. SCAN_OPTIONS="batchnorm:eps=0.75" (the shipped budgets).
+#
 # Run two of these side by side on different architectures (each is single-threaded) and
 # calibrate on the union with:
 #   python benchmarks/calibrate_scan.py --archs resnet18 --attacks none --seeds 0 --rescore \
@@ -13,6 +16,9 @@ set -u
 results=$1
 shift
 common=(--epochs 3 --train-size 2000 --results "$results" --no-write --threads 1)
+for option in ${SCAN_OPTIONS:-}; do
+    common+=(--scan-option "$option")
+done
 for arch in "$@"; do
     for spec in "none 0,1,2,3,4" "badnets@patch_size=6 0,1" "blended 2" "sig@epochs=5 3" \
         "wanet@epochs=10 4" "badnets@patch_size=6@mode=all-to-all@epochs=8 0"; do

@@ -17,8 +17,10 @@ from timm_purify._train import TrainConfig, build_backdoored_model, write_timm_f
 from timm_purify.attacks import build_attack
 from timm_purify.cli import main
 from timm_purify.data import FASHION_MNIST_CLASSES, ImageData, clean_subset, load_data
+from timm_purify.detection import ban
 from timm_purify.detection.ban import (
     CALLER_THRESHOLDS,
+    DEFAULT_EPS,
     TARGET_SOURCES,
     ScanOptionError,
     _split_model,
@@ -316,8 +318,10 @@ def test_calibration_file_documents_its_provenance():
         missed = sum(m["all_to_one"] <= cuts[family] for m in one if m["norm_family"] == family)
         assert fit["errors"] == false_pos + missed
         assert fit["separable"] == (fit["errors"] == 0)
-    # the BatchNorm family, where the scan works, has no false positive
-    assert not any(m["all_to_one"] > cuts["batchnorm"] for m in clean if m["norm_family"] == "batchnorm")
+    # each family's default budget is the one its models were scanned at
+    assert set(cal["eps_by_family"]) == set(cuts)
+    for family, eps in cal["eps_by_family"].items():
+        assert cal["scan"]["options_by_family"][family].get("eps", cal["scan"]["options"]["eps"]) == eps
     assert all(
         m["detected"]
         == (m["all_to_one"] > cuts[m["norm_family"]] or m["all_to_all"] > cal["all_to_all_threshold"])
@@ -334,6 +338,37 @@ def test_calibration_file_documents_its_provenance():
         assert rel["targets_correct"] == sum(
             bool(m["target_found"]) for m in bad if m["mode"] == "all-to-one"
         )
+
+
+def test_the_noise_budget_is_the_one_calibrated_for_the_models_family(clean_model, monkeypatch):
+    """The thresholds hold only at the budget they were fitted at, so that budget is the default;
+    another one is honoured but flagged, and caller thresholds fall back to the paper's 0.3."""
+    cal = load_calibration()
+    assert set(cal["eps_by_family"]) == set(cal["all_to_one_thresholds"])
+    used: list[float] = []
+
+    class SpyNoise(ban.NormNoise):
+        def __init__(self, model, *, eps):
+            used.append(eps)
+            super().__init__(model, eps=eps)
+
+    monkeypatch.setattr(ban, "NormNoise", SpyNoise)
+    cheap = dict(seed=0, quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=100)
+    calibrated = cal["eps_by_family"]["batchnorm"]
+    cfg = scan(clean_model, clean_images(), **cheap).config
+    assert used[-1] == cfg["eps"] == cfg["calibrated_eps"] == calibrated
+    assert not any("noise budget" in c for c in cfg["cautions"])
+
+    cfg = scan(clean_model, clean_images(), eps=0.1, **cheap).config
+    assert used[-1] == cfg["eps"] == 0.1 and cfg["calibrated_eps"] == calibrated
+    assert any(
+        f"eps=0.1 is not the one this family's threshold was calibrated at ({calibrated})" in c
+        for c in cfg["cautions"]
+    )
+
+    cfg = scan(clean_model, clean_images(), threshold=0.5, all_to_all_threshold=0.5, **cheap).config
+    assert used[-1] == cfg["eps"] == DEFAULT_EPS and cfg["calibrated_eps"] is None
+    assert cfg["cautions"] == []
 
 
 def test_cautions_on_an_under_trained_model_reach_the_report_and_the_cli(backdoored_report):

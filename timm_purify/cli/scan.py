@@ -56,7 +56,8 @@ def _summary(report, model: str) -> str:
         lines.append("class shifts: " + ", ".join(pairs))
     lines += cfg.get("cautions", [])
     lines.append(
-        f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%}"
+        f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%} "
+        f"(noise budget eps {cfg['eps']:g})"
     )
     restarts = report.config.get("restarts", 1)
     lines.append(
@@ -100,7 +101,12 @@ def _summary(report, model: str) -> str:
     help="Use a class-balanced subset of this many images (default: all of --data).",
 )
 @click.option("--clean-fraction", type=float, default=None, help="Or this share of --data, e.g. 0.01.")
-@click.option("--eps", type=float, default=None, help="Noise bound (default 0.3, for 32x32 images).")
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="Noise bound (default: the budget calibrated for the model's normalisation family).",
+)
 @click.option("--steps", type=int, default=None, help="Noise ascent steps (default 30).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: accelerate's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
