@@ -9,9 +9,15 @@ the rule used, is written to ``--out`` (by default the file the library ships,
 
 Examples::
 
-    # what ships (small: CPU only)
+    # small (CPU only); the command behind the shipped file is recorded in it ("command")
     python benchmarks/calibrate_scan.py --archs resnet18,vit_tiny --seeds 0,1,2 \
         --attacks none,badnets,blended,badnets:all-to-all --epochs 3 --train-size 2000
+
+    # BatchNorm models scanned at their own budget, plus fully trained models built by
+    # benchmarks/run.py (scanned on the test split of the data they were trained on)
+    python benchmarks/calibrate_scan.py --archs test_resnet --seeds 0,1 \
+        --scan-option batchnorm:eps=0.75 \
+        --model-dir benchmarks/cache/fashion-mnist-resnet18-clean-p0.1-e3-b64-s0
 
     # the issue's full target: 20 clean + 20 backdoored over four architectures
     python benchmarks/calibrate_scan.py --archs resnet18,convnext_atto,vit_tiny,efficientnet_b0 \
@@ -169,8 +175,8 @@ def scan_options(args: argparse.Namespace) -> dict[str, ScanOptions]:
     common: dict = {}
     by_family: dict[str, dict] = {}
     for item in args.scan_option:
-        scope, colon, setting = item.rpartition(":") if ":" in item.partition("=")[0] else ("", "", item)
-        key, sep, value = setting.partition("=")
+        head, sep, value = item.partition("=")
+        scope, colon, key = head.rpartition(":")
         if not sep:
             raise SystemExit(f"--scan-option {item!r} is not [FAMILY:]KEY=VALUE")
         if colon and scope not in FAMILIES:
@@ -187,6 +193,7 @@ def scan_options(args: argparse.Namespace) -> dict[str, ScanOptions]:
 
 
 def options_for(options: dict[str, ScanOptions], family: str) -> ScanOptions:
+    """The options a model of ``family`` is scanned with (see :func:`scan_options`)."""
     return options.get(family, options[""])
 
 
