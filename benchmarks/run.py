@@ -288,11 +288,17 @@ def _calibration_section() -> list[str]:
 
     cal = load_calibration()
     cuts = cal.get("all_to_one_thresholds", {})
+    family_options = " ".join(
+        f"{fam}:{k}={v}"
+        for fam, opts in cal["scan"].get("options_by_family", {}).items()
+        for k, v in opts.items()
+    )
+    zoo_env = f'SCAN_OPTIONS="{family_options}" ' if family_options else ""
     lines = [
         "## Detection: the scan's calibration zoo",
         "",
         f"From `timm_purify/detection/calibration.json` ({cal['summary']}); regenerate with "
-        f"`{cal['command']}` (the included zoo files are written by `bash benchmarks/scan_zoo.sh`).",
+        f"`{cal['command']}` (the included zoo files are written by `{zoo_env}bash benchmarks/scan_zoo.sh`).",
         "",
         f"Detection accuracy {cal['detection_accuracy']}; false positives {cal['false_positives']}; "
         f"missed {cal['missed']}; wrong target: {cal['wrong_target']}. All-to-one thresholds per "
