@@ -271,13 +271,11 @@ def get_model(arch: str, attack: str, seed: int, args: argparse.Namespace) -> tu
             quiet=True,
         )
         print(f"  built {out.name} in {time.perf_counter() - t0:.0f}s", flush=True)
-    record = json.loads((out / "training.json").read_text())
-    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    return model, record
+    return load_dir(out)
 
 
 def load_dir(folder: Path) -> tuple[torch.nn.Module, dict]:
-    """A model folder of ``--model-dir`` and its training record."""
+    """A model folder written by ``build_backdoored_model`` and its training record."""
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     return model, json.loads((folder / "training.json").read_text())
 
@@ -382,16 +380,16 @@ def main(argv: list[str] | None = None) -> None:
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     # (name in the key, arch, seed, family, how to get the model and its training record, its data)
     jobs: list[tuple[str, str, int | None, str, Callable[[], tuple[torch.nn.Module, dict]], str]] = []
+    families = {arch: family_of(RECIPES[arch].model, RECIPES[arch].kwargs) for arch in arch_seeds}
     for seed in sorted({s for own in arch_seeds.values() for s in own}):
         for arch in (a for a, own in arch_seeds.items() if seed in own):
-            recipe = RECIPES[arch]
             for attack in attacks:
                 jobs.append(
                     (
                         model_dir(cache, arch, attack, seed, args).name,
                         arch,
                         seed,
-                        family_of(recipe.model, recipe.kwargs),
+                        families[arch],
                         partial(get_model, arch, attack, seed, args),
                         args.data,
                     )

@@ -288,11 +288,8 @@ def _calibration_section() -> list[str]:
 
     cal = load_calibration()
     cuts = cal.get("all_to_one_thresholds", {})
-    family_options = " ".join(
-        f"{fam}:{k}={v}"
-        for fam, opts in cal["scan"].get("options_by_family", {}).items()
-        for k, v in opts.items()
-    )
+    by_family = cal["scan"].get("options_by_family", {})
+    family_options = " ".join(f"{fam}:{k}={v}" for fam, opts in by_family.items() for k, v in opts.items())
     zoo_env = f'SCAN_OPTIONS="{family_options}" ' if family_options else ""
     lines = [
         "## Detection: the scan's calibration zoo",
@@ -304,11 +301,7 @@ def _calibration_section() -> list[str]:
         f"missed {cal['missed']}; wrong target: {cal['wrong_target']}. All-to-one thresholds per "
         f"normalisation family: {', '.join(f'{k} {v:.3f}' for k, v in cuts.items())}; all-to-all "
         f"threshold {cal['all_to_all_threshold']:.3f}. Scan options: {cal['scan']['options']}"
-        + "".join(
-            f"; for the {fam} family {opts}"
-            for fam, opts in cal["scan"].get("options_by_family", {}).items()
-            if opts
-        )
+        + "".join(f"; for the {fam} family {opts}" for fam, opts in by_family.items() if opts)
         + f"; {cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
         "",
         "Per normalisation family (what each scan report quotes as `calibration_reliability`, and "
@@ -355,10 +348,11 @@ def _row_label(row: dict) -> str:
     same options would name different runs.
     """
     from timm_purify.defenses import DEFENSES
+    from timm_purify.detection.ban import DEFAULT_EPS
 
     label = row["method"]
-    if label == "scan":  # scans recorded before the budget was calibrated per family ran eps 0.3
-        return f"scan eps={row.get('eps', 0.3):g}"
+    if label == "scan":  # scans recorded before the per-family budget ran at the paper's eps
+        return f"scan eps={row.get('eps', DEFAULT_EPS):g}"
 
     spec = DEFENSES.get(label.split()[0])
     default = getattr(spec.config_cls(), "norm_init", None) if spec else None
