@@ -38,7 +38,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -157,6 +157,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "family as eps_by_family, which the scan then uses by default)",
     )
     p.add_argument(
+        "--eps-candidates",
+        action="append",
+        default=[],
+        metavar="[FAMILY:]EPS,EPS,...",
+        help="noise budgets to choose from (repeatable), for every family or one, e.g. "
+        "batchnorm:0.3,0.5,0.75: each model of that family is scanned at each budget and the family "
+        "gets the budget whose fitted thresholds make the fewest errors on its models (see "
+        "choose_budgets); overrides that family's eps from --scan-option",
+    )
+    p.add_argument(
         "--model-dir",
         action="append",
         default=[],
@@ -195,6 +205,35 @@ def scan_options(args: argparse.Namespace) -> dict[str, ScanOptions]:
 def options_for(options: dict[str, ScanOptions], family: str) -> ScanOptions:
     """The options a model of ``family`` is scanned with (see :func:`scan_options`)."""
     return options.get(family, options[""])
+
+
+def budget_candidates(
+    args: argparse.Namespace, options: dict[str, ScanOptions]
+) -> dict[str, list[ScanOptions]]:
+    """The options each family's models are scanned with: one per ``--eps-candidates`` budget
+    (a family's own list before the common one), else just its ``--scan-option`` options."""
+    lists: dict[str, list[float]] = {}
+    for item in args.eps_candidates:
+        scope, colon, values = item.rpartition(":")
+        if colon and scope not in FAMILIES:
+            raise SystemExit(
+                f"--eps-candidates {item!r}: unknown family {scope!r}; known: {', '.join(FAMILIES)}"
+            )
+        try:
+            budgets = sorted({float(v) for v in values.split(",") if v})
+        except ValueError:
+            raise SystemExit(f"--eps-candidates {item!r} is not [FAMILY:]EPS,EPS,...") from None
+        if not budgets:
+            raise SystemExit(f"--eps-candidates {item!r} names no budget")
+        lists[scope] = budgets
+    out = {}
+    for family in FAMILIES:
+        base = options_for(options, family)
+        budgets = lists.get(family, lists.get(""))
+        out[family] = [replace(base, eps=eps) for eps in budgets] if budgets else [base]
+        for opts in out[family]:
+            opts.validate()
+    return out
 
 
 def non_default(opts: ScanOptions) -> dict:
@@ -411,58 +450,62 @@ def main(argv: list[str] | None = None) -> None:
                 record["data"],
             )
         )
+    candidates = budget_candidates(args, options)
     rows: list[dict] = []
     for name, arch, seed, family, load, data_name in jobs:
-        opts = options_for(options, family)
-        key = f"{name}|scan{args.scan_seed}|n{args.clean_count}" + "".join(
-            f"|{k}={v}" for k, v in sorted(non_default(opts).items())
-        )
-        if key in stored and (args.rescore or stored[key].get("scan_options") == asdict(opts)):
-            rows.append(stored[key])
-            continue
-        if args.rescore:
-            raise SystemExit(f"--rescore: {key} has no stored result; run without --rescore first")
-        model, record = load()
-        data = load_data(data_name, split=args.scan_split, model=model)
-        data = clean_subset(data, count=args.clean_count, seed=args.scan_seed)
-        report = scan(
-            model,
-            data,
-            seed=args.scan_seed,
-            quiet=True,
-            **{**asdict(opts), "threshold": 1e9, "all_to_all_threshold": 1e9},
-        )
-        spec = record.get("attack")
-        row = {
-            "key": key,
-            "arch": arch,
-            "model": record["model"],
-            "model_kwargs": record["model_kwargs"],
-            "attack": None if spec is None else spec["name"],
-            "mode": None if spec is None else spec["mode"],
-            "target": None if spec is None or spec["mode"] != "all-to-one" else spec["target"],
-            "seed": seed,
-            "data": data_name,
-            "train_size": record["train_size"],
-            "epochs": record["train"]["epochs"],
-            "acc": record["metrics"]["acc"],
-            "asr": record["metrics"]["asr"],
-            "scan_seconds": report.seconds,
-            "norm_family": report.config["norm_family"],
-            "scan_options": asdict(opts),
-            "confusions": report.config["confusions"],
-            "statistics": report.config["statistics"],
-        }
-        stored[key] = row
-        results_file.write_text(json.dumps(stored, indent=1))
-        rows.append(row)
-        s = row["statistics"]
-        print(
-            f"{key}: acc {row['acc']:.3f} asr {row['asr'] if row['asr'] is None else round(row['asr'], 3)} "
-            f"a2o {s['all_to_one']:.3f} (target {s['target']}) a2a {s['all_to_all']:.3f} "
-            f"[{report.seconds:.0f}s]",
-            flush=True,
-        )
+        loaded = None  # the model, its record and its scan images, once for all budgets
+        for opts in candidates[family]:
+            key = f"{name}|scan{args.scan_seed}|n{args.clean_count}" + "".join(
+                f"|{k}={v}" for k, v in sorted(non_default(opts).items())
+            )
+            if key in stored and (args.rescore or stored[key].get("scan_options") == asdict(opts)):
+                rows.append(stored[key])
+                continue
+            if args.rescore:
+                raise SystemExit(f"--rescore: {key} has no stored result; run without --rescore first")
+            if loaded is None:
+                model, record = load()
+                data = load_data(data_name, split=args.scan_split, model=model)
+                loaded = model, record, clean_subset(data, count=args.clean_count, seed=args.scan_seed)
+            model, record, data = loaded
+            report = scan(
+                model,
+                data,
+                seed=args.scan_seed,
+                quiet=True,
+                **{**asdict(opts), "threshold": 1e9, "all_to_all_threshold": 1e9},
+            )
+            spec = record.get("attack")
+            row = {
+                "key": key,
+                "arch": arch,
+                "model": record["model"],
+                "model_kwargs": record["model_kwargs"],
+                "attack": None if spec is None else spec["name"],
+                "mode": None if spec is None else spec["mode"],
+                "target": None if spec is None or spec["mode"] != "all-to-one" else spec["target"],
+                "seed": seed,
+                "data": data_name,
+                "train_size": record["train_size"],
+                "epochs": record["train"]["epochs"],
+                "acc": record["metrics"]["acc"],
+                "asr": record["metrics"]["asr"],
+                "scan_seconds": report.seconds,
+                "norm_family": report.config["norm_family"],
+                "scan_options": asdict(opts),
+                "confusions": report.config["confusions"],
+                "statistics": report.config["statistics"],
+            }
+            stored[key] = row
+            results_file.write_text(json.dumps(stored, indent=1))
+            rows.append(row)
+            s = row["statistics"]
+            print(
+                f"{key}: acc {row['acc']:.3f} asr {row['asr'] if row['asr'] is None else round(row['asr'], 3)} "
+                f"a2o {s['all_to_one']:.3f} (target {s['target']}) a2a {s['all_to_all']:.3f} "
+                f"[{report.seconds:.0f}s]",
+                flush=True,
+            )
     if args.rescore:
         rescore(rows)
         for row in rows:
@@ -472,30 +515,137 @@ def main(argv: list[str] | None = None) -> None:
         included = []
         for r in json.loads(Path(extra).read_text()).values():
             family = r.get("norm_family") or family_of(r["model"], r["model_kwargs"])
-            if r["scan_options"] == asdict(options_for(options, family)):
+            if r["scan_options"] in [asdict(opts) for opts in candidates[family]]:
                 included.append(r)
         if args.rescore:
             rescore(included)
         print(f"included {len(included)} models from {extra}")
         rows.extend(included)
-    summarise(rows, args, argv, options)
-
-
-def summarise(
-    rows: list[dict], args: argparse.Namespace, argv: list[str] | None, options: dict[str, ScanOptions]
-) -> None:
-    untrained = [r for r in rows if r["acc"] < args.min_acc]
-    implanted = [
-        r for r in rows if r not in untrained and (r["attack"] is None or (r["asr"] or 0) >= args.min_asr)
-    ]
-    failed = [r for r in rows if r not in implanted and r not in untrained]
-    clean = [r for r in implanted if r["attack"] is None]
-    one = [r for r in implanted if r["mode"] == "all-to-one"]
-    allall = [r for r in implanted if r["mode"] == "all-to-all"]
     for r in rows:  # rows stored before the scan recorded its family, or its data
         if "norm_family" not in r:
             r["norm_family"] = family_of(r["model"], r["model_kwargs"])
         r.setdefault("data", args.data)
+    rows, options, selection = choose_budgets(rows, candidates, options, args)
+    summarise(rows, args, argv, options, selection)
+
+
+def split_rows(rows: list[dict], args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
+    """(used, failed, untrained): models that learned the task and, if attacked, carry the
+    backdoor; backdoors that did not implant; models that did not learn the task."""
+    untrained = [r for r in rows if r["acc"] < args.min_acc]
+    used = [
+        r for r in rows if r not in untrained and (r["attack"] is None or (r["asr"] or 0) >= args.min_asr)
+    ]
+    failed = [r for r in rows if r not in used and r not in untrained]
+    return used, failed, untrained
+
+
+def model_id(row: dict) -> str:
+    """A result's key without its budget: the same model scanned the same way at another eps."""
+    return "|".join(part for part in row["key"].split("|") if not part.startswith("eps="))
+
+
+def family_errors(rows: list[dict]) -> dict:
+    """Thresholds fitted on one family's models alone (as :func:`choose_threshold` fits them) and
+    the detection errors they leave there: clean models flagged, backdoors missed."""
+    clean = [r for r in rows if r["attack"] is None]
+    one = [r for r in rows if r["mode"] == "all-to-one"]
+    allall = [r for r in rows if r["mode"] == "all-to-all"]
+    a2o = choose_threshold(
+        [r["statistics"]["all_to_one"] for r in clean], [r["statistics"]["all_to_one"] for r in one]
+    )
+    a2a = (
+        choose_threshold(
+            [r["statistics"]["all_to_all"] for r in clean + one],
+            [r["statistics"]["all_to_all"] for r in allall],
+        )["threshold"]
+        if allall
+        else None
+    )
+
+    def flagged(r: dict) -> bool:
+        s = r["statistics"]
+        return s["all_to_one"] > a2o["threshold"] or (a2a is not None and s["all_to_all"] > a2a)
+
+    false_pos = sum(flagged(r) for r in clean)
+    missed = sum(not flagged(r) for r in one + allall)
+    return {
+        "clean_models": len(clean),
+        "backdoored_models": len(one) + len(allall),
+        "false_positives": false_pos,
+        "missed": missed,
+        "errors": false_pos + missed,
+        "all_to_one_threshold": a2o["threshold"],
+        "all_to_one_margin": a2o["margin"],
+    }
+
+
+def choose_budgets(
+    rows: list[dict],
+    candidates: dict[str, list[ScanOptions]],
+    options: dict[str, ScanOptions],
+    args: argparse.Namespace,
+) -> tuple[list[dict], dict[str, ScanOptions], dict[str, dict]]:
+    """Per family with several candidate budgets, the budget the calibration ships: the one
+    whose thresholds, fitted on that family's models alone, make the fewest errors on them
+    (ties: fewer false positives, then the wider all-to-one margin, then the smaller budget,
+    the paper's side). Only models scanned at every candidate are compared, so each budget
+    is judged on the same models. Returns the rows at the chosen budgets, the options with
+    each family's choice, and the comparison (recorded as ``eps_selection``)."""
+    used = {id(r) for r in split_rows(rows, args)[0]}
+    chosen = dict(options)
+    selection: dict[str, dict] = {}
+    kept: set[int] = set()
+    for family, opts_list in candidates.items():
+        mine = [r for r in rows if r["norm_family"] == family]
+        if len(opts_list) == 1 or not mine:
+            chosen[family] = opts_list[0]
+            kept |= {id(r) for r in mine}
+            continue
+        at = {opts.eps: [r for r in mine if r["scan_options"] == asdict(opts)] for opts in opts_list}
+        common = set.intersection(*({model_id(r) for r in group} for group in at.values()))
+        fits = {
+            eps: family_errors([r for r in group if id(r) in used and model_id(r) in common])
+            for eps, group in at.items()
+        }
+        best = min(
+            opts_list,
+            key=lambda o: (
+                fits[o.eps]["errors"],
+                fits[o.eps]["false_positives"],
+                -fits[o.eps]["all_to_one_margin"],
+                o.eps,
+            ),
+        )
+        chosen[family] = best
+        kept |= {id(r) for r in at[best.eps]}
+        selection[family] = {
+            "candidates": {str(eps): fit for eps, fit in fits.items()},
+            "chosen": best.eps,
+            "compared_models": len(common),
+            "skipped_models": len({model_id(r) for r in mine} - common),
+        }
+        print(
+            f"budget for {family}: eps {best.eps} of {sorted(fits)}; "
+            + "; ".join(
+                f"eps {eps}: {fit['errors']} errors ({fit['false_positives']} clean flagged, {fit['missed']} missed)"
+                for eps, fit in fits.items()
+            )
+        )
+    return [r for r in rows if id(r) in kept], chosen, selection
+
+
+def summarise(
+    rows: list[dict],
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    options: dict[str, ScanOptions],
+    selection: dict[str, dict],
+) -> None:
+    implanted, failed, untrained = split_rows(rows, args)
+    clean = [r for r in implanted if r["attack"] is None]
+    one = [r for r in implanted if r["mode"] == "all-to-one"]
+    allall = [r for r in implanted if r["mode"] == "all-to-all"]
     a2o = choose_threshold(
         [r["statistics"]["all_to_one"] for r in clean], [r["statistics"]["all_to_one"] for r in one]
     )
@@ -583,7 +733,9 @@ def summarise(
             "fallback). all-to-all: "
             "negatives = clean and all-to-one models, positives = all-to-all backdoors. The suspected "
             "target comes, per family, from the predictions (noisy, or noisy with the negative mask) "
-            "that named the true target of more all-to-one backdoors (target_source_fit). Backdoors "
+            "that named the true target of more all-to-one backdoors (target_source_fit). Where several "
+            "noise budgets were offered, each family scans at the one whose thresholds, fitted on that "
+            "family's models alone, made the fewest errors there (eps_selection). Backdoors "
             f"whose ASR stayed below {args.min_asr} did not implant, and models whose clean accuracy "
             f"stayed below {args.min_acc} did not learn the task: both are listed but not used."
         ),
@@ -599,6 +751,8 @@ def summarise(
         "wrong_target": f"{len(wrong_target)} of the detected all-to-one backdoors",
         # the noise budget each family's threshold was fitted at: the scan's default for that family
         "eps_by_family": {fam: options_for(options, fam).eps for fam in sorted(by_family)},
+        # how it was chosen where --eps-candidates offered several (see choose_budgets)
+        "eps_selection": selection,
         "scan": {
             "options": {k: v for k, v in asdict(options[""]).items() if "threshold" not in k},
             "options_by_family": {fam: non_default(options_for(options, fam)) for fam in sorted(by_family)},

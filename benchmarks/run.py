@@ -291,6 +291,10 @@ def _calibration_section() -> list[str]:
     by_family = cal["scan"].get("options_by_family", {})
     family_options = " ".join(f"{fam}:{k}={v}" for fam, opts in by_family.items() for k, v in opts.items())
     zoo_env = f'SCAN_OPTIONS="{family_options}" ' if family_options else ""
+    selection = cal.get("eps_selection", {})
+    if selection:  # the zoo is scanned once per candidate budget
+        budgets = sorted({float(eps) for fit in selection.values() for eps in fit["candidates"]})
+        zoo_env = f'SCAN_OPTIONS="eps=E" (E = {", ".join(f"{e:g}" for e in budgets)}) '
     lines = [
         "## Detection: the scan's calibration zoo",
         "",
@@ -316,6 +320,7 @@ def _calibration_section() -> list[str]:
             for fam, r in cal.get("reliability_by_family", {}).items()
         ),
         "",
+        *_budget_lines(selection),
         "| model | training | attack | seed | ACC | ASR | family | all-to-one score | suspected / true target "
         "| all-to-all score | verdict | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -332,6 +337,30 @@ def _calibration_section() -> list[str]:
             f"{m.get('norm_family', '-')} | {m['all_to_one']:.3f} | {m['suspected_target']} / {m['target']} | "
             f"{m['all_to_all']:.3f} | {verdict} | {m['scan_seconds']:.1f} |"
         )
+    return lines + [""]
+
+
+def _budget_lines(selection: dict[str, dict]) -> list[str]:
+    """How calibrate_scan chose each family's noise budget among its candidates (empty when
+    no family was offered several)."""
+    if not selection:
+        return []
+    lines = [
+        "Noise budget per family, chosen by `calibrate_scan.py --eps-candidates`: every model of the "
+        "family scanned at each budget, thresholds fitted on that family's models alone, fewest "
+        "errors wins (ties: fewer clean models flagged, wider all-to-one margin, smaller budget):",
+        "",
+        "| family | eps | models compared | clean models flagged | backdoored models missed | errors "
+        "| all-to-one threshold | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for fam, fit in selection.items():
+        for eps, row in fit["candidates"].items():
+            lines.append(
+                f"| {fam} | {eps} | {row['clean_models']} + {row['backdoored_models']} | "
+                f"{row['false_positives']}/{row['clean_models']} | {row['missed']}/{row['backdoored_models']} | "
+                f"{row['errors']} | {row['all_to_one_threshold']:.3f} | {'yes' if float(eps) == fit['chosen'] else ''} |"
+            )
     return lines + [""]
 
 

@@ -322,6 +322,11 @@ def test_calibration_file_documents_its_provenance():
     assert set(cal["eps_by_family"]) == set(cuts)
     for family, eps in cal["eps_by_family"].items():
         assert cal["scan"]["options_by_family"][family].get("eps", cal["scan"]["options"]["eps"]) == eps
+    # where the budget was chosen among candidates, the shipped one made the fewest errors
+    for family, fit in cal.get("eps_selection", {}).items():
+        assert fit["chosen"] == cal["eps_by_family"][family]
+        errors = {float(eps): row["errors"] for eps, row in fit["candidates"].items()}
+        assert errors[fit["chosen"]] == min(errors.values())
     assert all(
         m["detected"]
         == (m["all_to_one"] > cuts[m["norm_family"]] or m["all_to_all"] > cal["all_to_all_threshold"])
