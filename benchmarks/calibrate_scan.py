@@ -11,7 +11,7 @@ Examples::
 
     # small (CPU only); the command behind the shipped file is recorded in it ("command")
     python benchmarks/calibrate_scan.py --archs resnet18,vit_tiny --seeds 0,1,2 \
-        --attacks none,badnets,blended,badnets:all-to-all --epochs 3 --train-size 2000
+        --attacks none,badnets,blended,badnets@mode=all-to-all --epochs 3 --train-size 2000
 
     # BatchNorm models scanned at their own budget, plus fully trained models built by
     # benchmarks/run.py (scanned on the test split of the data they were trained on)
@@ -19,9 +19,13 @@ Examples::
         --scan-option batchnorm:eps=0.75 \
         --model-dir benchmarks/cache/fashion-mnist-resnet18-clean-p0.1-e3-b64-s0
 
+    # the noise budget chosen per family among candidates (each model scanned at each)
+    python benchmarks/calibrate_scan.py --archs test_resnet,test_vit --seeds 0,1 \
+        --eps-candidates 0.3,0.5,0.75
+
     # the full target: 20 clean + 20 backdoored over four architectures
     python benchmarks/calibrate_scan.py --archs resnet18,convnext_atto,vit_tiny,efficientnet_b0 \
-        --seeds 0,1,2,3,4 --attacks none,badnets,blended,badnets:all-to-all,wanet --epochs 10
+        --seeds 0,1,2,3,4 --attacks none,badnets,blended,badnets@mode=all-to-all,wanet --epochs 10
 
 Models are cached under ``--cache/<arch>-<attack>-<mode>-s<seed>-e<epochs>-n<train size>``
 as timm folders, so a second run only scans. ``--rescore`` recomputes the statistics from the
@@ -703,7 +707,7 @@ def summarise(
     if args.no_write:
         return
     if a2a["threshold"] is None:
-        raise SystemExit("no all-to-all model in the set: add e.g. badnets:all-to-all to --attacks")
+        raise SystemExit("no all-to-all model in the set: add e.g. badnets@mode=all-to-all to --attacks")
     command = "python benchmarks/calibrate_scan.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out")
     )
