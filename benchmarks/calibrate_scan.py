@@ -182,6 +182,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def family_scope(flag: str, item: str, head: str) -> tuple[str, str]:
+    """Split ``[FAMILY:]REST`` (``head``, from ``flag``'s value ``item``) into the family
+    (``""``: every family) and the rest, refusing families that are not calibrated."""
+    scope, colon, rest = head.rpartition(":")
+    if colon and scope not in FAMILIES:
+        raise SystemExit(f"{flag} {item!r}: unknown family {scope!r}; known: {', '.join(FAMILIES)}")
+    return scope, rest
+
+
 def scan_options(args: argparse.Namespace) -> dict[str, ScanOptions]:
     """The scan options per normalisation family from ``--scan-option`` (key ``""``: every other
     family). The budget is always explicit here: left to the scan, it would come from the
@@ -190,14 +199,10 @@ def scan_options(args: argparse.Namespace) -> dict[str, ScanOptions]:
     by_family: dict[str, dict] = {}
     for item in args.scan_option:
         head, sep, value = item.partition("=")
-        scope, colon, key = head.rpartition(":")
         if not sep:
             raise SystemExit(f"--scan-option {item!r} is not [FAMILY:]KEY=VALUE")
-        if colon and scope not in FAMILIES:
-            raise SystemExit(
-                f"--scan-option {item!r}: unknown family {scope!r}; known: {', '.join(FAMILIES)}"
-            )
-        (by_family.setdefault(scope, {}) if colon else common)[key] = json.loads(value)
+        scope, key = family_scope("--scan-option", item, head)
+        (by_family.setdefault(scope, {}) if scope else common)[key] = json.loads(value)
     common.setdefault("eps", DEFAULT_EPS)
     options = {"": ScanOptions(**common)}
     options |= {fam: ScanOptions(**(common | own)) for fam, own in by_family.items()}
@@ -218,11 +223,7 @@ def budget_candidates(
     (a family's own list before the common one), else just its ``--scan-option`` options."""
     lists: dict[str, list[float]] = {}
     for item in args.eps_candidates:
-        scope, colon, values = item.rpartition(":")
-        if colon and scope not in FAMILIES:
-            raise SystemExit(
-                f"--eps-candidates {item!r}: unknown family {scope!r}; known: {', '.join(FAMILIES)}"
-            )
+        scope, values = family_scope("--eps-candidates", item, item)
         try:
             budgets = sorted({float(v) for v in values.split(",") if v})
         except ValueError:
@@ -518,8 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     for extra in args.include:
         included = []
         for r in json.loads(Path(extra).read_text()).values():
-            family = r.get("norm_family") or family_of(r["model"], r["model_kwargs"])
-            if r["scan_options"] in [asdict(opts) for opts in candidates[family]]:
+            if "norm_family" not in r:  # rows stored before the scan recorded its family
+                r["norm_family"] = family_of(r["model"], r["model_kwargs"])
+            if r["scan_options"] in [asdict(opts) for opts in candidates[r["norm_family"]]]:
                 included.append(r)
         if args.rescore:
             rescore(included)
@@ -544,6 +546,12 @@ def split_rows(rows: list[dict], args: argparse.Namespace) -> tuple[list[dict], 
     return used, failed, untrained
 
 
+def flagged(statistics: dict, cut: float, a2a_cut: float | None) -> bool:
+    """The verdict the scan gives at these thresholds: backdoored when either score is above
+    its cut (no all-to-all cut: the all-to-one score alone)."""
+    return statistics["all_to_one"] > cut or (a2a_cut is not None and statistics["all_to_all"] > a2a_cut)
+
+
 def model_id(row: dict) -> str:
     """A result's key without its budget: the same model scanned the same way at another eps."""
     return "|".join(part for part in row["key"].split("|") if not part.startswith("eps="))
@@ -566,13 +574,8 @@ def family_errors(rows: list[dict]) -> dict:
         if allall
         else None
     )
-
-    def flagged(r: dict) -> bool:
-        s = r["statistics"]
-        return s["all_to_one"] > a2o["threshold"] or (a2a is not None and s["all_to_all"] > a2a)
-
-    false_pos = sum(flagged(r) for r in clean)
-    missed = sum(not flagged(r) for r in one + allall)
+    false_pos = sum(flagged(r["statistics"], a2o["threshold"], a2a) for r in clean)
+    missed = sum(not flagged(r["statistics"], a2o["threshold"], a2a) for r in one + allall)
     return {
         "clean_models": len(clean),
         "backdoored_models": len(one) + len(allall),
@@ -671,10 +674,7 @@ def summarise(
     for r in implanted:
         s = r["statistics"]
         cut = by_family[r["norm_family"]]["threshold"]
-        pred_bd = s["all_to_one"] > cut or (
-            a2a["threshold"] is not None and s["all_to_all"] > a2a["threshold"]
-        )
-        r["detected"] = bool(pred_bd)
+        r["detected"] = flagged(s, cut, a2a["threshold"])
         r["target_found"] = (
             None
             if r["target"] is None

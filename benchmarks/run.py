@@ -289,12 +289,15 @@ def _calibration_section() -> list[str]:
     cal = load_calibration()
     cuts = cal.get("all_to_one_thresholds", {})
     by_family = cal["scan"].get("options_by_family", {})
-    family_options = " ".join(f"{fam}:{k}={v}" for fam, opts in by_family.items() for k, v in opts.items())
-    zoo_env = f'SCAN_OPTIONS="{family_options}" ' if family_options else ""
     selection = cal.get("eps_selection", {})
     if selection:  # the zoo is scanned once per candidate budget
         budgets = sorted({float(eps) for fit in selection.values() for eps in fit["candidates"]})
         zoo_env = f'SCAN_OPTIONS="eps=E" (E = {", ".join(f"{e:g}" for e in budgets)}) '
+    else:
+        family_options = " ".join(
+            f"{fam}:{k}={v}" for fam, opts in by_family.items() for k, v in opts.items()
+        )
+        zoo_env = f'SCAN_OPTIONS="{family_options}" ' if family_options else ""
     lines = [
         "## Detection: the scan's calibration zoo",
         "",
