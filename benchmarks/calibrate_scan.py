@@ -405,6 +405,25 @@ def choose_threshold(negatives: list[float], positives: list[float]) -> dict:
     return {"threshold": good[len(good) // 2], "separable": False, "margin": 0.0, "errors": best}
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command line stored with the calibration, without ``--out`` and its path.
+
+    The output path is where this run wrote, not part of what makes the calibration, and a
+    re-run of the recorded command should rewrite the shipped file; both spellings
+    (``--out PATH`` and ``--out=PATH``) are dropped.
+    """
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--out":
+            skip_value = True
+        elif not arg.startswith("--out="):
+            kept.append(shlex.quote(arg))
+    return " ".join(["python benchmarks/calibrate_scan.py", *kept])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -708,9 +727,7 @@ def summarise(
         return
     if a2a["threshold"] is None:
         raise SystemExit("no all-to-all model in the set: add e.g. badnets@mode=all-to-all to --attacks")
-    command = "python benchmarks/calibrate_scan.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out")
-    )
+    command = recorded_command(argv if argv is not None else sys.argv[1:])
     arch_list = sorted({r["arch"] for r in implanted})
     epoch_list = "/".join(str(e) for e in sorted({r["epochs"] for r in implanted}))
     size_list = "/".join(str(n) for n in sorted({r["train_size"] for r in implanted}))

@@ -98,3 +98,15 @@ def test_bad_candidate_lists_are_refused(cal, value, error, match):
     args = cal.parse_args(["--eps-candidates", value])
     with pytest.raises(error, match=match):
         cal.budget_candidates(args, cal.scan_options(args))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--archs", "test_resnet", "--out", "/tmp/x.json", "--rescore"],
+        ["--archs", "test_resnet", "--out=/tmp/x.json", "--rescore"],
+        ["--archs", "test_resnet", "--rescore"],
+    ],
+)
+def test_the_recorded_command_leaves_out_the_output_path(cal, argv):
+    assert cal.recorded_command(argv) == "python benchmarks/calibrate_scan.py --archs test_resnet --rescore"
