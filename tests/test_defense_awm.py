@@ -184,3 +184,27 @@ def test_awm_conv_only_on_a_model_without_convs_is_refused():
     net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
     with pytest.raises(PurifyOptionError, match="mask"):
         purify(net, toy_data(10), method="awm", quiet=True, mask_linear=False, outer_steps=1, inner_steps=1)
+
+
+def test_the_recovered_trigger_can_draw_on_a_black_background():
+    """A bright corner pixel flips this model's answer; every image is black there. The
+    trigger search must find that pixel, which a plain clamp (no gradient at exactly 0) hides."""
+    from timm_purify.defenses._common import universal_perturbation
+
+    linear = nn.Linear(3 * 4 * 4, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[0, :] = 0.1  # class 0: overall brightness
+        linear.weight[1, 3 * 16 - 1] = 50.0  # class 1: the last pixel of the last channel
+    f = nn.Sequential(nn.Flatten(), linear)
+    x = torch.zeros(8, 3, 4, 4)
+    x[:, :, :2, :2] = 0.6  # a grey object in one corner, black elsewhere
+    own = f(x).argmax(1)
+    assert (own == 0).all()
+
+    def batches():
+        yield x, own
+
+    delta = universal_perturbation(f, batches, shape=(3, 4, 4), steps=3, lr=1.0, l1_budget=5.0, device=x.device)
+    assert float(delta[2, 3, 3]) > 0.5  # drawn on the black background
+    assert (f((x + delta).clamp(0.0, 1.0)).argmax(1) == 1).all()

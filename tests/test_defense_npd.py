@@ -357,6 +357,19 @@ def test_universal_perturbation_is_shared_projected_and_persists():
     assert torch.allclose(delta[0].norm(), torch.tensor(0.5), atol=1e-5)
 
 
+def test_universal_target_attack_moves_black_pixels():
+    """Pixels at exactly 0 (a black background) must move too: a plain clamp gives them no
+    gradient, so the perturbation could never place a patch on the background."""
+    f = _linear_model()
+    x = torch.zeros(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 3, 0])
+    attack = universal_target_attack(NPDTargetConfig(target=2, stop_fraction=1.0, pgd_steps=2), 3.0, (3, 8, 8))
+    adv = attack(f, x, y, torch.full_like(y, 2))
+    assert (adv > 0).any()
+    assert f(adv)[:, 2].mean() > f(x)[:, 2].mean()
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+
+
 def test_input_model_is_not_wrapped_after_purify(vit):
     reference = copy.deepcopy(vit)
     purify(vit, DATA, method="npd", clean_count=20, quiet=True, epochs=1, warmup_epochs=0)

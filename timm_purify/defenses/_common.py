@@ -21,6 +21,7 @@ __all__ = [
     "CleanForward",
     "targeted_pgd",
     "universal_perturbation",
+    "clamp_pixels",
     "project_l2",
     "project_l1",
     "mixup",
@@ -153,6 +154,20 @@ def targeted_pgd(
     return (x + delta).detach()
 
 
+def clamp_pixels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` clamped to [0, 1] in the forward pass, with the identity's gradient.
+
+    A universal perturbation starts at zero, and a plain ``clamp`` passes no gradient to a
+    pixel that sits exactly at 0 or 1. On images with a black background (Fashion-MNIST,
+    MNIST, many medical scans) every background pixel is exactly 0, so a perturbation fitted
+    through ``clamp`` could never touch the background, which is where a BadNets patch sits.
+    The straight-through clamp shows the model a valid image and lets the gradient say which
+    way each pixel should move (as the reference's unclamped ``f(x + delta)`` does); moves
+    past the border are clamped away again in the next forward pass.
+    """
+    return x + (x.clamp(0.0, 1.0) - x).detach()
+
+
 def universal_perturbation(
     f: Forward,
     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
@@ -168,14 +183,15 @@ def universal_perturbation(
 
     AWM's inner problem: ``steps`` SGD steps over the batches ``batches()`` yields (labels
     are the model's own predictions or the true ones, as the caller chooses), then one L1
-    projection onto ``l1_budget``.
+    projection onto ``l1_budget``. The images are clamped with :func:`clamp_pixels`, so
+    pixels at 0 or 1 (a black background) still receive gradient.
     """
     delta = (init.clone() if init is not None else torch.zeros(shape, device=device)).requires_grad_(True)
     opt = torch.optim.SGD([delta], lr=lr)
     done = 0
     while done < steps:
         for x, y in batches():
-            loss = -F.cross_entropy(f((x + delta).clamp(0.0, 1.0)), y)
+            loss = -F.cross_entropy(f(clamp_pixels(x + delta)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

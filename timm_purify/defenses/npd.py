@@ -57,7 +57,7 @@ from .._progress import progress
 from .._wrap import PolarizedModel, wrap_model
 from ..data import ImageData
 from ._base import DefenseConfig, PurifyContext, PurifyOptionError, positive, register_defense
-from ._common import CleanForward, PixelModel, project_l2, scale_budget, targeted_pgd
+from ._common import CleanForward, PixelModel, clamp_pixels, project_l2, scale_budget, targeted_pgd
 
 __all__ = [
     "NPDConfig",
@@ -388,7 +388,9 @@ def universal_target_attack(config: NPDTargetConfig, eps: float, image_size: tup
     The perturbation persists across batches and epochs. Each call takes up to
     ``pgd_steps`` sign steps of ``pgd_step_size`` on the mean cross-entropy towards the target
     over the batch's images of other classes, projects it onto the L2 ball of ``eps`` after
-    each step, and stops early like the per-sample PGD. Images are clamped to [0, 1].
+    each step, and stops early like the per-sample PGD. Images are clamped to [0, 1] with
+    :func:`~timm_purify.defenses._common.clamp_pixels`, whose gradient reaches pixels at 0 or
+    1: with a plain clamp a black background would never move.
     """
     state: dict[str, torch.Tensor] = {}
 
@@ -401,7 +403,7 @@ def universal_target_attack(config: NPDTargetConfig, eps: float, image_size: tup
         x = x.detach()
         for _ in range(config.pgd_steps):
             delta = delta.detach().requires_grad_(True)
-            logits = f((x + delta).clamp(0.0, 1.0))
+            logits = f(clamp_pixels(x + delta))
             hit = ((logits.argmax(dim=1) == target).to(x.dtype) * weight).sum() / n
             if float(hit) > config.stop_fraction:
                 break
