@@ -248,7 +248,8 @@ class _RowLog(list):
         self.out, self.header = out, header
 
     def append(self, row: dict) -> None:
-        super().append(row)
+        # when the row was measured: RESULTS.md shows the newest row per key (see render)
+        super().append({**row, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.out.write_text(json.dumps({**self.header, "rows": list(self)}, indent=2, default=str))
 
 
@@ -396,16 +397,24 @@ def _row_label(row: dict) -> str:
 
 
 def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> Path:
-    """Rebuild RESULTS.md from every JSON file in ``results_dir`` (newest row per key wins)."""
+    """Rebuild RESULTS.md from every JSON file in ``results_dir`` (newest row per key wins).
+
+    Rows carry the time they were measured (``finished``); rows written before that field
+    existed count as older than every timed row and follow file-name order among themselves.
+    """
     latest: dict[tuple, dict] = {}
     envs: dict[str, dict] = {}
+    rows = []
     for path in sorted(results_dir.glob("*.json")):
         payload = json.loads(path.read_text())
-        for row in payload["rows"]:
-            row["method"] = _row_label(row)
-            key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
-            latest[key] = {**row, "file": path.name}
-            envs[path.name] = row.get("environment", {})
+        rows += [(row.get("finished", ""), n, path.name, row) for n, row in enumerate(payload["rows"])]
+        if payload["rows"]:
+            envs[path.name] = payload["rows"][-1].get("environment", {})
+    # a stable sort keeps file order among untimed rows
+    for _, _, name, row in sorted(rows, key=lambda item: item[0]):
+        row["method"] = _row_label(row)
+        key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
+        latest[key] = {**row, "file": name}
     lines = [
         "# Benchmark results",
         "",

@@ -205,6 +205,8 @@ def test_the_recovered_trigger_can_draw_on_a_black_background():
     def batches():
         yield x, own
 
-    delta = universal_perturbation(f, batches, shape=(3, 4, 4), steps=3, lr=1.0, l1_budget=5.0, device=x.device)
+    delta = universal_perturbation(
+        f, batches, shape=(3, 4, 4), steps=3, lr=1.0, l1_budget=5.0, device=x.device
+    )
     assert float(delta[2, 3, 3]) > 0.5  # drawn on the black background
     assert (f((x + delta).clamp(0.0, 1.0)).argmax(1) == 1).all()

@@ -363,7 +363,9 @@ def test_universal_target_attack_moves_black_pixels():
     f = _linear_model()
     x = torch.zeros(4, 3, 8, 8)
     y = torch.tensor([0, 1, 3, 0])
-    attack = universal_target_attack(NPDTargetConfig(target=2, stop_fraction=1.0, pgd_steps=2), 3.0, (3, 8, 8))
+    attack = universal_target_attack(
+        NPDTargetConfig(target=2, stop_fraction=1.0, pgd_steps=2), 3.0, (3, 8, 8)
+    )
     adv = attack(f, x, y, torch.full_like(y, 2))
     assert (adv > 0).any()
     assert f(adv)[:, 2].mean() > f(x)[:, 2].mean()
