@@ -1,5 +1,8 @@
 """Shared fixtures.
 
+Benchmark scripts: ``benchmarks/*.py`` are scripts, not a package; :func:`benchmark_script`
+imports one by file name for the tests of the pieces whose numbers the benchmark pages quote.
+
 Hub fixtures: a Hub-compatible server on loopback (:mod:`hub_server`) and clean environments
 for subprocesses. huggingface_hub reads ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the cache
 location once, at import, so in this process tests pass ``endpoint=`` explicitly, and code
@@ -9,12 +12,35 @@ runs in a subprocess started with :func:`hub_env`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hub_server import HubServer
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmark_script() -> Iterator[Callable[[str], ModuleType]]:
+    """``benchmark_script("run")`` imports ``benchmarks/run.py``; unregistered again afterwards."""
+    loaded: list[str] = []
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while being built
+        loaded.append(spec.name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="session")

@@ -3,28 +3,16 @@ ships as its default comes out of this choice, so it is tested like library code
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
 from timm_purify.detection.ban import ScanOptionError
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "calibrate_scan.py"
-
 
 @pytest.fixture(scope="module")
-def cal():
-    spec = importlib.util.spec_from_file_location("calibrate_scan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+def cal(benchmark_script):
+    return benchmark_script("calibrate_scan")
 
 
 def _row(cal, name: str, opts, a2o: float, *, attack: str | None = None, mode: str | None = None) -> dict:
