@@ -407,11 +407,11 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
     rows = []
     for path in sorted(results_dir.glob("*.json")):
         payload = json.loads(path.read_text())
-        rows += [(row.get("finished", ""), n, path.name, row) for n, row in enumerate(payload["rows"])]
+        rows += [(row.get("finished", ""), path.name, row) for row in payload["rows"]]
         if payload["rows"]:
             envs[path.name] = payload["rows"][-1].get("environment", {})
     # a stable sort keeps file order among untimed rows
-    for _, _, name, row in sorted(rows, key=lambda item: item[0]):
+    for _, name, row in sorted(rows, key=lambda item: item[0]):
         row["method"] = _row_label(row)
         key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
         latest[key] = {**row, "file": name}
