@@ -430,7 +430,10 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "from the scan instead); `[N clean images]` marks runs on N clean images instead of the",
         "suite's fraction. When the `none` row's ASR is low the backdoor did not implant and the",
         "method rows of that attack measure nothing. Seconds are comparable within one results file",
-        "only (see the machines list: thread counts, and whether other jobs shared the CPU).",
+        "only (see the machines list: thread counts, and whether other jobs shared the CPU). The",
+        "benchmark cache does not travel between machines, so a model can be rebuilt, with slightly",
+        "different numbers: the `none` row is the newest build's, and each method row's DER is",
+        "against the model of its own run.",
         "",
     ]
     for suite in sorted({k[0] for k in latest}):
