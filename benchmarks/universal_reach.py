@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from timm_purify.attacks import from_json
 from timm_purify.data import Normalizer, clean_subset, load_data
 from timm_purify.defenses._common import PixelModel, clamp_pixels, project_l2, scale_budget
+from timm_purify.metrics import predict
 
 
 def project_l1_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
@@ -156,13 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    f = PixelModel(model, Normalizer(model))
+    norm = Normalizer(model)
+    f = PixelModel(model, norm)
     data = clean_subset(
         load_data(args.data, split=args.split, model=model), count=args.images, seed=args.seed
     )
     x, y = data.floats(), data.y
-    with torch.no_grad():
-        pred = torch.cat([f(x[i : i + 200]).argmax(1) for i in range(0, len(x), 200)])
+    pred = predict(model, x, normalizer=norm)
     # only images the model gets right: a misclassified image says nothing about reaching a class
     x, y = x[pred == y], y[pred == y]
     attack = from_json(folder / "attack.json") if (folder / "attack.json").is_file() else None
