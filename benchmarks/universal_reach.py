@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for rho in (float(v) for v in args.rho.split(",")):
         start = time.perf_counter()
-        scaled = scale_budget(rho, tuple(x.shape[1:]))
+        scaled = scale_budget(rho, tuple(x.shape[1:]), norm=args.norm)
         matrix = reach_matrix(
             f,
             x,
@@ -188,8 +188,14 @@ def main(argv: list[str] | None = None) -> None:
             steps=args.steps,
             batch_size=args.batch_size,
             seed=args.seed,
+            norm=args.norm,
         )
-        row = {"rho": rho, "seconds": round(time.perf_counter() - start, 1), **summarise(matrix)}
+        row = {
+            "norm": args.norm,
+            "rho": rho,
+            "seconds": round(time.perf_counter() - start, 1),
+            **summarise(matrix),
+        }
         row["matrix"] = [[round(float(v), 3) for v in r] for r in matrix]
         out["budgets"].append(row)
         print(
