@@ -10,7 +10,7 @@ from torch import nn
 
 from timm_purify.data import ImageData
 from timm_purify.defenses import PurifyOptionError, purify
-from timm_purify.defenses._common import weight_layers
+from timm_purify.defenses._common import universal_perturbation, weight_layers
 from timm_purify.defenses.awm import AWMConfig, random_resized_crop, with_augmented_copies
 
 torch.set_num_threads(2)
@@ -189,8 +189,6 @@ def test_awm_conv_only_on_a_model_without_convs_is_refused():
 def test_the_recovered_trigger_can_draw_on_a_black_background():
     """A bright corner pixel flips this model's answer; every image is black there. The
     trigger search must find that pixel, which a plain clamp (no gradient at exactly 0) hides."""
-    from timm_purify.defenses._common import universal_perturbation
-
     linear = nn.Linear(3 * 4 * 4, 2, bias=False)
     with torch.no_grad():
         linear.weight.zero_()
