@@ -405,7 +405,7 @@ def choose_threshold(negatives: list[float], positives: list[float]) -> dict:
     return {"threshold": good[len(good) // 2], "separable": False, "margin": 0.0, "errors": best}
 
 
-def recorded_command(argv: list[str]) -> str:
+def recorded_command(argv: list[str], script: str = "calibrate_scan.py") -> str:
     """The command line stored with the calibration, without ``--out`` and its path.
 
     The output path is where this run wrote, not part of what makes the calibration, and a
@@ -421,7 +421,7 @@ def recorded_command(argv: list[str]) -> str:
             skip_value = True
         elif not arg.startswith("--out="):
             kept.append(shlex.quote(arg))
-    return " ".join(["python benchmarks/calibrate_scan.py", *kept])
+    return " ".join([f"python benchmarks/{script}", *kept])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import pickletools
@@ -51,6 +52,7 @@ SPEC_KEYS = {
     "static_findings",
     "class_names",
     "unsafe_files",
+    "reach",
 }
 
 
@@ -150,7 +152,7 @@ def test_vit_with_layernorm_noise_is_flagged():
     3-epoch ViT the suspected target is wrong: the calibration records 1 such miss.)"""
     model, _, metrics = build("test_vit", "badnets", optimizer="adamw", lr=1e-3, weight_decay=0.05)
     assert metrics.asr > 0.8, f"the test backdoor did not implant ({metrics})"
-    report = scan(model, clean_images(), quiet=True)
+    report = scan(model, clean_images(), quiet=True, reach="off")  # BAN alone: its threshold applies
     assert len(report.config["feature_shape"]) == 2  # tokens x channels
     assert report.config["norm_family"] == "other"
     assert report.threshold == pytest.approx(load_calibration()["all_to_one_thresholds"]["other"])
@@ -166,6 +168,103 @@ def test_same_seed_same_report(clean_model):
         r.pop("seconds")
         r["config"].pop("stage_seconds")
     assert a == b
+
+
+# ------------------------------------------------------------------ the reach stage
+
+
+class _PixelTrapdoor(nn.Module):
+    """Logistic regression on raw pixels. ``trapdoor`` adds a one-pixel backdoor: the top-left
+    pixel, black in every Fashion-MNIST image, opens class TARGET. Its only normalisation layer
+    sits on a branch the logits ignore, so BAN's neuron noise cannot move the model by
+    construction (as on the converged ConvNeXts, where the noise does not reach the shortcut):
+    the reach stage alone must find the trapdoor."""
+
+    num_classes = 10
+    pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.0,) * 3, "std": (1.0,) * 3}
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(3)
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        side = self.norm(x.mean(dim=(2, 3))).sum(dim=1, keepdim=True)
+        return self.fc(x.flatten(1) + 0.0 * side)
+
+
+@functools.cache
+def pixel_models() -> tuple[nn.Module, nn.Module]:
+    """The clean logistic regression (about 80% on the test images) and its trapdoored twin."""
+    train = load_data("fashion-mnist-mini", split="train", input_size=(3, 32, 32))
+    x, y = train.floats(), train.y
+    assert float(x[:, :, 0, 0].max()) == 0.0  # the trigger pixel is black in every image
+    torch.manual_seed(0)
+    clean = _PixelTrapdoor()
+    opt = torch.optim.Adam(clean.fc.parameters(), lr=1e-3, weight_decay=1e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(clean(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trapdoor = copy.deepcopy(clean)
+    with torch.no_grad():
+        trapdoor.fc.weight[TARGET, 0] += 200.0
+    return clean.eval(), trapdoor.eval()
+
+
+REACH = dict(quiet=True, reach_steps=20, reach_threshold=0.5)
+
+
+def test_reach_alone_finds_a_trapdoor_ban_cannot_see(tmp_path):
+    from timm_purify.cli.scan import _summary
+
+    clean, trapdoor = pixel_models()
+    report = scan(trapdoor, clean_images(), reach="on", **REACH)
+    reach = report.reach
+    assert report.config["statistics"]["all_to_one"] <= report.config["threshold"]  # BAN: nothing
+    assert reach["fired"] and reach["suspected_target"] == TARGET
+    assert reach["reach"][TARGET] > 0.95 and reach["score"] > 0.9
+    assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-one", TARGET)
+    assert (report.score, report.threshold) == (reach["score"], 0.5)
+    assert report.config["decided_by"] == "reach"
+    assert report.config["reach_budget"] == {"norm": "l1", "rho": 6.0}
+    assert reach["num_search"] + reach["num_held_out"] <= 600
+    assert len(reach["matrix"]) == 10 and "reach" in report.config["stage_seconds"]
+    report.to_json(tmp_path / "r.json")
+    assert ScanReport.from_json(tmp_path / "r.json") == report
+    text = _summary(report, "trapdoor")
+    assert "universal reach score" in text and "decided by: reach" in text
+
+    twin = scan(clean, clean_images(), reach="on", **REACH)
+    assert not twin.reach["fired"] and twin.reach["score"] < 0.2
+    assert twin.verdict == "clean" and twin.config["decided_by"] is None
+
+
+def test_reach_runs_where_the_calibration_fitted_it(monkeypatch):
+    """``reach="auto"`` (the default) runs the stage for a family the calibration enabled it for,
+    at the calibrated budget and threshold; a budget of the caller's own is flagged."""
+    _, trapdoor = pixel_models()
+    shipped = load_calibration()
+    fitted = {"norm": "l2", "rho": 2.0, "steps": 20, "threshold": 0.4}
+    cheap = dict(quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=200, reach_steps=20)
+
+    monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "reach": {"by_family": {}}})
+    assert scan(trapdoor, clean_images(), **cheap).reach is None
+
+    monkeypatch.setattr(
+        ban, "load_calibration", lambda: {**shipped, "reach": {"by_family": {"other": fitted}}}
+    )
+    report = scan(trapdoor, clean_images(), **cheap)
+    assert report.reach["threshold"] == 0.4 and report.reach["norm"] == "l2" and report.reach["rho"] == 2.0
+    assert report.suspected_target == TARGET
+    assert not any("reach budget" in c for c in report.config["cautions"])
+    own = scan(trapdoor, clean_images(), reach_rho=3.0, **cheap)
+    assert any("reach budget (l2 3) is not the one" in c for c in own.config["cautions"])
+    assert scan(trapdoor, clean_images(), reach="off", **cheap).reach is None
 
 
 # ------------------------------------------------------------------ the statistic
@@ -452,6 +551,13 @@ class _Exploding(nn.Module):
         (dict(holdout=1.0), "holdout"),
         (dict(batch_size=0), "batch_size"),
         (dict(threshold="high"), "threshold"),
+        (dict(reach="maybe"), "reach must be one of"),
+        (dict(reach_norm="linf"), "reach_norm must be one of"),
+        (dict(reach_rho=0), "reach_rho must be a number > 0"),
+        (dict(reach_steps=0), "reach_steps must be a positive integer"),
+        (dict(reach_threshold="low"), "reach_threshold must be a number"),
+        # BAN's thresholds given, so no calibration is read: nothing to judge the reach score by
+        (dict(reach="on", threshold=0.5, all_to_all_threshold=0.5), "reach='on' needs a threshold"),
         (dict(epsilon=0.3), "unknown scan option"),
         (dict(clean_count=10), "at least 2 clean images of every class"),
         (dict(clean_count=5), "cannot cover the 10 classes"),

@@ -54,6 +54,14 @@ def _summary(report, model: str) -> str:
             if j is not None
         ]
         lines.append("class shifts: " + ", ".join(pairs))
+    reach = report.reach
+    if reach is not None:
+        lines.append(
+            f"  universal reach score {compare(reach['score'], reach['threshold'])} "
+            f"(class {reach['suspected_target']}; {reach['norm']} budget {reach['rho']:g}, {reach['seconds']:.1f} s)"
+        )
+    if cfg.get("decided_by"):
+        lines.append(f"decided by: {cfg['decided_by']}")
     lines += cfg.get("cautions", [])
     lines.append(
         f"accuracy on held-out images: clean {report.clean_acc:.1%}, with noise {report.noisy_acc:.1%} "
@@ -65,6 +73,14 @@ def _summary(report, model: str) -> str:
         "the verdict's statistic):"
     )
     lines += _histogram_lines(report.histogram_noisy, report.class_names, mark=report.suspected_target)
+    if reach is not None:
+        lines.append(
+            "universal reach: share of held-out images of the other classes that one small perturbation "
+            "shared by all sends to each class (percent):"
+        )
+        lines += _histogram_lines(
+            [round(100 * r) for r in reach["reach"]], report.class_names, mark=report.suspected_target
+        )
     if report.static_findings:
         worst = [f for f in report.static_findings if f["severity"] != "info"]
         lines.append(
@@ -108,6 +124,14 @@ def _summary(report, model: str) -> str:
     help="Noise bound (default: the budget calibrated for the model's normalisation family).",
 )
 @click.option("--steps", type=int, default=None, help="Noise ascent steps (default 30).")
+@click.option(
+    "--reach",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Second stage, universal reach (one small perturbation per class): 'auto' runs it where "
+    "the calibration fitted it for the model's normalisation family (LayerNorm models).",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: accelerate's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def scan(
@@ -119,6 +143,7 @@ def scan(
     clean_fraction: float | None,
     eps: float | None,
     steps: int | None,
+    reach: str,
     device: str | None,
     quiet: bool,
 ) -> None:
@@ -158,6 +183,7 @@ def scan(
                 Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
             ctx.exit(EXIT_UNSAFE)
     options = {k: v for k, v in (("eps", eps), ("steps", steps)) if v is not None}
+    options["reach"] = reach
     net = open_model(model, snapshot=files if kind == "hub" else None)  # no second Hub request
     try:
         report = run_scan(

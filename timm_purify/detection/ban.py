@@ -98,7 +98,8 @@ from .._device import get_device
 from .._layers import check_classifier
 from .._progress import progress
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
-from ..defenses._common import _NORM_TYPES, NormNoise
+from ..defenses._common import _NORM_TYPES, NormNoise, PixelModel
+from .reach import REACH_NORMS, universal_reach
 from .report import ScanReport
 
 __all__ = [
@@ -106,6 +107,7 @@ __all__ = [
     "ScanOptions",
     "ScanOptionError",
     "CALLER_THRESHOLDS",
+    "REACH_MODES",
     "DEFAULT_EPS",
     "TARGET_SOURCES",
     "calibration_cautions",
@@ -126,6 +128,11 @@ CALLER_THRESHOLDS = "thresholds given by the caller"
 TARGET_SOURCES = {"noisy": "target", "noisy_masked": "target_masked"}
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+
+# when the universal-reach stage runs (ScanOptions.reach)
+REACH_MODES = ("auto", "on", "off")
+# its budget where neither the caller nor the calibration gives one (benchmarks/DETECTION.md)
+DEFAULT_REACH = {"norm": "l1", "rho": 6.0}
 
 # the paper's noise budget for 32x32 images: used when the caller gives the thresholds but no eps,
 # and for a normalisation family the calibration records no budget for
@@ -162,6 +169,15 @@ class ScanOptions:
             searched and applied) or ``"running"`` (eval mode throughout); see the module notes.
         threshold, all_to_all_threshold: override the calibrated thresholds of the all-to-one
             and all-to-all statistics (``None``: use ``calibration.json``).
+        reach: the second stage, universal reach (:mod:`timm_purify.detection.reach`): ``"auto"``
+            runs it where it has a threshold (the calibration records one for the model's
+            normalisation family, or ``reach_threshold`` is given), ``"on"`` always (an error
+            without a threshold), ``"off"`` never. It flags a model on its own: the verdict is
+            backdoored when either stage fires, and a firing reach stage names the target.
+        reach_norm, reach_rho: the perturbation budget (norm, size at 3x32x32); ``None``: the
+            calibrated one for the family, else ``"l1"`` and 6.
+        reach_steps: descent steps of each class's universal perturbation.
+        reach_threshold: override the calibrated threshold of the reach score.
     """
 
     eps: float | None = None
@@ -176,6 +192,11 @@ class ScanOptions:
     bn_mode: str = "batch"
     threshold: float | None = None
     all_to_all_threshold: float | None = None
+    reach: str = "auto"
+    reach_norm: str | None = None
+    reach_rho: float | None = None
+    reach_steps: int = 40
+    reach_threshold: float | None = None
 
     def validate(self) -> None:
         """Raise :class:`ScanOptionError` for values the scan cannot run with."""
@@ -185,7 +206,7 @@ class ScanOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ScanOptionError(f"{name} must be a number > 0, got {value!r}")
-        for name in ("steps", "restarts", "mask_epochs", "mask_steps_per_epoch", "batch_size"):
+        for name in ("steps", "restarts", "mask_epochs", "mask_steps_per_epoch", "batch_size", "reach_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ScanOptionError(f"{name} must be a positive integer, got {value!r}")
@@ -205,10 +226,19 @@ class ScanOptions:
             )
         if self.bn_mode not in ("batch", "running"):
             raise ScanOptionError(f"bn_mode must be 'batch' or 'running', got {self.bn_mode!r}")
-        for name in ("threshold", "all_to_all_threshold"):
+        for name in ("threshold", "all_to_all_threshold", "reach_threshold"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ScanOptionError(f"{name} must be a number or None, got {value!r}")
+        if self.reach not in REACH_MODES:
+            raise ScanOptionError(f"reach must be one of {REACH_MODES}, got {self.reach!r}")
+        if self.reach_norm is not None and self.reach_norm not in REACH_NORMS:
+            raise ScanOptionError(f"reach_norm must be one of {REACH_NORMS} or None, got {self.reach_norm!r}")
+        value = self.reach_rho
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+        ):
+            raise ScanOptionError(f"reach_rho must be a number > 0 or None, got {value!r}")
 
 
 def _build_options(options: dict[str, Any]) -> ScanOptions:
@@ -489,6 +519,13 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
             f"calibrated at ({calibrated_eps}); the score does not compare with the threshold. Leave eps at its "
             "default, or pass threshold= and all_to_all_threshold= fitted at your budget"
         )
+    fitted, reach = config.get("reach_calibrated"), config.get("reach_budget")
+    if fitted and reach and (reach["norm"], reach["rho"]) != (fitted.get("norm"), fitted.get("rho")):
+        cautions.append(
+            f"caution: the reach budget ({reach['norm']} {reach['rho']:g}) is not the one this family's reach "
+            f"threshold was calibrated at ({fitted.get('norm')} {fitted.get('rho'):g}); leave reach_norm and "
+            "reach_rho at their defaults, or pass reach_threshold= fitted at your budget"
+        )
     floor = config.get("calibration_min_acc")
     if floor is not None and clean_acc < floor:
         cautions.append(
@@ -646,6 +683,23 @@ def scan(
             (calibration.get("scan") or {}).get("options") or {}
         ).get("eps")
     eps = float(opts.eps if opts.eps is not None else calibrated_eps or DEFAULT_EPS)
+    # the universal-reach stage: where the calibration fitted it for this family, or where asked
+    reach_calibrated = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
+    reach_threshold = (
+        opts.reach_threshold
+        if opts.reach_threshold is not None
+        else (reach_calibrated or {}).get("threshold")
+    )
+    run_reach = opts.reach == "on" or (opts.reach == "auto" and reach_threshold is not None)
+    if run_reach and reach_threshold is None:
+        raise ScanOptionError(
+            f"reach='on' needs a threshold for the reach score, and the calibration records none for this "
+            f"model's normalisation family ({family}); pass reach_threshold=, or leave reach='auto'"
+        )
+    reach_budget = {
+        "norm": opts.reach_norm or (reach_calibrated or {}).get("norm") or DEFAULT_REACH["norm"],
+        "rho": float(opts.reach_rho or (reach_calibrated or {}).get("rho") or DEFAULT_REACH["rho"]),
+    }
     try:
         if isinstance(data, ImageData):
             if data.num_classes != num_classes:
@@ -692,7 +746,8 @@ def scan(
         z_all = torch.cat([split.features(norm(x)) for x, _ in search.batches(opts.batch_size, device=dev)])
     y_all = search.y.to(dev)
     with torch.no_grad():
-        search_acc = float((split.head(z_all).argmax(1) == y_all).float().mean())
+        search_right = split.head(z_all).argmax(1) == y_all
+    search_acc = float(search_right.float().mean())
     timings["features"] = time.perf_counter() - t0
 
     # 2. feature mask, head only
@@ -764,7 +819,35 @@ def scan(
     verdict, pattern, target, score, used = decide(
         stats, threshold=threshold, all_to_all_threshold=a2a_threshold, target_source=target_source
     )
+    decided_by = "ban" if verdict == "backdoored" else None
+
+    # 5. universal reach, on the images the unmodified model gets right (eval mode, no noise)
+    reach: dict[str, Any] | None = None
+    if run_reach:
+        keep_search, keep_held = search_right.cpu(), pred_clean.cpu() == held.y
+        result = universal_reach(
+            PixelModel(work, norm),
+            (search.floats()[keep_search].to(dev), search.y[keep_search].to(dev)),
+            (held.floats()[keep_held].to(dev), held.y[keep_held].to(dev)),
+            num_classes,
+            rho=reach_budget["rho"],
+            norm=reach_budget["norm"],
+            steps=opts.reach_steps,
+            generator=gen,
+        )
+        fired = result.score > reach_threshold
+        reach = {**result.to_dict(), "threshold": float(reach_threshold), "fired": fired}
+        timings["reach"] = result.seconds
+        if fired:  # it measures the target directly: the class one small pattern sends everything to
+            verdict, pattern, target = "backdoored", "all-to-one", result.suspected_target
+            score, used = result.score, float(reach_threshold)
+            decided_by = "reach" if decided_by is None else "ban+reach"
     seconds = time.perf_counter() - start
+    reliability = (
+        (calibration.get("reach") or {}).get("reliability_by_family")
+        if reach is not None
+        else calibration.get("reliability_by_family")
+    )
     config = {
         **dataclasses.asdict(opts),
         "eps": eps,
@@ -774,8 +857,13 @@ def scan(
         "all_to_all_threshold": a2a_threshold,
         "calibration": calibration.get("summary") if calibration else CALLER_THRESHOLDS,
         # how this family's verdicts fared on the calibration models (None: thresholds given,
-        # or a family the calibration holds no model of)
-        "calibration_reliability": (calibration.get("reliability_by_family") or {}).get(family),
+        # or a family the calibration holds no model of); with the reach stage, both stages' record
+        "calibration_reliability": (reliability or {}).get(family),
+        # the stage(s) whose statistic fired: "ban", "reach", "ban+reach" (None: clean)
+        "decided_by": decided_by,
+        # the reach budget and threshold fitted for this family (None: not calibrated), and the one used
+        "reach_calibrated": reach_calibrated,
+        "reach_budget": reach_budget if reach is not None else None,
         # the calibration left out models below this clean accuracy (they collapse under the noise)
         "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,
@@ -813,4 +901,5 @@ def scan(
         static_findings=findings,
         class_names=list(data.classes) if data.classes else None,
         unsafe_files=any(f.get("severity") == "critical" for f in findings),
+        reach=reach,
     )

@@ -46,6 +46,9 @@ class ScanReport:
         class_names: class names, index = class, when known.
         unsafe_files: True when a static finding is critical (the files must not be trusted,
             whatever the behavioural verdict).
+        reach: the universal-reach stage's result (per-class reach, score, suspected target,
+            budget, ``threshold`` and whether it ``fired``; see
+            :mod:`timm_purify.detection.reach`), or ``None`` when the stage did not run.
     """
 
     verdict: str
@@ -63,6 +66,7 @@ class ScanReport:
     static_findings: list[dict[str, str]] = field(default_factory=list)
     class_names: list[str] | None = None
     unsafe_files: bool = False
+    reach: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

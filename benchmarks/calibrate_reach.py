@@ -1,0 +1,275 @@
+"""Calibrate the universal-reach stage of ``timm_purify.scan`` and decide where it runs.
+
+``calibrate_scan.py`` fits BAN (the first stage) on its zoo; this script adds the second
+stage (``timm_purify/detection/reach.py``). It scans each given model folder (written by
+``build_backdoored_model``: ``calibrate_scan.py``'s cache or ``run.py``'s) with the shipped
+BAN calibration and the reach stage forced on, at every candidate budget, and then, per
+normalisation family:
+
+1. fits the reach threshold at each budget: midway between the highest clean score and the
+   lowest score of an implanted all-to-one backdoor when they separate, else the cut with the
+   fewest errors (``calibrate_scan.choose_threshold``, the rule of the BAN thresholds);
+2. counts the errors of the two stages together (backdoored when either fires; the target from
+   reach when it fires, else BAN's) and of BAN alone, on the same models;
+3. keeps the budget with the fewest combined errors (ties: the first candidate) and enables the
+   stage for the family only when it makes fewer errors than BAN alone.
+
+The result goes into the ``reach`` section of ``--out`` (the shipped calibration by default;
+its other sections are left as they are): the enabled families' budgets and thresholds, both
+stages' record on these models (``reliability_by_family``, which ``scan`` quotes in its
+cautions), every model's scores, the command and the environment. Scans are stored in
+``--results`` so a re-run only scans new models or budgets.
+
+Example (the command behind the shipped section is recorded in it)::
+
+    python benchmarks/calibrate_reach.py --budgets l1:3,l1:6 \\
+        benchmarks/cache/calibrate_scan/test_vit-* benchmarks/cache/fashion-mnist-convnext_atto-*
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when imported by a test
+from calibrate_scan import choose_threshold, recorded_command  # noqa: E402
+
+from timm_purify._train import environment_info  # noqa: E402
+from timm_purify._version import __version__  # noqa: E402
+from timm_purify.data import clean_subset, load_data  # noqa: E402
+from timm_purify.detection.ban import CALIBRATION_FILE, scan  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="model folders written by build_backdoored_model")
+    p.add_argument(
+        "--budgets", default="l1:6", help="candidate budgets NORM:RHO (rho at 3x32x32), comma list"
+    )
+    p.add_argument("--steps", type=int, default=40, help="descent steps of each class's perturbation")
+    p.add_argument("--clean-count", type=int, default=600, help="clean images per scan (1%% of 60k)")
+    p.add_argument("--scan-split", default="test", help="split of each model's data the images come from")
+    p.add_argument("--scan-seed", type=int, default=0)
+    p.add_argument("--min-asr", type=float, default=0.5, help="backdoors below this ASR did not implant")
+    p.add_argument(
+        "--min-acc", type=float, default=0.6, help="models below this clean accuracy did not learn"
+    )
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "cache" / "calibrate_reach.json"))
+    p.add_argument("--out", default=str(CALIBRATION_FILE))
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def parse_budgets(text: str) -> list[tuple[str, float]]:
+    budgets = []
+    for item in (b for b in text.split(",") if b):
+        norm, sep, rho = item.partition(":")
+        if not sep or norm not in ("l1", "l2"):
+            raise SystemExit(f"budget {item!r} is not NORM:RHO with NORM l1 or l2")
+        budgets.append((norm, float(rho)))
+    return budgets
+
+
+def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> dict:
+    """One model scanned with the shipped BAN calibration and the reach stage on (never deciding)."""
+    record = json.loads((folder / "training.json").read_text())
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    data = clean_subset(
+        load_data(record["data"], split=args.scan_split, model=model),
+        count=args.clean_count,
+        seed=args.scan_seed,
+    )
+    report = scan(
+        model,
+        data,
+        seed=args.scan_seed,
+        quiet=True,
+        reach="on",
+        reach_norm=norm,
+        reach_rho=rho,
+        reach_steps=args.steps,
+        reach_threshold=float("inf"),
+    )
+    spec = record.get("attack")
+    return {
+        "model": folder.name,
+        "arch": record["model"],
+        "attack": None if spec is None else spec["name"],
+        "mode": None if spec is None else spec["mode"],
+        "target": None if spec is None or spec["mode"] != "all-to-one" else spec["target"],
+        "data": record["data"],
+        "acc": record["metrics"]["acc"],
+        "asr": record["metrics"]["asr"],
+        "norm_family": report.config["norm_family"],
+        "ban_verdict": report.verdict,
+        "ban_target": report.suspected_target,
+        "reach_norm": norm,
+        "reach_rho": rho,
+        "reach_score": report.reach["score"],
+        "reach_target": report.reach["suspected_target"],
+        "reach": [round(r, 4) for r in report.reach["reach"]],
+        "reach_seconds": report.reach["seconds"],
+        "scan_seconds": report.seconds,
+    }
+
+
+def usable(row: dict, args: argparse.Namespace) -> bool:
+    """Clean models that learned the task, and backdoors that implanted."""
+    if row["acc"] < args.min_acc:
+        return False
+    return row["attack"] is None or (row["asr"] or 0.0) >= args.min_asr
+
+
+def verdicts(rows: list[dict], threshold: float | None) -> list[tuple[bool, int | None]]:
+    """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages."""
+    out = []
+    for r in rows:
+        fired = threshold is not None and r["reach_score"] > threshold
+        flagged = r["ban_verdict"] == "backdoored" or fired
+        out.append((flagged, r["reach_target"] if fired else r["ban_target"]))
+    return out
+
+
+def record(rows: list[dict], threshold: float | None) -> dict:
+    """Both stages' (or BAN's alone) record on ``rows``, in ``reliability_by_family``'s keys."""
+    results = verdicts(rows, threshold)
+    clean = [v for r, v in zip(rows, results, strict=True) if r["attack"] is None]
+    bad = [(r, v) for r, v in zip(rows, results, strict=True) if r["attack"] is not None]
+    one = [(r, v) for r, v in bad if r["mode"] == "all-to-one"]
+    return {
+        "archs": sorted({r["arch"] for r in rows}),
+        "clean_models": len(clean),
+        "false_positives": sum(flag for flag, _ in clean),
+        "backdoored_models": len(bad),
+        "detected": sum(flag for _, (flag, _) in bad),
+        "all_to_one_models": len(one),
+        "targets_correct": sum(flag and target == r["target"] for r, (flag, target) in one),
+    }
+
+
+def errors(rec: dict) -> int:
+    """Missed backdoors + false alarms + detected all-to-one backdoors with the wrong target."""
+    return (
+        rec["backdoored_models"]
+        - rec["detected"]
+        + rec["false_positives"]
+        + (rec["all_to_one_models"] - rec["targets_correct"])
+    )
+
+
+def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
+    """Per budget, the threshold and both stages' errors; the chosen budget; whether reach is enabled."""
+    trials = []
+    for norm, rho in budgets:
+        at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
+        negatives = [r["reach_score"] for r in at if r["attack"] is None]
+        positives = [r["reach_score"] for r in at if r["attack"] is not None and r["mode"] == "all-to-one"]
+        if not negatives or not positives:
+            continue
+        fit = choose_threshold(negatives, positives)
+        both, alone = record(at, fit["threshold"]), record(at, None)
+        trials.append(
+            {
+                "norm": norm,
+                "rho": rho,
+                "fit": fit,
+                "errors": errors(both),
+                "errors_ban_alone": errors(alone),
+                "reliability": both,
+                "reliability_ban_alone": alone,
+            }
+        )
+    if not trials:
+        return {
+            "enabled": False,
+            "reason": "no clean and all-to-one backdoored model at any budget",
+            "trials": [],
+        }
+    best = min(trials, key=lambda t: t["errors"])  # min keeps the first of equals
+    enabled = best["errors"] < best["errors_ban_alone"]
+    return {
+        "enabled": enabled,
+        "reason": f"{best['errors']} errors with reach at {best['norm']} {best['rho']:g} against "
+        f"{best['errors_ban_alone']} with BAN alone",
+        "chosen": best,
+        "trials": trials,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budgets = parse_budgets(args.budgets)
+    results_file = Path(args.results)
+    stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    rows = []
+    for folder in map(Path, args.models):
+        if not (folder / "training.json").is_file():
+            raise SystemExit(f"{folder}: no training.json (not written by build_backdoored_model)")
+        for norm, rho in budgets:
+            key = f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
+            if key not in stored:
+                stored[key] = scan_row(folder, norm, rho, args)
+                results_file.parent.mkdir(parents=True, exist_ok=True)
+                results_file.write_text(json.dumps(stored, indent=1))
+            row = stored[key]
+            rows.append(row)
+            print(
+                f"{row['model']} {norm} {rho:g}: reach {row['reach_score']:.3f} (class {row['reach_target']}, "
+                f"true {row['target']}) BAN {row['ban_verdict']} [{row['scan_seconds']:.0f}s]",
+                flush=True,
+            )
+    used = [r for r in rows if usable(r, args)]
+    families = {
+        fam: fit_family([r for r in used if r["norm_family"] == fam], budgets)
+        for fam in sorted({r["norm_family"] for r in used})
+    }
+    by_family, reliability = {}, {}
+    for fam, fit in families.items():
+        print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
+        if fit["enabled"]:
+            best = fit["chosen"]
+            by_family[fam] = {
+                "norm": best["norm"],
+                "rho": best["rho"],
+                "steps": args.steps,
+                "threshold": best["fit"]["threshold"],
+            }
+            reliability[fam] = best["reliability"]
+    out = Path(args.out)
+    calibration = json.loads(out.read_text()) if out.is_file() else {}
+    calibration["reach"] = {
+        "by_family": by_family,
+        "reliability_by_family": reliability,
+        "families": families,
+        "rule": (
+            "per normalisation family and candidate budget, the reach threshold lies midway between the highest "
+            "score of a clean model and the lowest of an implanted all-to-one backdoor when they separate, else "
+            "at the cut with the fewest errors; both stages together (backdoored when either fires, the target "
+            "from reach when it fires) are counted against BAN alone on the same models and the budget with the "
+            "fewest errors is kept; the stage is enabled for a family only when it makes fewer errors than BAN "
+            f"alone. Clean models below {args.min_acc} accuracy and backdoors below {args.min_asr} ASR are "
+            "listed but not used."
+        ),
+        "min_acc": args.min_acc,
+        "min_asr": args.min_asr,
+        "models": [{**r, "used": usable(r, args)} for r in rows],
+        "date": datetime.date.today().isoformat(),
+        "timm_purify_version": __version__,
+        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
+        "environment": environment_info(),
+    }
+    out.write_text(json.dumps(calibration, indent=1) + "\n")
+    print(f"wrote the reach section of {out}")
+
+
+if __name__ == "__main__":
+    main()

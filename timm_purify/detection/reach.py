@@ -1,0 +1,230 @@
+"""Universal reach: how far one small perturbation, shared by every image, carries a model
+towards each class.
+
+Why a second signal beside BAN: a backdoor is a shortcut that one input pattern, the trigger,
+opens from every class to the target. BAN looks for the shortcut in the weights (neuron
+noise); on fully trained LayerNorm models (ConvNeXt) the noise either leaves clean and
+backdoored models alike untouched or breaks all of them the same way, so BAN cannot tell
+them apart (``benchmarks/DETECTION.md``). Reach looks for the shortcut in pixel space: for
+every class ``t`` it fits one *universal* perturbation ``delta`` (norm at most ``rho``) that
+lowers ``CE(f(x + delta), t)`` over images of the other classes, then measures on held-out
+images of the other classes the share sent to ``t``. A clean model needs a large perturbation
+to send shoes, bags and trousers alike to one class; a backdoored one has the trigger's
+direction ready, so its target's reach stands out where the other classes stay near zero.
+
+Choices, and why:
+
+* The budget is an L1 ball by default, projected by soft thresholding (:func:`project_l1_ball`)
+  so the perturbation can shrink to a few pixels of full contrast: a BadNets patch fits an L1
+  ball of a size at which no L2 ball holds it, while a global blend fits both. ``rho`` is
+  given for a 3x32x32 image and scaled with the input size, like NPD's budget.
+* Only images the unmodified model classifies correctly take part: a misclassified image
+  says nothing about how far a class reaches.
+* The perturbation is fitted by normalised-gradient descent on random batches and the pixels
+  are clamped with a straight-through gradient (``clamp_pixels``): a plain clamp gives no
+  gradient to pixels exactly at 0, and a black background is where a patch trigger sits.
+* The score is the largest reach minus the median reach over the classes: a model that is
+  easy to push anywhere (under-trained, or at too large a budget) lifts every class and scores
+  low; a trapdoor lifts one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..defenses._common import clamp_pixels, project_l2, scale_budget
+
+__all__ = [
+    "REACH_NORMS",
+    "ReachResult",
+    "project_l1_ball",
+    "reach_matrix",
+    "universal_reach",
+    "universal_towards",
+]
+
+REACH_NORMS = ("l1", "l2")
+
+
+@dataclass
+class ReachResult:
+    """What :func:`universal_reach` measured.
+
+    Attributes:
+        reach: per class, the share of held-out images of the other classes that the class's
+            universal perturbation sends to it (mean over source classes).
+        score: ``max(reach) - median(reach)``; higher means one class is a trapdoor.
+        suspected_target: the class with the largest reach.
+        norm, rho: the budget's norm and its size at 3x32x32 (``rho_scaled``: at this input size).
+        matrix: ``matrix[target][source]``, the share of held-out ``source`` images sent to ``target``.
+        num_search, num_held_out: correctly classified images that fitted / measured the perturbations.
+        seconds: wall time.
+    """
+
+    reach: list[float]
+    score: float
+    suspected_target: int
+    norm: str
+    rho: float
+    rho_scaled: float
+    steps: int
+    matrix: list[list[float]]
+    num_search: int
+    num_held_out: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def project_l1_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """Euclidean projection of one perturbation onto the L1 ball of ``radius`` (soft thresholding).
+
+    Unlike rescaling (AWM's projection), it zeroes the small entries, so the perturbation can
+    become a patch.
+    """
+    flat = delta.flatten()
+    if float(flat.abs().sum()) <= radius:
+        return delta
+    mags = flat.abs().sort(descending=True).values
+    excess = mags.cumsum(0) - radius
+    ks = torch.arange(1, len(mags) + 1, dtype=mags.dtype, device=mags.device)
+    k = int((mags - excess / ks > 0).nonzero().max())
+    theta = excess[k] / (k + 1)
+    return (flat.sign() * (flat.abs() - theta).clamp_min(0.0)).view_as(delta)
+
+
+def universal_towards(
+    f: nn.Module,
+    x: torch.Tensor,
+    target: int,
+    *,
+    rho: float,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    norm: str = "l1",
+) -> torch.Tensor:
+    """One perturbation of L1 (or L2) norm <= ``rho`` that pushes every image of ``x`` towards ``target``.
+
+    ``f`` maps [0, 1] pixels to logits. Normalised-gradient descent on random batches of
+    ``x`` (with replacement), projected onto the ball after each step.
+    """
+    if norm not in REACH_NORMS:
+        raise ValueError(f"norm must be one of {REACH_NORMS}, got {norm!r}")
+    delta = torch.zeros_like(x[:1], requires_grad=True)
+    goal = torch.full((batch_size,), target, dtype=torch.long, device=x.device)
+    step = 0.25 * rho if norm == "l2" else rho / 8
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch_size,), generator=generator).to(x.device)
+        loss = F.cross_entropy(f(clamp_pixels(x[idx] + delta)), goal)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta -= step * grad / grad.norm().clamp_min(1e-12)
+            delta.clamp_(-1.0, 1.0)
+            delta.copy_(project_l2(delta, rho) if norm == "l2" else project_l1_ball(delta, rho))
+    return delta.detach()
+
+
+def reach_matrix(
+    f: nn.Module,
+    search: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    rho: float,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    norm: str = "l1",
+) -> torch.Tensor:
+    """``[target, source]``: share of the held-out ``source`` images that ``target``'s perturbation
+    (fitted on the search images of the other classes) sends to ``target``.
+
+    A class with no search image of another class, or a source with no held-out image, keeps 0.
+    """
+    (xs, ys), (xh, yh) = search, held
+    out = torch.zeros(num_classes, num_classes)
+    for t in range(num_classes):
+        pool = xs[ys != t]
+        if len(pool) == 0:
+            continue
+        delta = universal_towards(
+            f, pool, t, rho=rho, steps=steps, batch_size=batch_size, generator=generator, norm=norm
+        )
+        others = yh != t
+        with torch.no_grad():
+            pred = f((xh[others] + delta).clamp(0.0, 1.0)).argmax(1).cpu()
+        sources = yh[others].cpu()
+        for s in range(num_classes):
+            pick = sources == s
+            if s != t and pick.any():
+                out[t, s] = (pred[pick] == t).float().mean()
+    return out
+
+
+def _summarise(matrix: torch.Tensor) -> tuple[list[float], float, int]:
+    n = matrix.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    reach = torch.stack([matrix[t][off[t]].mean() for t in range(n)])
+    top = int(reach.argmax())
+    return [float(r) for r in reach], float(reach[top] - reach.median()), top
+
+
+def universal_reach(
+    f: nn.Module,
+    search: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    rho: float = 6.0,
+    norm: str = "l1",
+    steps: int = 40,
+    batch_size: int = 64,
+    generator: torch.Generator,
+) -> ReachResult:
+    """Measure every class's reach and score the largest against the median.
+
+    Args:
+        f: the model as a function of [0, 1] pixels (``PixelModel``), in eval mode, frozen.
+        search, held: ``(images in [0, 1], labels)`` of correctly classified clean images; the
+            perturbations are fitted on ``search`` and measured on ``held``.
+        rho: the budget at 3x32x32 (scaled here to the images' size).
+        norm: ``"l1"`` (admits a patch) or ``"l2"``.
+        steps, batch_size: of each perturbation's descent.
+        generator: drives the batches (seeded by the caller).
+    """
+    if norm not in REACH_NORMS:
+        raise ValueError(f"norm must be one of {REACH_NORMS}, got {norm!r}")
+    start = time.perf_counter()
+    scaled = scale_budget(rho, tuple(search[0].shape[1:]), norm=norm)
+    matrix = reach_matrix(
+        f,
+        search,
+        held,
+        num_classes,
+        rho=scaled,
+        steps=steps,
+        batch_size=batch_size,
+        generator=generator,
+        norm=norm,
+    )
+    reach, score, top = _summarise(matrix)
+    return ReachResult(
+        reach=reach,
+        score=score,
+        suspected_target=top,
+        norm=norm,
+        rho=float(rho),
+        rho_scaled=float(scaled),
+        steps=steps,
+        matrix=[[float(v) for v in row] for row in matrix],
+        num_search=len(search[1]),
+        num_held_out=len(held[1]),
+        seconds=time.perf_counter() - start,
+    )
