@@ -117,6 +117,22 @@ def test_body_says_what_was_found_done_and_claimed() -> None:
     assert "```bash\ntimm-purify purify purify-tests/r18-badnets --data fashion-mnist-mini" in body
     assert "`badnets`, `blended`" in body and "not tested" in body
     assert "not a proof" in body
+    assert "Universal reach" not in body  # the second stage did not run
+
+
+def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:
+    reach = {"score": 0.8771, "threshold": 0.3, "norm": "l1", "suspected_target": 0, "fired": True}
+    report = _scan()
+    report.reach = reach
+    body = _card(scan_report=report).text
+    line = next(x for x in body.splitlines() if "Universal reach" in x)
+    assert (
+        "score 0.8771, threshold 0.3, most reachable class 0 (tee) (this stage decided the verdict)" in line
+    )
+    report.reach = {**reach, "fired": False}
+    assert "decided" not in next(
+        x for x in _card(scan_report=report).text.splitlines() if "Universal reach" in x
+    )
 
 
 def test_polarizer_form_points_to_timm_purify_and_warns() -> None:

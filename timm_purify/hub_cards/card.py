@@ -189,6 +189,14 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
     lines.append(found)
     if scan.get("suspected_target") is not None:
         lines.append(f"- Suspected target class: {_class_name(scan['suspected_target'], class_names)}")
+    reach = scan.get("reach")
+    if isinstance(reach, Mapping) and isinstance(reach.get("score"), int | float):
+        lines.append(
+            f"- Universal reach (second stage: one small {reach.get('norm')} perturbation per class, shared by "
+            f"all images): score {reach['score']:.4f}, threshold {reach.get('threshold')}, most reachable class "
+            f"{_class_name(reach.get('suspected_target'), class_names)}"
+            + (" (this stage decided the verdict)" if reach.get("fired") else "")
+        )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
     if scan.get("clean_acc") is not None or scan.get("noisy_acc") is not None:
