@@ -6,11 +6,14 @@ stage (``timm_purify/detection/reach.py``). It scans each given model folder (wr
 BAN calibration and the reach stage forced on, at every candidate budget, and then, per
 normalisation family:
 
-1. fits the reach threshold at each budget: midway between the highest clean score and the
-   lowest score of an implanted all-to-one backdoor when they separate, else the cut with the
-   fewest errors (``calibrate_scan.choose_threshold``, the rule of the BAN thresholds);
-2. counts the errors of the two stages together (backdoored when either fires; the target from
-   reach when it fires, else BAN's) and of BAN alone, on the same models;
+1. fits the reach threshold at each budget above every clean model: midway between the highest
+   clean score and the lowest score above it of an implanted all-to-one backdoor. The stage is
+   there to add detections BAN misses, never false alarms, and the rule BAN's thresholds follow
+   (``calibrate_scan.choose_threshold``: the cut with the fewest errors of the statistic alone)
+   would count the backdoors BAN already finds and buy them with clean models flagged;
+2. counts the errors of the two stages together (as ``scan`` combines them: BAN's verdict and
+   target where BAN fires, else backdoored with reach's target where reach fires) and of BAN
+   alone, on the same models;
 3. keeps the budget with the fewest combined errors (ties: the first candidate) and enables the
    stage for the family only when it makes fewer errors than BAN alone.
 
@@ -38,7 +41,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when imported by a test
-from calibrate_scan import choose_threshold, recorded_command  # noqa: E402
+from calibrate_scan import recorded_command  # noqa: E402
 
 from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
@@ -132,9 +135,11 @@ def verdicts(rows: list[dict], threshold: float | None) -> list[tuple[bool, int 
     """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages."""
     out = []
     for r in rows:
-        fired = threshold is not None and r["reach_score"] > threshold
-        flagged = r["ban_verdict"] == "backdoored" or fired
-        out.append((flagged, r["reach_target"] if fired else r["ban_target"]))
+        if r["ban_verdict"] == "backdoored":
+            out.append((True, r["ban_target"]))
+        else:
+            fired = threshold is not None and r["reach_score"] > threshold
+            out.append((fired, r["reach_target"] if fired else None))
     return out
 
 
@@ -165,6 +170,23 @@ def errors(rec: dict) -> int:
     )
 
 
+def fit_threshold(negatives: list[float], positives: list[float]) -> dict | None:
+    """Midway between the highest clean score and the lowest backdoor score above it (``None``
+    when no backdoor scores above every clean model: the stage could only add false alarms)."""
+    hi_neg = max(negatives)
+    above = [v for v in positives if v > hi_neg]
+    if not above:
+        return None
+    lo = min(above)
+    return {
+        "threshold": (hi_neg + lo) / 2,
+        "margin": (lo - hi_neg) / 2,
+        "highest_clean": hi_neg,
+        "backdoors_above": len(above),
+        "backdoors": len(positives),
+    }
+
+
 def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
     """Per budget, the threshold and both stages' errors; the chosen budget; whether reach is enabled."""
     trials = []
@@ -174,7 +196,9 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
         positives = [r["reach_score"] for r in at if r["attack"] is not None and r["mode"] == "all-to-one"]
         if not negatives or not positives:
             continue
-        fit = choose_threshold(negatives, positives)
+        fit = fit_threshold(negatives, positives)
+        if fit is None:
+            continue
         both, alone = record(at, fit["threshold"]), record(at, None)
         trials.append(
             {
@@ -190,7 +214,7 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
     if not trials:
         return {
             "enabled": False,
-            "reason": "no clean and all-to-one backdoored model at any budget",
+            "reason": "at no budget did an all-to-one backdoor score above every clean model",
             "trials": [],
         }
     best = min(trials, key=lambda t: t["errors"])  # min keeps the first of equals
@@ -252,9 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         "families": families,
         "rule": (
             "per normalisation family and candidate budget, the reach threshold lies midway between the highest "
-            "score of a clean model and the lowest of an implanted all-to-one backdoor when they separate, else "
-            "at the cut with the fewest errors; both stages together (backdoored when either fires, the target "
-            "from reach when it fires) are counted against BAN alone on the same models and the budget with the "
+            "score of a clean model and the lowest score above it of an implanted all-to-one backdoor (so the "
+            "stage flags no clean calibration model); both stages together (BAN's verdict and target where it fires, "
+            "else reach's) are counted against BAN alone on the same models and the budget with the "
             "fewest errors is kept; the stage is enabled for a family only when it makes fewer errors than BAN "
             f"alone. Clean models below {args.min_acc} accuracy and backdoors below {args.min_asr} ASR are "
             "listed but not used."

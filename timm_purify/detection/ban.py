@@ -172,8 +172,9 @@ class ScanOptions:
         reach: the second stage, universal reach (:mod:`timm_purify.detection.reach`): ``"auto"``
             runs it where it has a threshold (the calibration records one for the model's
             normalisation family, or ``reach_threshold`` is given), ``"on"`` always (an error
-            without a threshold), ``"off"`` never. It flags a model on its own: the verdict is
-            backdoored when either stage fires, and a firing reach stage names the target.
+            without a threshold), ``"off"`` never. It is a second stage: where BAN fires, BAN's
+            verdict and target stand; where BAN finds nothing and reach fires, the model is
+            backdoored (all-to-one) and reach names the target.
         reach_norm, reach_rho: the perturbation budget (norm, size at 3x32x32); ``None``: the
             calibrated one for the family, else ``"l1"`` and 6.
         reach_steps: descent steps of each class's universal perturbation.
@@ -838,10 +839,12 @@ def scan(
         fired = result.score > reach_threshold
         reach = {**result.to_dict(), "threshold": float(reach_threshold), "fired": fired}
         timings["reach"] = result.seconds
-        if fired:  # it measures the target directly: the class one small pattern sends everything to
+        if fired and verdict == "clean":  # a second stage: what BAN found stands
             verdict, pattern, target = "backdoored", "all-to-one", result.suspected_target
             score, used = result.score, float(reach_threshold)
-            decided_by = "reach" if decided_by is None else "ban+reach"
+            decided_by = "reach"
+        elif fired:
+            decided_by = "ban+reach"
     seconds = time.perf_counter() - start
     reliability = (
         (calibration.get("reach") or {}).get("reliability_by_family")
@@ -859,7 +862,8 @@ def scan(
         # how this family's verdicts fared on the calibration models (None: thresholds given,
         # or a family the calibration holds no model of); with the reach stage, both stages' record
         "calibration_reliability": (reliability or {}).get(family),
-        # the stage(s) whose statistic fired: "ban", "reach", "ban+reach" (None: clean)
+        # the stage(s) whose statistic fired: "ban", "reach", "ban+reach" (None: clean); BAN's
+        # verdict and target stand where it fired
         "decided_by": decided_by,
         # the reach budget and threshold fitted for this family (None: not calibrated), and the one used
         "reach_calibrated": reach_calibrated,
