@@ -14,8 +14,10 @@ normalisation family:
 2. counts the errors of the two stages together (as ``scan`` combines them: BAN's verdict and
    target where BAN fires, else backdoored with reach's target where reach fires) and of BAN
    alone, on the same models;
-3. keeps the budget with the fewest combined errors (ties: the first candidate) and enables the
-   stage for the family only when it makes fewer errors than BAN alone.
+3. keeps the budget, and whose target stands where both stages find an all-to-one backdoor
+   (BAN's or reach's), with the fewest combined errors (ties: the first candidate, BAN's
+   target), and enables the stage for the family only when it makes fewer errors than BAN
+   alone.
 
 The result goes into the ``reach`` section of ``--out`` (the shipped calibration by default;
 its other sections are left as they are): the enabled families' budgets and thresholds, both
@@ -49,6 +51,8 @@ from timm_purify.data import clean_subset, load_data  # noqa: E402
 from timm_purify.detection.ban import CALIBRATION_FILE, scan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# whose suspected target stands where both stages find an all-to-one backdoor (chosen per family)
+WHEN_BOTH = ("ban", "reach")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,21 +135,31 @@ def usable(row: dict, args: argparse.Namespace) -> bool:
     return row["attack"] is None or (row["asr"] or 0.0) >= args.min_asr
 
 
-def verdicts(rows: list[dict], threshold: float | None) -> list[tuple[bool, int | None]]:
-    """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages."""
+def verdicts(
+    rows: list[dict], threshold: float | None, when_both: str = "ban"
+) -> list[tuple[bool, int | None]]:
+    """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages, as
+    ``scan`` combines them; ``when_both`` names whose target stands where both found an
+    all-to-one backdoor."""
     out = []
     for r in rows:
+        fired = threshold is not None and r["reach_score"] > threshold
         if r["ban_verdict"] == "backdoored":
-            out.append((True, r["ban_target"]))
+            all_to_one = r["ban_target"] is not None
+            out.append(
+                (
+                    True,
+                    r["reach_target"] if fired and all_to_one and when_both == "reach" else r["ban_target"],
+                )
+            )
         else:
-            fired = threshold is not None and r["reach_score"] > threshold
             out.append((fired, r["reach_target"] if fired else None))
     return out
 
 
-def record(rows: list[dict], threshold: float | None) -> dict:
+def record(rows: list[dict], threshold: float | None, when_both: str = "ban") -> dict:
     """Both stages' (or BAN's alone) record on ``rows``, in ``reliability_by_family``'s keys."""
-    results = verdicts(rows, threshold)
+    results = verdicts(rows, threshold, when_both)
     clean = [v for r, v in zip(rows, results, strict=True) if r["attack"] is None]
     bad = [(r, v) for r, v in zip(rows, results, strict=True) if r["attack"] is not None]
     one = [(r, v) for r, v in bad if r["mode"] == "all-to-one"]
@@ -156,18 +170,15 @@ def record(rows: list[dict], threshold: float | None) -> dict:
         "backdoored_models": len(bad),
         "detected": sum(flag for _, (flag, _) in bad),
         "all_to_one_models": len(one),
+        "all_to_one_detected": sum(flag for _, (flag, _) in one),
         "targets_correct": sum(flag and target == r["target"] for r, (flag, target) in one),
     }
 
 
 def errors(rec: dict) -> int:
     """Missed backdoors + false alarms + detected all-to-one backdoors with the wrong target."""
-    return (
-        rec["backdoored_models"]
-        - rec["detected"]
-        + rec["false_positives"]
-        + (rec["all_to_one_models"] - rec["targets_correct"])
-    )
+    missed = rec["backdoored_models"] - rec["detected"]
+    return missed + rec["false_positives"] + rec["all_to_one_detected"] - rec["targets_correct"]
 
 
 def fit_threshold(negatives: list[float], positives: list[float]) -> dict | None:
@@ -199,29 +210,33 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
         fit = fit_threshold(negatives, positives)
         if fit is None:
             continue
-        both, alone = record(at, fit["threshold"]), record(at, None)
-        trials.append(
-            {
-                "norm": norm,
-                "rho": rho,
-                "fit": fit,
-                "errors": errors(both),
-                "errors_ban_alone": errors(alone),
-                "reliability": both,
-                "reliability_ban_alone": alone,
-            }
-        )
+        alone = record(at, None)
+        for when_both in WHEN_BOTH:
+            both = record(at, fit["threshold"], when_both)
+            trials.append(
+                {
+                    "norm": norm,
+                    "rho": rho,
+                    "target_when_both": when_both,
+                    "fit": fit,
+                    "errors": errors(both),
+                    "errors_ban_alone": errors(alone),
+                    "reliability": both,
+                    "reliability_ban_alone": alone,
+                }
+            )
     if not trials:
         return {
             "enabled": False,
             "reason": "at no budget did an all-to-one backdoor score above every clean model",
             "trials": [],
         }
-    best = min(trials, key=lambda t: t["errors"])  # min keeps the first of equals
+    best = min(trials, key=lambda t: t["errors"])  # min keeps the first of equals (BAN's target)
     enabled = best["errors"] < best["errors_ban_alone"]
     return {
         "enabled": enabled,
-        "reason": f"{best['errors']} errors with reach at {best['norm']} {best['rho']:g} against "
+        "reason": f"{best['errors']} errors with reach at {best['norm']} {best['rho']:g} "
+        f"({best['target_when_both']}'s target where both fire) against "
         f"{best['errors_ban_alone']} with BAN alone",
         "chosen": best,
         "trials": trials,
@@ -266,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                 "rho": best["rho"],
                 "steps": args.steps,
                 "threshold": best["fit"]["threshold"],
+                "target_when_both": best["target_when_both"],
             }
             reliability[fam] = best["reliability"]
     out = Path(args.out)

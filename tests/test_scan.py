@@ -267,6 +267,23 @@ def test_reach_runs_where_the_calibration_fitted_it(monkeypatch):
     assert scan(trapdoor, clean_images(), reach="off", **cheap).reach is None
 
 
+@pytest.mark.parametrize("when_both, expected", [("ban", 5), ("reach", TARGET)])
+def test_where_both_stages_fire_the_calibrated_stage_names_the_target(monkeypatch, when_both, expected):
+    """BAN's verdict stands where it fires; whose target is reported follows the calibration."""
+    _, trapdoor = pixel_models()
+    shipped = load_calibration()
+    fitted = {"norm": "l1", "rho": 6.0, "steps": 20, "threshold": 0.5, "target_when_both": when_both}
+    monkeypatch.setattr(
+        ban, "load_calibration", lambda: {**shipped, "reach": {"by_family": {"other": fitted}}}
+    )
+    # BAN (its decision stubbed) names class 5 with a score of 0.9
+    monkeypatch.setattr(ban, "decide", lambda *a, **k: ("backdoored", "all-to-one", 5, 0.9, 0.2))
+    report = scan(trapdoor, clean_images(), quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=200)
+    assert report.reach["fired"] and report.reach["suspected_target"] == TARGET
+    assert report.config["decided_by"] == "ban+reach"
+    assert (report.score, report.threshold, report.suspected_target) == (0.9, 0.2, expected)
+
+
 # ------------------------------------------------------------------ the statistic
 
 
@@ -442,6 +459,49 @@ def test_calibration_file_documents_its_provenance():
         assert rel["targets_correct"] == sum(
             bool(m["target_found"]) for m in bad if m["mode"] == "all-to-one"
         )
+
+
+def test_the_reach_calibration_matches_its_recorded_scans():
+    """Each enabled family's reach threshold sits above every clean model's score at its budget,
+    and the record the reports quote is what the listed scans give with both stages combined
+    as ``scan`` combines them (BAN's verdict where it fired, else reach's)."""
+    section = load_calibration()["reach"]
+    assert section["command"].startswith("python benchmarks/calibrate_reach.py")
+    assert section["date"] and section["models"] and section["rule"]
+    assert set(section["by_family"]) == set(section["reliability_by_family"])
+    assert section["by_family"], "the shipped calibration enables the reach stage for no family"
+
+    def verdict(m: dict, threshold: float) -> tuple[bool, int | None]:
+        fired = m["reach_score"] > threshold
+        if m["ban_verdict"] == "backdoored":
+            if fired and m["ban_target"] is not None and when_both == "reach":
+                return True, m["reach_target"]
+            return True, m["ban_target"]
+        return fired, m["reach_target"] if fired else None
+
+    for family, fitted in section["by_family"].items():
+        cut, when_both = fitted["threshold"], fitted["target_when_both"]
+        rows = [
+            m
+            for m in section["models"]
+            if m["used"]
+            and m["norm_family"] == family
+            and (m["reach_norm"], m["reach_rho"]) == (fitted["norm"], fitted["rho"])
+        ]
+        clean = [m for m in rows if m["attack"] is None]
+        bad = [m for m in rows if m["attack"] is not None]
+        assert max(m["reach_score"] for m in clean) < fitted["threshold"]
+
+        rel = section["reliability_by_family"][family]
+        assert (rel["clean_models"], rel["false_positives"]) == (
+            len(clean),
+            sum(verdict(m, cut)[0] for m in clean),
+        )
+        assert (rel["backdoored_models"], rel["detected"]) == (len(bad), sum(verdict(m, cut)[0] for m in bad))
+        one = [m for m in bad if m["mode"] == "all-to-one"]
+        assert rel["targets_correct"] == sum(verdict(m, cut) == (True, m["target"]) for m in one)
+        chosen = section["families"][family]["chosen"]
+        assert chosen["errors"] < chosen["errors_ban_alone"]
 
 
 def test_the_noise_budget_is_the_one_calibrated_for_the_models_family(clean_model, monkeypatch):

@@ -173,8 +173,9 @@ class ScanOptions:
             runs it where it has a threshold (the calibration records one for the model's
             normalisation family, or ``reach_threshold`` is given), ``"on"`` always (an error
             without a threshold), ``"off"`` never. It is a second stage: where BAN fires, BAN's
-            verdict and target stand; where BAN finds nothing and reach fires, the model is
-            backdoored (all-to-one) and reach names the target.
+            verdict stands (and its target, unless the calibration found reach's the better
+            one for the family, ``target_when_both``); where BAN finds nothing and reach fires,
+            the model is backdoored (all-to-one) and reach names the target.
         reach_norm, reach_rho: the perturbation budget (norm, size at 3x32x32); ``None``: the
             calibrated one for the family, else ``"l1"`` and 6.
         reach_steps: descent steps of each class's universal perturbation.
@@ -845,6 +846,9 @@ def scan(
             decided_by = "reach"
         elif fired:
             decided_by = "ban+reach"
+            # whose target stands where both stages name one: chosen per family by the calibration
+            if pattern == "all-to-one" and (reach_calibrated or {}).get("target_when_both") == "reach":
+                target = result.suspected_target
     seconds = time.perf_counter() - start
     reliability = (
         (calibration.get("reach") or {}).get("reliability_by_family")
