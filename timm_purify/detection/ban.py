@@ -29,6 +29,12 @@ What runs (the reference code's order and defaults, ``shared/notes/methods.md``)
    all-to-all, each compared with a threshold calibrated on clean and backdoored models
    (``calibration.json`` beside this file, written by ``benchmarks/calibrate_scan.py``;
    :func:`decide`).
+5. Universal reach (:mod:`timm_purify.detection.reach`), where the calibration enabled it for
+   the model's normalisation family (``benchmarks/calibrate_reach.py``: LayerNorm models,
+   where the noise does not reach the shortcut of a converged ConvNeXt): per class one small
+   perturbation shared by all images, and how many images of the other classes it sends to
+   the class. A second stage: it flags a model BAN found clean; where BAN fired, BAN's
+   verdict stands.
 
 Where this departs from the reference, and why:
 
@@ -850,10 +856,13 @@ def scan(
             if pattern == "all-to-one" and (reach_calibrated or {}).get("target_when_both") == "reach":
                 target = result.suspected_target
     seconds = time.perf_counter() - start
+    # the record each report quotes: both stages' where the reach stage ran and was calibrated
+    # for the family, else BAN's alone
+    both_stages = ((calibration.get("reach") or {}).get("reliability_by_family") or {}).get(family)
     reliability = (
-        (calibration.get("reach") or {}).get("reliability_by_family")
-        if reach is not None
-        else calibration.get("reliability_by_family")
+        both_stages
+        if reach is not None and both_stages
+        else (calibration.get("reliability_by_family") or {}).get(family)
     )
     config = {
         **dataclasses.asdict(opts),
@@ -865,7 +874,7 @@ def scan(
         "calibration": calibration.get("summary") if calibration else CALLER_THRESHOLDS,
         # how this family's verdicts fared on the calibration models (None: thresholds given,
         # or a family the calibration holds no model of); with the reach stage, both stages' record
-        "calibration_reliability": (reliability or {}).get(family),
+        "calibration_reliability": reliability,
         # the stage(s) whose statistic fired: "ban", "reach", "ban+reach" (None: clean); BAN's
         # verdict and target stand where it fired
         "decided_by": decided_by,
