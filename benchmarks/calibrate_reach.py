@@ -7,10 +7,12 @@ BAN calibration and the reach stage forced on, at every candidate budget, and th
 normalisation family:
 
 1. fits the reach threshold at each budget above every clean model: midway between the highest
-   clean score and the lowest score above it of an implanted all-to-one backdoor. The stage is
-   there to add detections BAN misses, never false alarms, and the rule BAN's thresholds follow
-   (``calibrate_scan.choose_threshold``: the cut with the fewest errors of the statistic alone)
-   would count the backdoors BAN already finds and buy them with clean models flagged;
+   clean score and the lowest score above it of an implanted all-to-one backdoor that BAN
+   missed. The stage is there to add the detections BAN misses, never false alarms: the rule
+   BAN's thresholds follow (``calibrate_scan.choose_threshold``: the cut with the fewest errors
+   of the statistic alone) would count the backdoors BAN already finds and buy them with clean
+   models flagged, and a cut just above the clean models to catch one of those would leave no
+   margin for the next clean model;
 2. counts the errors of the two stages together (as ``scan`` combines them: BAN's verdict and
    target where BAN fires, else backdoored with reach's target where reach fires) and of BAN
    alone, on the same models;
@@ -182,8 +184,9 @@ def errors(rec: dict) -> int:
 
 
 def fit_threshold(negatives: list[float], positives: list[float]) -> dict | None:
-    """Midway between the highest clean score and the lowest backdoor score above it (``None``
-    when no backdoor scores above every clean model: the stage could only add false alarms)."""
+    """Midway between the highest clean score (``negatives``) and the lowest score above it of
+    the backdoors BAN missed (``positives``); ``None`` when none scores above every clean model:
+    the stage could then only add false alarms."""
     hi_neg = max(negatives)
     above = [v for v in positives if v > hi_neg]
     if not above:
@@ -204,7 +207,11 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
     for norm, rho in budgets:
         at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
         negatives = [r["reach_score"] for r in at if r["attack"] is None]
-        positives = [r["reach_score"] for r in at if r["attack"] is not None and r["mode"] == "all-to-one"]
+        positives = [  # the all-to-one backdoors the stage is there to add
+            r["reach_score"]
+            for r in at
+            if r["attack"] is not None and r["mode"] == "all-to-one" and r["ban_verdict"] != "backdoored"
+        ]
         if not negatives or not positives:
             continue
         fit = fit_threshold(negatives, positives)
@@ -228,7 +235,7 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
     if not trials:
         return {
             "enabled": False,
-            "reason": "at no budget did an all-to-one backdoor score above every clean model",
+            "reason": "at no budget did an all-to-one backdoor BAN missed score above every clean model",
             "trials": [],
         }
     best = min(trials, key=lambda t: t["errors"])  # min keeps the first of equals (BAN's target)
@@ -292,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         "families": families,
         "rule": (
             "per normalisation family and candidate budget, the reach threshold lies midway between the highest "
-            "score of a clean model and the lowest score above it of an implanted all-to-one backdoor (so the "
-            "stage flags no clean calibration model); both stages together (BAN's verdict and target where it fires, "
+            "score of a clean model and the lowest score above it of an implanted all-to-one backdoor BAN missed "
+            "(so the stage flags no clean calibration model and keeps a margin); both stages together (BAN's verdict and target where it fires, "
             "else reach's) are counted against BAN alone on the same models and the budget with the "
             "fewest errors is kept; the stage is enabled for a family only when it makes fewer errors than BAN "
             f"alone. Clean models below {args.min_acc} accuracy and backdoors below {args.min_asr} ASR are "
