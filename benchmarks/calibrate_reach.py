@@ -6,20 +6,20 @@ stage (``timm_purify/detection/reach.py``). It scans each given model folder (wr
 BAN calibration and the reach stage forced on, at every candidate budget, and then, per
 normalisation family:
 
-1. fits the reach threshold at each budget above every clean model: midway between the highest
-   clean score and the lowest score above it of an implanted all-to-one backdoor that BAN
-   missed. The stage is there to add the detections BAN misses, never false alarms: the rule
-   BAN's thresholds follow (``calibrate_scan.choose_threshold``: the cut with the fewest errors
-   of the statistic alone) would count the backdoors BAN already finds and buy them with clean
-   models flagged, and a cut just above the clean models to catch one of those would leave no
-   margin for the next clean model;
+1. lists candidate reach thresholds at each budget, all above every clean model: midway
+   between the highest clean score and each score above it of an implanted all-to-one backdoor
+   that BAN missed. The stage is there to add the detections BAN misses, never false alarms:
+   the rule BAN's thresholds follow (``calibrate_scan.choose_threshold``: the cut with the
+   fewest errors of the statistic alone) would count the backdoors BAN already finds and buy
+   them with clean models flagged;
 2. counts the errors of the two stages together (as ``scan`` combines them: BAN's verdict and
    target where BAN fires, else backdoored with reach's target where reach fires) and of BAN
    alone, on the same models;
-3. keeps the budget, and whose target stands where both stages find an all-to-one backdoor
-   (BAN's or reach's), with the fewest combined errors (ties: the first candidate, BAN's
-   target), and enables the stage for the family only when it makes fewer errors than BAN
-   alone.
+3. keeps the budget, the cut, and whose target stands where both stages find an all-to-one
+   backdoor (BAN's or reach's) with the fewest combined errors; among equals the widest margin
+   above the clean models (a cut just above them leaves none for the next clean model), then
+   the first budget and BAN's target; and enables the stage for the family only when it makes
+   fewer errors than BAN alone.
 
 The result goes into the ``reach`` section of ``--out`` (the shipped calibration by default;
 its other sections are left as they are): the enabled families' budgets and thresholds, both
@@ -29,14 +29,15 @@ cautions), every model's scores, the command and the environment. Scans are stor
 
 Example (the command behind the shipped section is recorded in it)::
 
-    python benchmarks/calibrate_reach.py --budgets l1:3,l1:6 \\
-        benchmarks/cache/calibrate_scan/test_vit-* benchmarks/cache/fashion-mnist-convnext_atto-*
+    python benchmarks/calibrate_reach.py --budgets l2:1,l1:6 \\
+        'benchmarks/cache/calibrate_scan/test_vit-*' 'benchmarks/cache/fashion-mnist-convnext_atto-*'
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import sys
 from pathlib import Path
@@ -59,7 +60,12 @@ WHEN_BOTH = ("ban", "reach")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", help="model folders written by build_backdoored_model")
+    p.add_argument(
+        "models",
+        nargs="+",
+        help="model folders written by build_backdoored_model, or quoted glob patterns of them "
+        "(kept as patterns in the recorded command)",
+    )
     p.add_argument(
         "--budgets", default="l1:6", help="candidate budgets NORM:RHO (rho at 3x32x32), comma list"
     )
@@ -183,26 +189,21 @@ def errors(rec: dict) -> int:
     return missed + rec["false_positives"] + rec["all_to_one_detected"] - rec["targets_correct"]
 
 
-def fit_threshold(negatives: list[float], positives: list[float]) -> dict | None:
-    """Midway between the highest clean score (``negatives``) and the lowest score above it of
-    the backdoors BAN missed (``positives``); ``None`` when none scores above every clean model:
-    the stage could then only add false alarms."""
+def threshold_candidates(negatives: list[float], positives: list[float]) -> list[dict]:
+    """Cuts above every clean score (``negatives``): midway between the highest of them and each
+    score above it of a backdoor BAN missed (``positives``), lowest first. Empty when no such
+    backdoor scores above every clean model: the stage could then only add false alarms."""
     hi_neg = max(negatives)
-    above = [v for v in positives if v > hi_neg]
-    if not above:
-        return None
-    lo = min(above)
-    return {
-        "threshold": (hi_neg + lo) / 2,
-        "margin": (lo - hi_neg) / 2,
-        "highest_clean": hi_neg,
-        "backdoors_above": len(above),
-        "backdoors": len(positives),
-    }
+    return [
+        {"threshold": (hi_neg + v) / 2, "margin": (v - hi_neg) / 2, "highest_clean": hi_neg}
+        for v in sorted({v for v in positives if v > hi_neg})
+    ]
 
 
 def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
-    """Per budget, the threshold and both stages' errors; the chosen budget; whether reach is enabled."""
+    """Every (budget, cut, whose target where both fire) with both stages' errors on ``rows``; the
+    chosen one (fewest errors, then the widest margin above the clean models, then the first);
+    whether reach is enabled (fewer errors than BAN alone)."""
     trials = []
     for norm, rho in budgets:
         at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
@@ -214,36 +215,36 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
         ]
         if not negatives or not positives:
             continue
-        fit = fit_threshold(negatives, positives)
-        if fit is None:
-            continue
         alone = record(at, None)
-        for when_both in WHEN_BOTH:
-            both = record(at, fit["threshold"], when_both)
-            trials.append(
-                {
-                    "norm": norm,
-                    "rho": rho,
-                    "target_when_both": when_both,
-                    "fit": fit,
-                    "errors": errors(both),
-                    "errors_ban_alone": errors(alone),
-                    "reliability": both,
-                    "reliability_ban_alone": alone,
-                }
-            )
+        for fit in threshold_candidates(negatives, positives):
+            for when_both in WHEN_BOTH:
+                both = record(at, fit["threshold"], when_both)
+                trials.append(
+                    {
+                        "norm": norm,
+                        "rho": rho,
+                        "target_when_both": when_both,
+                        "fit": fit,
+                        "errors": errors(both),
+                        "errors_ban_alone": errors(alone),
+                        "reliability": both,
+                        "reliability_ban_alone": alone,
+                    }
+                )
     if not trials:
         return {
             "enabled": False,
             "reason": "at no budget did an all-to-one backdoor BAN missed score above every clean model",
             "trials": [],
         }
-    best = min(trials, key=lambda t: t["errors"])  # min keeps the first of equals (BAN's target)
+    # fewest errors; then the widest margin (a cut just above the clean models leaves none for the
+    # next clean model); min keeps the first of equals (the first budget, BAN's target)
+    best = min(trials, key=lambda t: (t["errors"], -t["fit"]["margin"]))
     enabled = best["errors"] < best["errors_ban_alone"]
     return {
         "enabled": enabled,
-        "reason": f"{best['errors']} errors with reach at {best['norm']} {best['rho']:g} "
-        f"({best['target_when_both']}'s target where both fire) against "
+        "reason": f"{best['errors']} errors with reach at {best['norm']} {best['rho']:g}, threshold "
+        f"{best['fit']['threshold']:.3f} ({best['target_when_both']}'s target where both fire) against "
         f"{best['errors_ban_alone']} with BAN alone",
         "chosen": best,
         "trials": trials,
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = []
-    for folder in map(Path, args.models):
+    folders = [Path(m) for pattern in args.models for m in (sorted(glob.glob(pattern)) or [pattern])]
+    for folder in folders:
         if not (folder / "training.json").is_file():
             raise SystemExit(f"{folder}: no training.json (not written by build_backdoored_model)")
         for norm, rho in budgets:
@@ -298,11 +300,11 @@ def main(argv: list[str] | None = None) -> None:
         "reliability_by_family": reliability,
         "families": families,
         "rule": (
-            "per normalisation family and candidate budget, the reach threshold lies midway between the highest "
-            "score of a clean model and the lowest score above it of an implanted all-to-one backdoor BAN missed "
-            "(so the stage flags no clean calibration model and keeps a margin); both stages together (BAN's verdict and target where it fires, "
-            "else reach's) are counted against BAN alone on the same models and the budget with the "
-            "fewest errors is kept; the stage is enabled for a family only when it makes fewer errors than BAN "
+            "per normalisation family and candidate budget, the candidate reach thresholds lie midway between the "
+            "highest score of a clean model and each score above it of an implanted all-to-one backdoor BAN missed "
+            "(so the stage flags no clean calibration model); both stages together (BAN's verdict and target where it fires, "
+            "else reach's) are counted against BAN alone on the same models and the budget, cut and "
+            "target rule with the fewest errors are kept (ties: the widest margin above the clean models); the stage is enabled for a family only when it makes fewer errors than BAN "
             f"alone. Clean models below {args.min_acc} accuracy and backdoors below {args.min_asr} ASR are "
             "listed but not used."
         ),

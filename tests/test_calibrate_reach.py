@@ -26,11 +26,25 @@ def _row(attack, score, *, ban="clean", ban_target=None, reach_target=0, target=
     }
 
 
-def test_the_threshold_sits_above_every_clean_model(cal):
-    fit = cal.fit_threshold([0.05, 0.1], [0.08, 0.5, 0.9])
-    assert fit["threshold"] == pytest.approx(0.3) and fit["backdoors_above"] == 2
+def test_every_candidate_cut_sits_above_every_clean_model(cal):
+    cuts = cal.threshold_candidates([0.05, 0.1], [0.08, 0.5, 0.9, 0.5])
+    assert [c["threshold"] for c in cuts] == pytest.approx([0.3, 0.5])
+    assert [c["margin"] for c in cuts] == pytest.approx([0.2, 0.4])
     # no backdoor above the clean models: the stage could only add false alarms
-    assert cal.fit_threshold([0.05, 0.6], [0.2, 0.5]) is None
+    assert cal.threshold_candidates([0.05, 0.6], [0.2, 0.5]) == []
+
+
+def test_among_equally_good_cuts_the_widest_margin_wins(cal):
+    """A backdoor BAN missed scores just above the clean models but with the wrong target:
+    catching it gains nothing (a wrong target is an error too), so the cut keeps its distance."""
+    rows = [
+        _row(None, 0.10),
+        _row("sig", 0.13, reach_target=6, target=5),
+        _row("badnets", 0.88, reach_target=0, target=0),
+    ]
+    best = cal.fit_family(rows, [("l2", 1.0)])["chosen"]
+    assert best["fit"]["threshold"] == pytest.approx((0.10 + 0.88) / 2)
+    assert (best["errors"], best["errors_ban_alone"]) == (1, 2)
 
 
 def test_reach_is_enabled_only_where_it_beats_ban_alone(cal):

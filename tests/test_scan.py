@@ -231,7 +231,7 @@ def test_reach_alone_finds_a_trapdoor_ban_cannot_see(tmp_path):
     assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-one", TARGET)
     assert (report.score, report.threshold) == (reach["score"], 0.5)
     assert report.config["decided_by"] == "reach"
-    assert report.config["reach_budget"] == {"norm": "l1", "rho": 6.0}
+    assert report.config["reach_budget"] == {"norm": "l2", "rho": 1.0}  # the LayerNorm family's
     assert reach["num_search"] + reach["num_held_out"] <= 600
     assert len(reach["matrix"]) == 10 and "reach" in report.config["stage_seconds"]
     report.to_json(tmp_path / "r.json")

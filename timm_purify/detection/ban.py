@@ -138,7 +138,7 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 # when the universal-reach stage runs (ScanOptions.reach)
 REACH_MODES = ("auto", "on", "off")
 # its budget where neither the caller nor the calibration gives one (benchmarks/DETECTION.md)
-DEFAULT_REACH = {"norm": "l1", "rho": 6.0}
+DEFAULT_REACH = {"norm": "l2", "rho": 1.0}
 
 # the paper's noise budget for 32x32 images: used when the caller gives the thresholds but no eps,
 # and for a normalisation family the calibration records no budget for
@@ -183,7 +183,7 @@ class ScanOptions:
             one for the family, ``target_when_both``); where BAN finds nothing and reach fires,
             the model is backdoored (all-to-one) and reach names the target.
         reach_norm, reach_rho: the perturbation budget (norm, size at 3x32x32); ``None``: the
-            calibrated one for the family, else ``"l1"`` and 6.
+            calibrated one for the family, else ``"l2"`` and 1 (the LayerNorm family's).
         reach_steps: descent steps of each class's universal perturbation.
         reach_threshold: override the calibrated threshold of the reach score.
     """

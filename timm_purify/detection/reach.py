@@ -14,10 +14,12 @@ direction ready, so its target's reach stands out where the other classes stay n
 
 Choices, and why:
 
-* The budget is an L1 ball by default, projected by soft thresholding (:func:`project_l1_ball`)
-  so the perturbation can shrink to a few pixels of full contrast: a BadNets patch fits an L1
-  ball of a size at which no L2 ball holds it, while a global blend fits both. ``rho`` is
-  given for a 3x32x32 image and scaled with the input size, like NPD's budget.
+* The budget is an L2 ball (default, rho 1: the one ``benchmarks/calibrate_reach.py`` chose for
+  LayerNorm models, where it finds both the BadNets patch and the Blended trigger of a
+  converged ConvNeXt) or an L1 ball, projected by soft thresholding (:func:`project_l1_ball`) so
+  the perturbation can shrink to a few pixels of full contrast: it suits a patch (found on
+  under-trained ResNets where L2 was not) and misses a global blend. ``rho`` is given for a
+  3x32x32 image and scaled with the input size, like NPD's budget.
 * Only images the unmodified model classifies correctly take part: a misclassified image
   says nothing about how far a class reaches.
 * The perturbation is fitted by normalised-gradient descent on random batches and the pixels
@@ -182,8 +184,8 @@ def universal_reach(
     held: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     *,
-    rho: float = 6.0,
-    norm: str = "l1",
+    rho: float = 1.0,
+    norm: str = "l2",
     steps: int = 40,
     batch_size: int = 64,
     generator: torch.Generator,
@@ -195,7 +197,7 @@ def universal_reach(
         search, held: ``(images in [0, 1], labels)`` of correctly classified clean images; the
             perturbations are fitted on ``search`` and measured on ``held``.
         rho: the budget at 3x32x32 (scaled here to the images' size).
-        norm: ``"l1"`` (admits a patch) or ``"l2"``.
+        norm: ``"l2"`` or ``"l1"`` (admits a patch, misses a blend).
         steps, batch_size: of each perturbation's descent.
         generator: drives the batches (seeded by the caller).
     """
