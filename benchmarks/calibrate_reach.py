@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         "rule": (
             "per normalisation family and candidate budget, the candidate reach thresholds lie midway between the "
             "highest score of a clean model and each score above it of an implanted all-to-one backdoor BAN missed "
-            "(so the stage flags no clean calibration model); both stages together (BAN's verdict and target where it fires, "
-            "else reach's) are counted against BAN alone on the same models and the budget, cut and "
+            "(so the stage flags no clean calibration model); both stages together (BAN's verdict where it fires, with BAN's or "
+            "reach's target as chosen, else reach's verdict and target) are counted against BAN alone on the same models and the budget, cut and "
             "target rule with the fewest errors are kept (ties: the widest margin above the clean models); the stage is enabled for a family only when it makes fewer errors than BAN "
             f"alone. Clean models below {args.min_acc} accuracy and backdoors below {args.min_asr} ASR are "
             "listed but not used."

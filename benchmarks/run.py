@@ -368,6 +368,62 @@ def _budget_lines(selection: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def _reach_section() -> list[str]:
+    """The scan's second stage (the ``reach`` section of ``calibration.json``, written by
+    ``benchmarks/calibrate_reach.py``): where it runs, both stages' record against BAN's alone,
+    and every model's reach score at each candidate budget."""
+    from timm_purify.detection import load_calibration
+
+    section = load_calibration().get("reach")
+    if not section:
+        return []
+    lines = [
+        "## Detection: the universal-reach stage",
+        "",
+        f"From the `reach` section of `timm_purify/detection/calibration.json` ({section['date']}); "
+        f"regenerate with `{section['command']}`. Rule: {section['rule']}",
+        "",
+        "| family | enabled | budget | threshold | target where both fire | errors, both stages / BAN alone "
+        "| clean flagged | backdoors detected (BAN alone) | right targets (BAN alone) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for fam, fit in section["families"].items():
+        best = fit.get("chosen")
+        if best is None:
+            lines.append(f"| {fam} | no | - | - | - | - | - | - | - |")
+            continue
+        both, alone = best["reliability"], best["reliability_ban_alone"]
+        lines.append(
+            f"| {fam} | {'yes' if fit['enabled'] else 'no'} | {best['norm']} {best['rho']:g} | "
+            f"{best['fit']['threshold']:.3f} | {best['target_when_both']} | {best['errors']} / {best['errors_ban_alone']} | "
+            f"{both['false_positives']}/{both['clean_models']} | {both['detected']}/{both['backdoored_models']} "
+            f"({alone['detected']}) | {both['targets_correct']}/{both['all_to_one_models']} ({alone['targets_correct']}) |"
+        )
+    budgets = sorted({(m["reach_norm"], m["reach_rho"]) for m in section["models"]})
+    lines += [
+        "",
+        "| model | attack | ACC | ASR | BAN: verdict (target) | "
+        + " | ".join(f"reach {n} {r:g}: score (class)" for n, r in budgets)
+        + " | true target | used |",
+        "|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|",
+    ]
+    by_model: dict[str, dict] = {}
+    for m in section["models"]:
+        by_model.setdefault(m["model"], {})[(m["reach_norm"], m["reach_rho"])] = m
+    for name, rows in sorted(by_model.items()):
+        m = next(iter(rows.values()))
+        attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
+        ban = m["ban_verdict"] + ("" if m["ban_target"] is None else f" ({m['ban_target']})")
+        scores = " | ".join(
+            f"{rows[b]['reach_score']:.3f} ({rows[b]['reach_target']})" if b in rows else "-" for b in budgets
+        )
+        lines.append(
+            f"| {name} | {attack} | {_pct(m['acc'])} | {_pct(m['asr'])} | {ban} | {scores} | "
+            f"{'-' if m['target'] is None else m['target']} | {'yes' if m['used'] else 'no'} |"
+        )
+    return lines + [""]
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
@@ -485,6 +541,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
                 )
             lines.append("")
     lines += _calibration_section()
+    lines += _reach_section()
     lines += ["## Machines and versions", ""]
     for name, env in sorted(envs.items()):
         lines.append(f"- `{name}`: " + ", ".join(f"{k} {v}" for k, v in env.items()))

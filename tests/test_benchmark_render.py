@@ -42,3 +42,46 @@ def test_the_row_measured_last_wins_over_file_order(bench, tmp_path):
     awm = [line for line in text.splitlines() if line.startswith("| resnet18 | badnets | awm")]
     assert len(awm) == 1
     assert "| 12.00 |" in awm[0]
+
+
+def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeypatch):
+    model = {"ban_verdict": "clean", "ban_target": None, "acc": 0.9, "asr": None, "used": True}
+    rows = [
+        {**model, "model": "m-clean", "attack": None, "mode": None, "target": None}
+        | {"reach_norm": norm, "reach_rho": rho, "reach_score": 0.02, "reach_target": 6}
+        for norm, rho in (("l2", 1.0), ("l1", 6.0))
+    ] + [
+        {**model, "model": "m-bad", "attack": "badnets", "mode": "all-to-one", "target": 0, "asr": 1.0}
+        | {"reach_norm": "l2", "reach_rho": 1.0, "reach_score": 0.88, "reach_target": 0}
+    ]
+    record = {
+        "false_positives": 0,
+        "clean_models": 1,
+        "detected": 1,
+        "backdoored_models": 1,
+        "targets_correct": 1,
+        "all_to_one_models": 1,
+    }
+    chosen = {
+        "norm": "l2",
+        "rho": 1.0,
+        "target_when_both": "ban",
+        "fit": {"threshold": 0.45},
+        "errors": 0,
+        "errors_ban_alone": 1,
+        "reliability": record,
+        "reliability_ban_alone": {**record, "detected": 0, "targets_correct": 0},
+    }
+    section = {
+        "date": "d",
+        "command": "c",
+        "rule": "r",
+        "models": rows,
+        "families": {"other": {"enabled": True, "chosen": chosen}, "batchnorm": {"enabled": False}},
+    }
+    monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"reach": section})
+    lines = bench._reach_section()
+    assert "| other | yes | l2 1 | 0.450 | ban | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
+    assert "| batchnorm | no | - | - | - | - | - | - | - |" in lines
+    assert "| m-bad | badnets all-to-one | 90.00 | 100.00 | clean | - | 0.880 (0) | 0 | yes |" in lines
+    assert sum(line.startswith("| m-clean |") for line in lines) == 1

@@ -37,7 +37,7 @@ def _summary(report, model: str) -> str:
         return f"{score:.3f} {'>' if score > threshold else '<='} threshold {threshold:.3f}"
 
     lines = [
-        f"BAN scan of {model}: {cfg['num_search']} clean images for the searches, "
+        f"Backdoor scan of {model}: {cfg['num_search']} clean images for the searches, "
         f"{cfg['num_held_out']} held out, {report.seconds:.1f} s",
         f"verdict: {verdict}",
         f"  all-to-one score {compare(stats['all_to_one'], cfg['threshold'])}",
