@@ -110,9 +110,9 @@ def universal_towards(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
-    norm: str = "l1",
+    norm: str = "l2",
 ) -> torch.Tensor:
-    """One perturbation of L1 (or L2) norm <= ``rho`` that pushes every image of ``x`` towards ``target``.
+    """One perturbation of L2 (or L1) norm <= ``rho`` that pushes every image of ``x`` towards ``target``.
 
     ``f`` maps [0, 1] pixels to logits. Normalised-gradient descent on random batches of
     ``x`` (with replacement), projected onto the ball after each step.
@@ -143,7 +143,7 @@ def reach_matrix(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
-    norm: str = "l1",
+    norm: str = "l2",
 ) -> torch.Tensor:
     """``[target, source]``: share of the held-out ``source`` images that ``target``'s perturbation
     (fitted on the search images of the other classes) sends to ``target``.
