@@ -763,6 +763,17 @@ def test_cli_bad_option_is_a_usage_error(saved):
     assert "eps must be a number > 0" in res.output
 
 
+def test_cli_reach_stage_on_demand(saved):
+    """A BatchNorm model has no calibrated reach stage: ``--reach on`` needs a threshold, and
+    with one the summary shows the stage's score and per-class reach."""
+    args = (str(saved["clean"]), "--data", "fashion-mnist-mini", "--clean-count", "200", "--quiet")
+    res = _cli(*args, "--reach", "on")
+    assert res.exit_code == 1 and "--reach-threshold" in res.output
+    res = _cli(*args, "--steps", "2", "--reach", "on", "--reach-threshold", "0.9")
+    assert res.exit_code in (0, 3), res.output
+    assert "universal reach score" in res.output and "(percent):" in res.output
+
+
 def test_cli_help_documents_exit_codes():
     res = _cli("--help")
     assert res.exit_code == 0

@@ -79,7 +79,7 @@ def _summary(report, model: str) -> str:
             "shared by all sends to each class (percent):"
         )
         lines += _histogram_lines(
-            [round(100 * r) for r in reach["reach"]], report.class_names, mark=report.suspected_target
+            [round(100 * r) for r in reach["reach"]], report.class_names, mark=reach["suspected_target"]
         )
     if report.static_findings:
         worst = [f for f in report.static_findings if f["severity"] != "info"]
@@ -132,6 +132,12 @@ def _summary(report, model: str) -> str:
     help="Second stage, universal reach (one small perturbation per class): 'auto' runs it where "
     "the calibration fitted it for the model's normalisation family (LayerNorm models).",
 )
+@click.option(
+    "--reach-threshold",
+    type=float,
+    default=None,
+    help="Threshold of the reach score (default: the calibrated one; needed for --reach on where none is).",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: accelerate's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def scan(
@@ -144,10 +150,12 @@ def scan(
     eps: float | None,
     steps: int | None,
     reach: str,
+    reach_threshold: float | None,
     device: str | None,
     quiet: bool,
 ) -> None:
-    """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask).
+    """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask; for
+    LayerNorm models also universal reach: one small perturbation per class).
 
     MODEL is a local timm folder, a Hub id or an architecture name. The files of a folder
     or of the downloaded Hub snapshot are first inspected without loading them; the behavioural scan then needs a few
@@ -184,6 +192,8 @@ def scan(
             ctx.exit(EXIT_UNSAFE)
     options = {k: v for k, v in (("eps", eps), ("steps", steps)) if v is not None}
     options["reach"] = reach
+    if reach_threshold is not None:
+        options["reach_threshold"] = reach_threshold
     net = open_model(model, snapshot=files if kind == "hub" else None)  # no second Hub request
     try:
         report = run_scan(

@@ -702,7 +702,8 @@ def scan(
     if run_reach and reach_threshold is None:
         raise ScanOptionError(
             f"reach='on' needs a threshold for the reach score, and the calibration records none for this "
-            f"model's normalisation family ({family}); pass reach_threshold=, or leave reach='auto'"
+            f"model's normalisation family ({family}); pass reach_threshold= (CLI: --reach-threshold), or leave "
+            "reach='auto'"
         )
     reach_budget = {
         "norm": opts.reach_norm or (reach_calibrated or {}).get("norm") or DEFAULT_REACH["norm"],
