@@ -843,6 +843,7 @@ def scan(
             norm=reach_budget["norm"],
             steps=opts.reach_steps,
             generator=gen,
+            quiet=quiet,
         )
         fired = result.score > reach_threshold
         reach = {**result.to_dict(), "threshold": float(reach_threshold), "fired": fired}

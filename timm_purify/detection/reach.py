@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._progress import progress
 from ..defenses._common import clamp_pixels, project_l2, scale_budget
 
 __all__ = [
@@ -144,6 +145,7 @@ def reach_matrix(
     batch_size: int,
     generator: torch.Generator,
     norm: str = "l2",
+    quiet: bool = True,
 ) -> torch.Tensor:
     """``[target, source]``: share of the held-out ``source`` images that ``target``'s perturbation
     (fitted on the search images of the other classes) sends to ``target``.
@@ -152,7 +154,7 @@ def reach_matrix(
     """
     (xs, ys), (xh, yh) = search, held
     out = torch.zeros(num_classes, num_classes)
-    for t in range(num_classes):
+    for t in progress(range(num_classes), desc="scan: universal reach", disable=quiet):
         pool = xs[ys != t]
         if len(pool) == 0:
             continue
@@ -189,6 +191,7 @@ def universal_reach(
     steps: int = 40,
     batch_size: int = 64,
     generator: torch.Generator,
+    quiet: bool = True,
 ) -> ReachResult:
     """Measure every class's reach and score the largest against the median.
 
@@ -200,6 +203,7 @@ def universal_reach(
         norm: ``"l2"`` or ``"l1"`` (admits a patch, misses a blend).
         steps, batch_size: of each perturbation's descent.
         generator: drives the batches (seeded by the caller).
+        quiet: no progress bar (one tick per class).
     """
     if norm not in REACH_NORMS:
         raise ValueError(f"norm must be one of {REACH_NORMS}, got {norm!r}")
@@ -215,6 +219,7 @@ def universal_reach(
         batch_size=batch_size,
         generator=generator,
         norm=norm,
+        quiet=quiet,
     )
     reach, score, top = _summarise(matrix)
     return ReachResult(
