@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(kept as patterns in the recorded command)",
     )
     p.add_argument(
-        "--budgets", default="l1:6", help="candidate budgets NORM:RHO (rho at 3x32x32), comma list"
+        "--budgets", default="l2:1,l1:6", help="candidate budgets NORM:RHO (rho at 3x32x32), comma list"
     )
     p.add_argument("--steps", type=int, default=40, help="descent steps of each class's perturbation")
     p.add_argument("--clean-count", type=int, default=600, help="clean images per scan (1%% of 60k)")
