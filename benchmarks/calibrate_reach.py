@@ -51,7 +51,7 @@ from calibrate_scan import recorded_command  # noqa: E402
 from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
 from timm_purify.data import clean_subset, load_data  # noqa: E402
-from timm_purify.detection.ban import CALIBRATION_FILE, scan  # noqa: E402
+from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages, scan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # whose suspected target stands where both stages find an all-to-one backdoor (chosen per family)
@@ -143,25 +143,29 @@ def usable(row: dict, args: argparse.Namespace) -> bool:
     return row["attack"] is None or (row["asr"] or 0.0) >= args.min_asr
 
 
+def ban_stage(row: dict) -> tuple[str, str | None, int | None]:
+    """BAN's ``(verdict, pattern, target)`` of a stored row (an all-to-one verdict always names
+    a target, an all-to-all one never does)."""
+    if row["ban_verdict"] != "backdoored":
+        return row["ban_verdict"], None, None
+    return "backdoored", "all-to-all" if row["ban_target"] is None else "all-to-one", row["ban_target"]
+
+
 def verdicts(
     rows: list[dict], threshold: float | None, when_both: str = "ban"
 ) -> list[tuple[bool, int | None]]:
-    """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages, as
-    ``scan`` combines them; ``when_both`` names whose target stands where both found an
-    all-to-one backdoor."""
+    """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages,
+    combined by ``scan``'s own :func:`~timm_purify.detection.ban.combine_stages`; ``when_both``
+    names whose target stands where both found an all-to-one backdoor."""
     out = []
     for r in rows:
-        fired = threshold is not None and r["reach_score"] > threshold
-        if r["ban_verdict"] == "backdoored":
-            all_to_one = r["ban_target"] is not None
-            out.append(
-                (
-                    True,
-                    r["reach_target"] if fired and all_to_one and when_both == "reach" else r["ban_target"],
-                )
-            )
-        else:
-            out.append((fired, r["reach_target"] if fired else None))
+        verdict, _, target, _ = combine_stages(
+            ban_stage(r),
+            reach_fired=threshold is not None and r["reach_score"] > threshold,
+            reach_target=r["reach_target"],
+            target_when_both=when_both,
+        )
+        out.append((verdict == "backdoored", target))
     return out
 
 

@@ -26,6 +26,7 @@ from timm_purify.detection.ban import (
     ScanOptionError,
     _split_model,
     calibration_cautions,
+    combine_stages,
     decide,
     load_calibration,
     scan,
@@ -472,12 +473,17 @@ def test_the_reach_calibration_matches_its_recorded_scans():
     assert section["by_family"], "the shipped calibration enables the reach stage for no family"
 
     def verdict(m: dict, threshold: float) -> tuple[bool, int | None]:
-        fired = m["reach_score"] > threshold
-        if m["ban_verdict"] == "backdoored":
-            if fired and m["ban_target"] is not None and when_both == "reach":
-                return True, m["reach_target"]
-            return True, m["ban_target"]
-        return fired, m["reach_target"] if fired else None
+        # BAN's stored verdict: an all-to-one one names a target, an all-to-all one does not
+        pattern = (
+            None if m["ban_verdict"] == "clean" else "all-to-all" if m["ban_target"] is None else "all-to-one"
+        )
+        flagged, _, target, _ = combine_stages(
+            (m["ban_verdict"], pattern, m["ban_target"]),
+            reach_fired=m["reach_score"] > threshold,
+            reach_target=m["reach_target"],
+            target_when_both=when_both,
+        )
+        return flagged == "backdoored", target
 
     for family, fitted in section["by_family"].items():
         cut, when_both = fitted["threshold"], fitted["target_when_both"]

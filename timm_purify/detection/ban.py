@@ -122,6 +122,7 @@ __all__ = [
     "CALIBRATION_FILE",
     "scan_statistics",
     "decide",
+    "combine_stages",
 ]
 
 # ``config["calibration"]`` of a report whose thresholds the caller gave (no calibration used)
@@ -567,6 +568,32 @@ def decide(
 # ---------------------------------------------------------------------------------------
 # the scan
 # ---------------------------------------------------------------------------------------
+def combine_stages(
+    ban: tuple[str, str | None, int | None],
+    *,
+    reach_fired: bool,
+    reach_target: int | None,
+    target_when_both: str = "ban",
+) -> tuple[str, str | None, int | None, str | None]:
+    """``(verdict, pattern, suspected_target, decided_by)`` of both stages from BAN's
+    ``(verdict, pattern, target)`` (:func:`decide`) and whether the reach stage fired.
+
+    Reach is a second stage: where BAN fired, BAN's verdict stands (and its target, unless
+    ``target_when_both`` is ``"reach"`` and both name an all-to-one target); where BAN found
+    nothing and reach fired, the model is backdoored (all-to-one) with reach's target.
+    ``decided_by`` is ``"ban"``, ``"reach"``, ``"ban+reach"``, or ``None`` for a clean verdict.
+    ``benchmarks/calibrate_reach.py`` counts its errors with this same function.
+    """
+    verdict, pattern, target = ban
+    if not reach_fired:
+        return verdict, pattern, target, "ban" if verdict == "backdoored" else None
+    if verdict == "clean":
+        return "backdoored", "all-to-one", reach_target, "reach"
+    if pattern == "all-to-one" and target_when_both == "reach":
+        target = reach_target
+    return verdict, pattern, target, "ban+reach"
+
+
 def _stratified_split(
     y: torch.Tensor, holdout: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -828,7 +855,6 @@ def scan(
     verdict, pattern, target, score, used = decide(
         stats, threshold=threshold, all_to_all_threshold=a2a_threshold, target_source=target_source
     )
-    decided_by = "ban" if verdict == "backdoored" else None
 
     # 5. universal reach, on the images the unmodified model gets right (eval mode, no noise)
     reach: dict[str, Any] | None = None
@@ -848,15 +874,15 @@ def scan(
         fired = result.score > reach_threshold
         reach = {**result.to_dict(), "threshold": float(reach_threshold), "fired": fired}
         timings["reach"] = result.seconds
-        if fired and verdict == "clean":  # a second stage: what BAN found stands
-            verdict, pattern, target = "backdoored", "all-to-one", result.suspected_target
-            score, used = result.score, float(reach_threshold)
-            decided_by = "reach"
-        elif fired:
-            decided_by = "ban+reach"
-            # whose target stands where both stages name one: chosen per family by the calibration
-            if pattern == "all-to-one" and (reach_calibrated or {}).get("target_when_both") == "reach":
-                target = result.suspected_target
+    verdict, pattern, target, decided_by = combine_stages(
+        (verdict, pattern, target),
+        reach_fired=reach is not None and reach["fired"],
+        reach_target=None if reach is None else reach["suspected_target"],
+        # whose target stands where both stages name one: chosen per family by the calibration
+        target_when_both=(reach_calibrated or {}).get("target_when_both", "ban"),
+    )
+    if decided_by == "reach":
+        score, used = reach["score"], reach["threshold"]
     seconds = time.perf_counter() - start
     # the record each report quotes: both stages' where the reach stage ran and was calibrated
     # for the family, else BAN's alone
