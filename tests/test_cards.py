@@ -124,15 +124,21 @@ def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:
     reach = {"score": 0.8771, "threshold": 0.3, "norm": "l1", "suspected_target": 0, "fired": True}
     report = _scan()
     report.reach = reach
-    body = _card(scan_report=report).text
-    line = next(x for x in body.splitlines() if "Universal reach" in x)
+    report.config = {**report.config, "decided_by": "reach"}
+
+    def reach_line(r: ScanReport) -> str:
+        return next(x for x in _card(scan_report=r).text.splitlines() if "Universal reach" in x)
+
+    line = reach_line(report)
     assert (
         "score 0.8771, threshold 0.3, most reachable class 0 (tee) (this stage decided the verdict)" in line
     )
+    # it fired, but BAN had already found the backdoor: BAN's verdict stands
+    report.config = {**report.config, "decided_by": "ban+reach"}
+    assert "decided" not in reach_line(report) and "verdict stands" in reach_line(report)
     report.reach = {**reach, "fired": False}
-    assert "decided" not in next(
-        x for x in _card(scan_report=report).text.splitlines() if "Universal reach" in x
-    )
+    report.config = {**report.config, "decided_by": "ban"}
+    assert "decided" not in reach_line(report)
 
 
 def test_polarizer_form_points_to_timm_purify_and_warns() -> None:

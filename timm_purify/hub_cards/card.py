@@ -191,11 +191,16 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
         lines.append(f"- Suspected target class: {_class_name(scan['suspected_target'], class_names)}")
     reach = scan.get("reach")
     if isinstance(reach, Mapping) and isinstance(reach.get("score"), int | float):
+        # a second stage: it decides only where BAN found nothing (config.decided_by)
+        decided_by = (scan.get("config") or {}).get("decided_by")
+        role = {
+            "reach": " (this stage decided the verdict)",
+            "ban+reach": " (it fired too; the noise stage's verdict stands)",
+        }.get(decided_by, "")
         lines.append(
             f"- Universal reach (second stage: one small {reach.get('norm')} perturbation per class, shared by "
             f"all images): score {reach['score']:.4f}, threshold {reach.get('threshold')}, most reachable class "
-            f"{_class_name(reach.get('suspected_target'), class_names)}"
-            + (" (this stage decided the verdict)" if reach.get("fired") else "")
+            f"{_class_name(reach.get('suspected_target'), class_names)}{role}"
         )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
