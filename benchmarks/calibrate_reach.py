@@ -171,7 +171,11 @@ def verdicts(
 
 def record(rows: list[dict], threshold: float | None, when_both: str = "ban") -> dict:
     """Both stages' (or BAN's alone) record on ``rows``, in ``reliability_by_family``'s keys."""
-    results = verdicts(rows, threshold, when_both)
+    return tally(rows, verdicts(rows, threshold, when_both))
+
+
+def tally(rows: list[dict], results: list[tuple[bool, int | None]]) -> dict:
+    """The record of ``(flagged, reported target)`` per row, in ``reliability_by_family``'s keys."""
     clean = [v for r, v in zip(rows, results, strict=True) if r["attack"] is None]
     bad = [(r, v) for r, v in zip(rows, results, strict=True) if r["attack"] is not None]
     one = [(r, v) for r, v in bad if r["mode"] == "all-to-one"]

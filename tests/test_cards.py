@@ -141,6 +141,21 @@ def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:
     assert "decided" not in reach_line(report)
 
 
+def test_a_spread_verdict_is_attributed_to_the_all_to_all_reading() -> None:
+    report = _scan()
+    report.spread = {"score": 0.826, "threshold": 0.2, "fired": True}
+    report.config = {**report.config, "decided_by": "spread"}
+
+    def spread_line(r: ScanReport) -> str:
+        return next(x for x in _card(scan_report=r).text.splitlines() if "Universal spread" in x)
+
+    assert "score 0.8260, threshold 0.2 (this reading decided the verdict)" in spread_line(report)
+    report.config = {**report.config, "decided_by": "ban"}
+    assert "decided" not in spread_line(report)
+    report.spread = None
+    assert "Universal spread" not in _card(scan_report=report).text
+
+
 def test_polarizer_form_points_to_timm_purify_and_warns() -> None:
     body = _card(save_form="polarizer", fold_note="the (3, 3) conv zero-pads its input").text
     assert "**Warning:**" in body and "*unpurified* base weights" in body

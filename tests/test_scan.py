@@ -285,6 +285,85 @@ def test_where_both_stages_fire_the_calibrated_stage_names_the_target(monkeypatc
     assert (report.score, report.threshold, report.suspected_target) == (0.9, 0.2, expected)
 
 
+class _PixelShift(nn.Module):
+    """The clean logistic regression of :func:`pixel_models` with an all-to-all trapdoor: the
+    black top-left pixel, lit, adds ``strength`` times the model's own belief in class ``k - 1``
+    to logit ``k``, so every class moves to the next one. No single class is a target (reach
+    sees a ninth of the images follow any class) and the only norm layer is on a dead branch
+    (BAN is blind): the spread reading alone must find it."""
+
+    num_classes = 10
+    pretrained_cfg = _PixelTrapdoor.pretrained_cfg
+
+    def __init__(self, base: nn.Module, strength: float):
+        super().__init__()
+        self.base, self.strength = base, strength
+        self.norm = base.norm  # the family: "other", as for the trapdoor
+
+    def get_classifier(self):
+        return self.base.fc
+
+    def forward(self, x):
+        logits = self.base(x)
+        lit = x[:, :, 0, 0].mean(dim=1, keepdim=True)
+        return logits + self.strength * lit * torch.roll(logits.softmax(dim=1), 1, dims=1)
+
+
+SPREAD = dict(quiet=True, steps=2, mask_epochs=1, restarts=1, reach="off", spread_threshold=0.3)
+
+
+def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
+    from timm_purify.cli.scan import _summary
+
+    clean, _ = pixel_models()
+    shifted = _PixelShift(copy.deepcopy(clean), strength=200.0).eval()
+    report = scan(shifted, clean_images(), spread="on", **SPREAD)
+    spread = report.spread
+    assert report.config["statistics"]["all_to_one"] <= report.config["threshold"]  # BAN: nothing
+    # every class moved, nine of ten to the next one (the shirts, which this model is unsure of,
+    # split): the score, the second-lowest share moved elsewhere than the top destination
+    assert spread["fired"] and spread["score"] > 0.5
+    assert min(spread["moved"]) > 0.9
+    assert sum(row.index(max(row)) == (k + 1) % 10 for k, row in enumerate(spread["confusion"])) >= 9
+    assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-all", None)
+    assert report.config["decided_by"] == "spread" and (report.score, report.threshold) == (
+        spread["score"],
+        0.3,
+    )
+    assert report.config["spread_rho"] == 2.0 and "spread" in report.config["stage_seconds"]
+    report.to_json(tmp_path / "r.json")
+    assert ScanReport.from_json(tmp_path / "r.json") == report
+    text = _summary(report, "shifted")
+    assert "universal spread score" in text and "decided by: spread" in text
+
+    twin = scan(_PixelShift(copy.deepcopy(clean), strength=0.0).eval(), clean_images(), spread="on", **SPREAD)
+    assert not twin.spread["fired"] and twin.spread["score"] < 0.2
+    assert twin.verdict == "clean" and twin.config["decided_by"] is None
+
+
+def test_spread_runs_where_the_calibration_fitted_it(monkeypatch):
+    """``spread="auto"`` runs the reading where the calibration enabled it for the family, at its
+    budget and threshold; ``"on"`` without a threshold is an error before any work."""
+    clean, _ = pixel_models()
+    shifted = _PixelShift(copy.deepcopy(clean), strength=200.0).eval()
+    shipped = load_calibration()
+    cheap = {k: v for k, v in SPREAD.items() if k != "spread_threshold"}
+    monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "spread": {"by_family": {}}})
+    assert scan(shifted, clean_images(), **cheap).spread is None
+    with pytest.raises(ScanOptionError, match="spread_threshold="):
+        scan(shifted, clean_images(), spread="on", **cheap)
+    monkeypatch.setattr(
+        ban,
+        "load_calibration",
+        lambda: {**shipped, "spread": {"by_family": {"other": {"rho": 3.0, "threshold": 0.4}}}},
+    )
+    report = scan(shifted, clean_images(), **cheap)
+    assert (
+        report.spread["threshold"] == 0.4 and report.spread["rho"] == 3.0 and report.pattern == "all-to-all"
+    )
+    assert scan(shifted, clean_images(), spread="off", **cheap).spread is None
+
+
 # ------------------------------------------------------------------ the statistic
 
 

@@ -60,6 +60,12 @@ def _summary(report, model: str) -> str:
             f"  universal reach score {compare(reach['score'], reach['threshold'])} "
             f"(class {reach['suspected_target']}; {reach['norm']} budget {reach['rho']:g}, {reach['seconds']:.1f} s)"
         )
+    spread = report.spread
+    if spread is not None:
+        lines.append(
+            f"  universal spread score {compare(spread['score'], spread['threshold'])} "
+            f"(all-to-all reading; L2 budget {spread['rho']:g}, {spread['seconds']:.1f} s)"
+        )
     if cfg.get("decided_by"):
         lines.append(f"decided by: {cfg['decided_by']}")
     lines += cfg.get("cautions", [])
@@ -138,6 +144,20 @@ def _summary(report, model: str) -> str:
     default=None,
     help="Threshold of the reach score (default: the calibrated one; needed for --reach on where none is).",
 )
+@click.option(
+    "--spread",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="All-to-all reading, universal spread (one untargeted perturbation shared by all images): "
+    "'auto' runs it where the calibration fitted it for the model's normalisation family.",
+)
+@click.option(
+    "--spread-threshold",
+    type=float,
+    default=None,
+    help="Threshold of the spread score (default: the calibrated one; needed for --spread on where none is).",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: accelerate's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def scan(
@@ -151,11 +171,14 @@ def scan(
     steps: int | None,
     reach: str,
     reach_threshold: float | None,
+    spread: str,
+    spread_threshold: float | None,
     device: str | None,
     quiet: bool,
 ) -> None:
-    """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask; for
-    LayerNorm models also universal reach: one small perturbation per class).
+    """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask; where
+    calibrated also universal reach, one small perturbation per class, and universal spread, one
+    untargeted perturbation that moves every class elsewhere: the all-to-all reading).
 
     MODEL is a local timm folder, a Hub id or an architecture name. The files of a folder
     or of the downloaded Hub snapshot are first inspected without loading them; the behavioural scan then needs a few
@@ -194,6 +217,9 @@ def scan(
     options["reach"] = reach
     if reach_threshold is not None:
         options["reach_threshold"] = reach_threshold
+    options["spread"] = spread
+    if spread_threshold is not None:
+        options["spread_threshold"] = spread_threshold
     net = open_model(model, snapshot=files if kind == "hub" else None)  # no second Hub request
     try:
         report = run_scan(

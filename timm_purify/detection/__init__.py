@@ -1,8 +1,8 @@
 """Find out whether a model is safe to load (static file inspection) and whether it carries a
-backdoor (BAN-style behavioural scan, with universal reach as a second stage)."""
+backdoor (BAN-style behavioural scan, with universal reach and spread as later stages)."""
 
 from .ban import ScanOptionError, load_calibration, scan
-from .reach import ReachResult, universal_reach
+from .reach import ReachResult, SpreadResult, universal_reach, universal_spread
 from .report import ScanReport
 from .static import Finding, UnsafeFileError, assert_safe, inspect_files
 
@@ -11,10 +11,12 @@ __all__ = [
     "ReachResult",
     "ScanOptionError",
     "ScanReport",
+    "SpreadResult",
     "UnsafeFileError",
     "assert_safe",
     "inspect_files",
     "load_calibration",
     "scan",
     "universal_reach",
+    "universal_spread",
 ]

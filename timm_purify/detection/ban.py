@@ -35,6 +35,10 @@ What runs (the reference code's order and defaults, ``shared/notes/methods.md``)
    perturbation shared by all images, and how many images of the other classes it sends to
    the class. A second stage: it flags a model BAN found clean; where BAN fired, BAN's
    verdict stands.
+6. Universal spread (:func:`timm_purify.detection.reach.universal_spread`), where the
+   calibration enabled it (``benchmarks/calibrate_spread.py``): one untargeted perturbation
+   shared by all images, and whether it moves every class, each to its own destination. The
+   all-to-all reading: it flags, as an all-to-all pattern, a model both stages above found clean.
 
 Where this departs from the reference, and why:
 
@@ -105,7 +109,7 @@ from .._layers import check_classifier
 from .._progress import progress
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
 from ..defenses._common import _NORM_TYPES, NormNoise, PixelModel
-from .reach import REACH_NORMS, universal_reach
+from .reach import REACH_NORMS, universal_reach, universal_spread
 from .report import ScanReport
 
 __all__ = [
@@ -140,6 +144,8 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 REACH_MODES = ("auto", "on", "off")
 # its budget where neither the caller nor the calibration gives one (benchmarks/DETECTION.md)
 DEFAULT_REACH = {"norm": "l2", "rho": 1.0}
+# the spread reading's L2 budget at 3x32x32 where neither the caller nor the calibration gives one
+DEFAULT_SPREAD_RHO = 2.0
 
 # the paper's noise budget for 32x32 images: used when the caller gives the thresholds but no eps,
 # and for a normalisation family the calibration records no budget for
@@ -187,6 +193,11 @@ class ScanOptions:
             calibrated one for the family, else ``"l2"`` and 1 (the LayerNorm family's).
         reach_steps: descent steps of each class's universal perturbation.
         reach_threshold: override the calibrated threshold of the reach score.
+        spread: the all-to-all reading, universal spread (:func:`~timm_purify.detection.reach.universal_spread`),
+            run as ``reach`` is (``"auto"``: where a threshold is calibrated or given). Where BAN
+            and reach find nothing and it fires, the model is backdoored with an all-to-all pattern.
+        spread_rho: its L2 budget at 3x32x32; ``None``: the calibrated one, else 2.
+        spread_threshold: override the calibrated threshold of the spread score.
     """
 
     eps: float | None = None
@@ -206,6 +217,9 @@ class ScanOptions:
     reach_rho: float | None = None
     reach_steps: int = 40
     reach_threshold: float | None = None
+    spread: str = "auto"
+    spread_rho: float | None = None
+    spread_threshold: float | None = None
 
     def validate(self) -> None:
         """Raise :class:`ScanOptionError` for values the scan cannot run with."""
@@ -235,19 +249,21 @@ class ScanOptions:
             )
         if self.bn_mode not in ("batch", "running"):
             raise ScanOptionError(f"bn_mode must be 'batch' or 'running', got {self.bn_mode!r}")
-        for name in ("threshold", "all_to_all_threshold", "reach_threshold"):
+        for name in ("threshold", "all_to_all_threshold", "reach_threshold", "spread_threshold"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ScanOptionError(f"{name} must be a number or None, got {value!r}")
-        if self.reach not in REACH_MODES:
-            raise ScanOptionError(f"reach must be one of {REACH_MODES}, got {self.reach!r}")
+        for name in ("reach", "spread"):
+            if getattr(self, name) not in REACH_MODES:
+                raise ScanOptionError(f"{name} must be one of {REACH_MODES}, got {getattr(self, name)!r}")
         if self.reach_norm is not None and self.reach_norm not in REACH_NORMS:
             raise ScanOptionError(f"reach_norm must be one of {REACH_NORMS} or None, got {self.reach_norm!r}")
-        value = self.reach_rho
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-        ):
-            raise ScanOptionError(f"reach_rho must be a number > 0 or None, got {value!r}")
+        for name in ("reach_rho", "spread_rho"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            ):
+                raise ScanOptionError(f"{name} must be a number > 0 or None, got {value!r}")
 
 
 def _build_options(options: dict[str, Any]) -> ScanOptions:
@@ -574,17 +590,23 @@ def combine_stages(
     reach_fired: bool,
     reach_target: int | None,
     target_when_both: str = "ban",
+    spread_fired: bool = False,
 ) -> tuple[str, str | None, int | None, str | None]:
     """``(verdict, pattern, suspected_target, decided_by)`` of both stages from BAN's
     ``(verdict, pattern, target)`` (:func:`decide`) and whether the reach stage fired.
 
     Reach is a second stage: where BAN fired, BAN's verdict stands (and its target, unless
     ``target_when_both`` is ``"reach"`` and both name an all-to-one target); where BAN found
-    nothing and reach fired, the model is backdoored (all-to-one) with reach's target.
-    ``decided_by`` is ``"ban"``, ``"reach"``, ``"ban+reach"``, or ``None`` for a clean verdict.
-    ``benchmarks/calibrate_reach.py`` counts its errors with this same function.
+    nothing and reach fired, the model is backdoored (all-to-one) with reach's target. The
+    spread reading comes last: where neither fired and it did, the model is backdoored with an
+    all-to-all pattern (no target).
+    ``decided_by`` is ``"ban"``, ``"reach"``, ``"ban+reach"``, ``"spread"``, or ``None`` for a
+    clean verdict. ``benchmarks/calibrate_reach.py`` and ``calibrate_spread.py`` count their
+    errors with this same function.
     """
     verdict, pattern, target = ban
+    if verdict == "clean" and not reach_fired and spread_fired:
+        return "backdoored", "all-to-all", None, "spread"
     if not reach_fired:
         return verdict, pattern, target, "ban" if verdict == "backdoored" else None
     if verdict == "clean":
@@ -736,6 +758,21 @@ def scan(
         "norm": opts.reach_norm or (reach_calibrated or {}).get("norm") or DEFAULT_REACH["norm"],
         "rho": float(opts.reach_rho or (reach_calibrated or {}).get("rho") or DEFAULT_REACH["rho"]),
     }
+    # the spread (all-to-all) reading: the same rule
+    spread_calibrated = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
+    spread_threshold = (
+        opts.spread_threshold
+        if opts.spread_threshold is not None
+        else (spread_calibrated or {}).get("threshold")
+    )
+    run_spread = opts.spread == "on" or (opts.spread == "auto" and spread_threshold is not None)
+    if run_spread and spread_threshold is None:
+        raise ScanOptionError(
+            f"spread='on' needs a threshold for the spread score, and the calibration records none for this "
+            f"model's normalisation family ({family}); pass spread_threshold= (CLI: --spread-threshold), or "
+            "leave spread='auto'"
+        )
+    spread_rho = float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO)
     try:
         if isinstance(data, ImageData):
             if data.num_classes != num_classes:
@@ -874,15 +911,37 @@ def scan(
         fired = result.score > reach_threshold
         reach = {**result.to_dict(), "threshold": float(reach_threshold), "fired": fired}
         timings["reach"] = result.seconds
+    # 6. universal spread (all-to-all reading), on the same images
+    spread: dict[str, Any] | None = None
+    if run_spread:
+        keep_search, keep_held = search_right.cpu(), pred_clean.cpu() == held.y
+        result = universal_spread(
+            PixelModel(work, norm),
+            (search.floats()[keep_search].to(dev), search.y[keep_search].to(dev)),
+            (held.floats()[keep_held].to(dev), held.y[keep_held].to(dev)),
+            num_classes,
+            rho=spread_rho,
+            steps=opts.reach_steps,
+            generator=gen,
+        )
+        spread = {
+            **result.to_dict(),
+            "threshold": float(spread_threshold),
+            "fired": result.score > spread_threshold,
+        }
+        timings["spread"] = result.seconds
     verdict, pattern, target, decided_by = combine_stages(
         (verdict, pattern, target),
         reach_fired=reach is not None and reach["fired"],
         reach_target=None if reach is None else reach["suspected_target"],
         # whose target stands where both stages name one: chosen per family by the calibration
         target_when_both=(reach_calibrated or {}).get("target_when_both", "ban"),
+        spread_fired=spread is not None and spread["fired"],
     )
     if decided_by == "reach":
         score, used = reach["score"], reach["threshold"]
+    elif decided_by == "spread":
+        score, used = spread["score"], spread["threshold"]
     seconds = time.perf_counter() - start
     # the record each report quotes: both stages' where the reach stage ran and was calibrated
     # for the family, else BAN's alone
@@ -903,12 +962,15 @@ def scan(
         # how this family's verdicts fared on the calibration models (None: thresholds given,
         # or a family the calibration holds no model of); with the reach stage, both stages' record
         "calibration_reliability": reliability,
-        # the stage(s) whose statistic fired: "ban", "reach", "ban+reach" (None: clean); BAN's
-        # verdict and target stand where it fired
+        # the stage(s) whose statistic fired: "ban", "reach", "ban+reach", "spread" (None: clean);
+        # BAN's verdict and target stand where it fired
         "decided_by": decided_by,
         # the reach budget and threshold fitted for this family (None: not calibrated), and the one used
         "reach_calibrated": reach_calibrated,
         "reach_budget": reach_budget if reach is not None else None,
+        # the same for the spread reading (its budget: an L2 radius at 3x32x32)
+        "spread_calibrated": spread_calibrated,
+        "spread_rho": spread_rho if spread is not None else None,
         # the calibration left out models below this clean accuracy (they collapse under the noise)
         "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,
@@ -947,4 +1009,5 @@ def scan(
         class_names=list(data.classes) if data.classes else None,
         unsafe_files=any(f.get("severity") == "critical" for f in findings),
         reach=reach,
+        spread=spread,
     )

@@ -45,9 +45,12 @@ from ..defenses._common import clamp_pixels, project_l2, scale_budget
 __all__ = [
     "REACH_NORMS",
     "ReachResult",
+    "SpreadResult",
     "project_l1_ball",
     "reach_matrix",
+    "universal_away",
     "universal_reach",
+    "universal_spread",
     "universal_towards",
 ]
 
@@ -118,17 +121,56 @@ def universal_towards(
     ``f`` maps [0, 1] pixels to logits. Normalised-gradient descent on random batches of
     ``x`` (with replacement), projected onto the ball after each step.
     """
+    goal = torch.full((len(x),), target, dtype=torch.long, device=x.device)
+    return _fit_universal(
+        f, x, goal, away=False, rho=rho, steps=steps, batch_size=batch_size, generator=generator, norm=norm
+    )
+
+
+def universal_away(
+    f: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    rho: float,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One perturbation of L2 norm <= ``rho`` that pushes every image of ``x`` away from its own label ``y``.
+
+    Untargeted: it raises the cross-entropy of the true labels, wherever the images go.
+    """
+    return _fit_universal(
+        f, x, y, away=True, rho=rho, steps=steps, batch_size=batch_size, generator=generator
+    )
+
+
+def _fit_universal(
+    f: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    away: bool,
+    rho: float,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    norm: str = "l2",
+) -> torch.Tensor:
+    """Normalised-gradient descent (``away``: ascent) of ``CE(f(x + delta), labels)`` on random
+    batches of ``x`` (with replacement), projected onto the ball after each step."""
     if norm not in REACH_NORMS:
         raise ValueError(f"norm must be one of {REACH_NORMS}, got {norm!r}")
     delta = torch.zeros_like(x[:1], requires_grad=True)
-    goal = torch.full((batch_size,), target, dtype=torch.long, device=x.device)
     step = 0.25 * rho if norm == "l2" else rho / 8
+    sign = 1.0 if away else -1.0
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=generator).to(x.device)
-        loss = F.cross_entropy(f(clamp_pixels(x[idx] + delta)), goal)
+        loss = F.cross_entropy(f(clamp_pixels(x[idx] + delta)), labels[idx])
         (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
-            delta -= step * grad / grad.norm().clamp_min(1e-12)
+            delta += sign * step * grad / grad.norm().clamp_min(1e-12)
             delta.clamp_(-1.0, 1.0)
             delta.copy_(project_l2(delta, rho) if norm == "l2" else project_l1_ball(delta, rho))
     return delta.detach()
@@ -233,5 +275,98 @@ def universal_reach(
         matrix=[[float(v) for v in row] for row in matrix],
         num_search=len(search[1]),
         num_held_out=len(held[1]),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class SpreadResult:
+    """What :func:`universal_spread` measured.
+
+    Attributes:
+        moved: per source class, the share of its held-out images the perturbation moves to
+            another class.
+        spread: per source class, the share moved to a class other than ``top_destination``.
+        top_destination: the class that receives most moved images.
+        score: the second-lowest ``spread``; high when every class is moved, each elsewhere.
+        confusion: ``confusion[source][predicted]``, held-out images under the perturbation.
+        rho, rho_scaled, steps: the L2 budget at 3x32x32 and at this input size, descent steps.
+        num_search, num_held_out: correctly classified images that fitted / measured it.
+        seconds: wall time.
+    """
+
+    moved: list[float]
+    spread: list[float]
+    top_destination: int
+    score: float
+    confusion: list[list[int]]
+    rho: float
+    rho_scaled: float
+    steps: int
+    num_search: int
+    num_held_out: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def universal_spread(
+    f: nn.Module,
+    search: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    rho: float = 2.0,
+    steps: int = 40,
+    batch_size: int = 64,
+    generator: torch.Generator,
+) -> SpreadResult:
+    """The all-to-all reading: one untargeted universal perturbation, and where it sends each class.
+
+    Why: an all-to-all backdoor (class ``y`` to ``y + 1``) has no single target, so the per-class
+    reach sees only a ninth of the images follow any one class's perturbation, and BAN's noise
+    misses the weaker implants. One perturbation fitted to push every image off its own label
+    finds the trigger instead, since the trigger moves every class; a clean model leaves some
+    classes (trousers, bags) unmoved at a budget that moves others. An all-to-one trigger moves
+    every class too, but all to one class: so the score counts only images moved to a class
+    other than the most common destination, and takes the second-lowest class (under an
+    all-to-all permutation the class feeding the most common destination reads 0).
+
+    Args:
+        f: the model as a function of [0, 1] pixels (``PixelModel``), in eval mode, frozen.
+        search, held: ``(images in [0, 1], labels)`` of correctly classified clean images.
+        rho: the L2 budget at 3x32x32 (scaled here to the images' size).
+        steps, batch_size: of the perturbation's ascent.
+        generator: drives the batches (seeded by the caller).
+    """
+    start = time.perf_counter()
+    (xs, ys), (xh, yh) = search, held
+    scaled = scale_budget(rho, tuple(xs.shape[1:]), norm="l2")
+    delta = universal_away(f, xs, ys, rho=scaled, steps=steps, batch_size=batch_size, generator=generator)
+    with torch.no_grad():
+        pred = f((xh + delta).clamp(0.0, 1.0)).argmax(1).cpu()
+    yh = yh.cpu()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((yh, pred), torch.ones_like(yh), accumulate=True)
+    off = confusion.clone().fill_diagonal_(0)
+    top = int(off.sum(0).argmax())
+    counts = confusion.sum(1).clamp_min(1).float()
+    moved = off.sum(1).float() / counts
+    spread = (off.sum(1) - off[:, top]).float() / counts
+    present = confusion.sum(1) > 0
+    ranked = spread[present].sort().values
+    score = float(ranked[1]) if len(ranked) > 1 else 0.0
+    return SpreadResult(
+        moved=[float(v) for v in moved],
+        spread=[float(v) for v in spread],
+        top_destination=top,
+        score=score,
+        confusion=confusion.tolist(),
+        rho=float(rho),
+        rho_scaled=float(scaled),
+        steps=steps,
+        num_search=len(ys),
+        num_held_out=len(yh),
         seconds=time.perf_counter() - start,
     )

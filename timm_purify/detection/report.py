@@ -49,6 +49,9 @@ class ScanReport:
         reach: the universal-reach stage's result (per-class reach, score, suspected target,
             budget, ``threshold`` and whether it ``fired``; see
             :mod:`timm_purify.detection.reach`), or ``None`` when the stage did not run.
+        spread: the all-to-all reading's result (per-class share moved elsewhere, score, budget,
+            ``threshold``, ``fired``; :func:`timm_purify.detection.reach.universal_spread`), or
+            ``None`` when it did not run.
     """
 
     verdict: str
@@ -67,6 +70,7 @@ class ScanReport:
     class_names: list[str] | None = None
     unsafe_files: bool = False
     reach: dict[str, Any] | None = None
+    spread: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

@@ -202,6 +202,15 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
             f"all images): score {reach['score']:.4f}, threshold {reach.get('threshold')}, most reachable class "
             f"{_class_name(reach.get('suspected_target'), class_names)}{role}"
         )
+    spread = scan.get("spread")
+    if isinstance(spread, Mapping) and isinstance(spread.get("score"), int | float):
+        # the all-to-all reading: it decides only where the stages before it found nothing
+        decided = (scan.get("config") or {}).get("decided_by") == "spread"
+        lines.append(
+            f"- Universal spread (all-to-all reading: one untargeted L2 perturbation shared by all images, "
+            f"how many classes it moves, each elsewhere): score {spread['score']:.4f}, threshold "
+            f"{spread.get('threshold')}" + (" (this reading decided the verdict)" if decided else "")
+        )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
     if scan.get("clean_acc") is not None or scan.get("noisy_acc") is not None:
