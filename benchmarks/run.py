@@ -424,6 +424,60 @@ def _reach_section() -> list[str]:
     return lines + [""]
 
 
+def _spread_section() -> list[str]:
+    """The scan's all-to-all reading (the ``spread`` section of ``calibration.json``, written by
+    ``benchmarks/calibrate_spread.py``): where it runs, the record of all stages against the
+    earlier ones, and every model's spread score."""
+    from timm_purify.detection import load_calibration
+
+    section = load_calibration().get("spread")
+    if not section:
+        return []
+    lines = [
+        "## Detection: the universal-spread reading (all-to-all)",
+        "",
+        f"From the `spread` section of `timm_purify/detection/calibration.json` ({section['date']}); "
+        f"regenerate with `{section['command']}`. Rule: {section['rule']}",
+        "",
+        "| family | enabled | L2 budget | threshold | errors, all stages / without spread | clean flagged "
+        "| backdoors detected (without) | right targets (without) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for fam, fit in section["families"].items():
+        best = fit.get("chosen")
+        if best is None:
+            lines.append(f"| {fam} | no | - | - | - | - | - | - |")
+            continue
+        after, before = best["reliability"], best["reliability_before"]
+        lines.append(
+            f"| {fam} | {'yes' if fit['enabled'] else 'no'} | {best['rho']:g} | {best['fit']['threshold']:.3f} | "
+            f"{best['errors']} / {best['errors_before']} | {after['false_positives']}/{after['clean_models']} | "
+            f"{after['detected']}/{after['backdoored_models']} ({before['detected']}) | "
+            f"{after['targets_correct']}/{after['all_to_one_models']} ({before['targets_correct']}) |"
+        )
+    rhos = sorted({m["spread_rho"] for m in section["models"]})
+    lines += [
+        "",
+        "| model | family | attack | ACC | ASR | earlier stages: verdict (target) | "
+        + " | ".join(f"spread L2 {r:g}" for r in rhos)
+        + " | used |",
+        "|---|---|---|---|---|---|" + "---|" * len(rhos) + "---|",
+    ]
+    by_model: dict[str, dict] = {}
+    for m in section["models"]:
+        by_model.setdefault(m["model"], {})[m["spread_rho"]] = m
+    for name, rows in sorted(by_model.items()):
+        m = next(iter(rows.values()))
+        attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
+        verdict = m["verdict"] + ("" if m["suspected_target"] is None else f" ({m['suspected_target']})")
+        scores = " | ".join(f"{rows[r]['spread_score']:.3f}" if r in rows else "-" for r in rhos)
+        lines.append(
+            f"| {name} | {m['norm_family']} | {attack} | {_pct(m['acc'])} | {_pct(m['asr'])} | {verdict} | "
+            f"{scores} | {'yes' if m['used'] else 'no'} |"
+        )
+    return lines + [""]
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
@@ -542,6 +596,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
             lines.append("")
     lines += _calibration_section()
     lines += _reach_section()
+    lines += _spread_section()
     lines += ["## Machines and versions", ""]
     for name, env in sorted(envs.items()):
         lines.append(f"- `{name}`: " + ", ".join(f"{k} {v}" for k, v in env.items()))

@@ -85,3 +85,42 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
     assert "| batchnorm | no | - | - | - | - | - | - | - |" in lines
     assert "| m-bad | badnets all-to-one | 90.00 | 100.00 | clean | - | 0.880 (0) | 0 | yes |" in lines
     assert sum(line.startswith("| m-clean |") for line in lines) == 1
+
+
+def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkeypatch):
+    model = {"verdict": "clean", "suspected_target": None, "acc": 0.9, "asr": None, "used": True}
+    rows = [
+        {**model, "model": "m-clean", "norm_family": "other", "attack": None, "mode": None}
+        | {"spread_rho": 2.0, "spread_score": 0.0},
+        {**model, "model": "m-a2a", "norm_family": "other", "attack": "badnets", "mode": "all-to-all"}
+        | {"asr": 0.88, "spread_rho": 2.0, "spread_score": 0.826},
+    ]
+    record = {
+        "false_positives": 0,
+        "clean_models": 1,
+        "detected": 1,
+        "backdoored_models": 1,
+        "targets_correct": 0,
+        "all_to_one_models": 0,
+    }
+    chosen = {
+        "rho": 2.0,
+        "fit": {"threshold": 0.413},
+        "errors": 0,
+        "errors_before": 1,
+        "reliability": record,
+        "reliability_before": {**record, "detected": 0},
+    }
+    section = {
+        "date": "d",
+        "command": "c",
+        "rule": "r",
+        "models": rows,
+        "families": {"other": {"enabled": True, "chosen": chosen}, "batchnorm": {"enabled": False}},
+    }
+    monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"spread": section})
+    lines = bench._spread_section()
+    assert "| other | yes | 2 | 0.413 | 0 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |" in lines
+    assert "| batchnorm | no | - | - | - | - | - | - |" in lines
+    assert "| m-a2a | other | badnets all-to-all | 90.00 | 88.00 | clean | 0.826 | yes |" in lines
+    assert sum(line.startswith("| m-clean |") for line in lines) == 1

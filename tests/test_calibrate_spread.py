@@ -31,7 +31,9 @@ def test_spread_adds_the_all_to_all_backdoor_the_earlier_stages_missed(cal):
         _row(None, 0.04),
         _row("badnets", 0.83, mode="all-to-all"),  # missed before, found by spread
         # found before (by BAN or reach): spread's score does not matter
-        _row("badnets", 0.0, mode="all-to-one", verdict="backdoored", pattern="all-to-one", found=0, target=0),
+        _row(
+            "badnets", 0.0, mode="all-to-one", verdict="backdoored", pattern="all-to-one", found=0, target=0
+        ),
         _row("sig", 0.0, mode="all-to-one", target=0),  # missed by every stage
     ]
     fit = cal.fit_family(rows, [2.0])

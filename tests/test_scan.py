@@ -54,6 +54,7 @@ SPEC_KEYS = {
     "class_names",
     "unsafe_files",
     "reach",
+    "spread",
 }
 
 
@@ -587,6 +588,47 @@ def test_the_reach_calibration_matches_its_recorded_scans():
         assert rel["targets_correct"] == sum(verdict(m, cut) == (True, m["target"]) for m in one)
         chosen = section["families"][family]["chosen"]
         assert chosen["errors"] < chosen["errors_ban_alone"]
+
+
+def test_the_spread_calibration_matches_its_recorded_scans():
+    """Each enabled family's spread threshold sits above every clean model's score at its budget,
+    and the record the reports quote is what the listed scans give with the reading added as
+    ``scan`` adds it (the earlier stages' verdict where it fired, else all-to-all)."""
+    section = load_calibration()["spread"]
+    assert section["command"].startswith("python benchmarks/calibrate_spread.py")
+    assert section["date"] and section["models"] and section["rule"]
+    assert set(section["by_family"]) == set(section["reliability_by_family"])
+    assert section["by_family"], "the shipped calibration enables the spread reading for no family"
+
+    def flagged(m: dict, cut: float) -> tuple[bool, int | None]:
+        verdict, _, target, _ = combine_stages(
+            (m["verdict"], m["pattern"], m["suspected_target"]),
+            reach_fired=False,  # reach's part is in the stored verdict
+            reach_target=None,
+            spread_fired=m["spread_score"] > cut,
+        )
+        return verdict == "backdoored", target
+
+    for family, fitted in section["by_family"].items():
+        cut = fitted["threshold"]
+        rows = [
+            m
+            for m in section["models"]
+            if m["used"] and m["norm_family"] == family and m["spread_rho"] == fitted["rho"]
+        ]
+        clean = [m for m in rows if m["attack"] is None]
+        bad = [m for m in rows if m["attack"] is not None]
+        assert max(m["spread_score"] for m in clean) < cut
+        rel = section["reliability_by_family"][family]
+        assert (rel["clean_models"], rel["false_positives"]) == (
+            len(clean),
+            sum(flagged(m, cut)[0] for m in clean),
+        )
+        assert (rel["backdoored_models"], rel["detected"]) == (len(bad), sum(flagged(m, cut)[0] for m in bad))
+        one = [m for m in bad if m["mode"] == "all-to-one"]
+        assert rel["targets_correct"] == sum(flagged(m, cut) == (True, m["target"]) for m in one)
+        chosen = section["families"][family]["chosen"]
+        assert chosen["errors"] < chosen["errors_before"]
 
 
 def test_the_noise_budget_is_the_one_calibrated_for_the_models_family(clean_model, monkeypatch):

@@ -945,9 +945,13 @@ def scan(
     seconds = time.perf_counter() - start
     # the record each report quotes: both stages' where the reach stage ran and was calibrated
     # for the family, else BAN's alone
+    # (and the record of all stages where the spread reading ran and was calibrated too)
     both_stages = ((calibration.get("reach") or {}).get("reliability_by_family") or {}).get(family)
+    all_stages = ((calibration.get("spread") or {}).get("reliability_by_family") or {}).get(family)
     reliability = (
-        both_stages
+        all_stages
+        if spread is not None and all_stages
+        else both_stages
         if reach is not None and both_stages
         else (calibration.get("reliability_by_family") or {}).get(family)
     )
