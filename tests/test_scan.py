@@ -336,6 +336,8 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     assert ScanReport.from_json(tmp_path / "r.json") == report
     text = _summary(report, "shifted")
     assert "universal spread score" in text and "decided by: spread" in text
+    # the class shifts are where the perturbation sent each class, not BAN's (empty) map
+    assert f"{FASHION_MNIST_CLASSES[0]} -> {FASHION_MNIST_CLASSES[1]}" in text
 
     twin = scan(_PixelShift(copy.deepcopy(clean), strength=0.0).eval(), clean_images(), spread="on", **SPREAD)
     assert not twin.spread["fired"] and twin.spread["score"] < 0.2

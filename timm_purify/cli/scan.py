@@ -47,6 +47,14 @@ def _summary(report, model: str) -> str:
         lines.append(f"suspected target: class {report.suspected_target} ({report.target_name})")
     if report.pattern == "all-to-all":
         mapping = cfg["statistics"]["all_to_all_map"]
+        if cfg.get("decided_by") == "spread":  # where the spread perturbation sent most of each class
+            rows = report.spread["confusion"]
+            mapping = [
+                max((j for j in range(len(row)) if j != k), key=row.__getitem__)
+                if 2 * (sum(row) - row[k]) > sum(row)
+                else None
+                for k, row in enumerate(rows)
+            ]
         names = report.class_names or []
         pairs = [
             f"{names[k] if k < len(names) else k} -> {names[j] if j < len(names) else j}"
