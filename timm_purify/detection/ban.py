@@ -196,7 +196,8 @@ class ScanOptions:
         spread: the all-to-all reading, universal spread (:func:`~timm_purify.detection.reach.universal_spread`),
             run as ``reach`` is (``"auto"``: where a threshold is calibrated or given). Where BAN
             and reach find nothing and it fires, the model is backdoored with an all-to-all pattern.
-        spread_rho: its L2 budget at 3x32x32; ``None``: the calibrated one, else 2.
+        spread_rho: its L2 budget at 3x32x32; ``None``: the calibrated one, else 2. Its ascent
+            takes ``reach_steps`` steps.
         spread_threshold: override the calibrated threshold of the spread score.
     """
 
