@@ -617,6 +617,25 @@ def combine_stages(
     return verdict, pattern, target, "ban+reach"
 
 
+def _later_stage(
+    calibration: dict, stage: str, family: str, mode: str, threshold: float | None
+) -> tuple[dict | None, float | None, bool]:
+    """``(calibrated entry, threshold, whether it runs)`` of a later stage, ``"reach"`` or
+    ``"spread"``: the caller's threshold, else the one the calibration fitted for ``family``;
+    ``"auto"`` runs it where there is one, ``"on"`` always (an error without one)."""
+    calibrated = ((calibration.get(stage) or {}).get("by_family") or {}).get(family)
+    if threshold is None:
+        threshold = (calibrated or {}).get("threshold")
+    run = mode == "on" or (mode == "auto" and threshold is not None)
+    if run and threshold is None:
+        raise ScanOptionError(
+            f"{stage}='on' needs a threshold for the {stage} score, and the calibration records none for "
+            f"this model's normalisation family ({family}); pass {stage}_threshold= (CLI: --{stage}-threshold), "
+            f"or leave {stage}='auto'"
+        )
+    return calibrated, threshold, run
+
+
 def _stratified_split(
     y: torch.Tensor, holdout: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -741,38 +760,18 @@ def scan(
             (calibration.get("scan") or {}).get("options") or {}
         ).get("eps")
     eps = float(opts.eps if opts.eps is not None else calibrated_eps or DEFAULT_EPS)
-    # the universal-reach stage: where the calibration fitted it for this family, or where asked
-    reach_calibrated = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
-    reach_threshold = (
-        opts.reach_threshold
-        if opts.reach_threshold is not None
-        else (reach_calibrated or {}).get("threshold")
+    # the universal-reach stage and the spread reading: where the calibration fitted them for
+    # this family, or where asked
+    reach_calibrated, reach_threshold, run_reach = _later_stage(
+        calibration, "reach", family, opts.reach, opts.reach_threshold
     )
-    run_reach = opts.reach == "on" or (opts.reach == "auto" and reach_threshold is not None)
-    if run_reach and reach_threshold is None:
-        raise ScanOptionError(
-            f"reach='on' needs a threshold for the reach score, and the calibration records none for this "
-            f"model's normalisation family ({family}); pass reach_threshold= (CLI: --reach-threshold), or leave "
-            "reach='auto'"
-        )
     reach_budget = {
         "norm": opts.reach_norm or (reach_calibrated or {}).get("norm") or DEFAULT_REACH["norm"],
         "rho": float(opts.reach_rho or (reach_calibrated or {}).get("rho") or DEFAULT_REACH["rho"]),
     }
-    # the spread (all-to-all) reading: the same rule
-    spread_calibrated = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
-    spread_threshold = (
-        opts.spread_threshold
-        if opts.spread_threshold is not None
-        else (spread_calibrated or {}).get("threshold")
+    spread_calibrated, spread_threshold, run_spread = _later_stage(
+        calibration, "spread", family, opts.spread, opts.spread_threshold
     )
-    run_spread = opts.spread == "on" or (opts.spread == "auto" and spread_threshold is not None)
-    if run_spread and spread_threshold is None:
-        raise ScanOptionError(
-            f"spread='on' needs a threshold for the spread score, and the calibration records none for this "
-            f"model's normalisation family ({family}); pass spread_threshold= (CLI: --spread-threshold), or "
-            "leave spread='auto'"
-        )
     spread_rho = float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO)
     try:
         if isinstance(data, ImageData):
@@ -894,14 +893,19 @@ def scan(
         stats, threshold=threshold, all_to_all_threshold=a2a_threshold, target_source=target_source
     )
 
-    # 5. universal reach, on the images the unmodified model gets right (eval mode, no noise)
+    # 5-6. the pixel-space stages, on the images the unmodified model gets right (eval mode, no noise)
+    if run_reach or run_spread:
+        pixels = PixelModel(work, norm)
+        keep_search, keep_held = search_right.cpu(), pred_clean.cpu() == held.y
+        right_search = (search.floats()[keep_search].to(dev), search.y[keep_search].to(dev))
+        right_held = (held.floats()[keep_held].to(dev), held.y[keep_held].to(dev))
+    # 5. universal reach
     reach: dict[str, Any] | None = None
     if run_reach:
-        keep_search, keep_held = search_right.cpu(), pred_clean.cpu() == held.y
         result = universal_reach(
-            PixelModel(work, norm),
-            (search.floats()[keep_search].to(dev), search.y[keep_search].to(dev)),
-            (held.floats()[keep_held].to(dev), held.y[keep_held].to(dev)),
+            pixels,
+            right_search,
+            right_held,
             num_classes,
             rho=reach_budget["rho"],
             norm=reach_budget["norm"],
@@ -912,14 +916,13 @@ def scan(
         fired = result.score > reach_threshold
         reach = {**result.to_dict(), "threshold": float(reach_threshold), "fired": fired}
         timings["reach"] = result.seconds
-    # 6. universal spread (all-to-all reading), on the same images
+    # 6. universal spread (all-to-all reading)
     spread: dict[str, Any] | None = None
     if run_spread:
-        keep_search, keep_held = search_right.cpu(), pred_clean.cpu() == held.y
         result = universal_spread(
-            PixelModel(work, norm),
-            (search.floats()[keep_search].to(dev), search.y[keep_search].to(dev)),
-            (held.floats()[keep_held].to(dev), held.y[keep_held].to(dev)),
+            pixels,
+            right_search,
+            right_held,
             num_classes,
             rho=spread_rho,
             steps=opts.reach_steps,
