@@ -40,6 +40,7 @@ import datetime
 import glob
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -245,10 +246,7 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
             "reason": "at no budget did an all-to-one backdoor BAN missed score above every clean model",
             "trials": [],
         }
-    # fewest errors; then the widest margin (a cut just above the clean models leaves none for the
-    # next clean model); min keeps the first of equals (the first budget, BAN's target)
-    best = min(trials, key=lambda t: (t["errors"], -t["fit"]["margin"]))
-    enabled = best["errors"] < best["errors_ban_alone"]
+    best, enabled = choose(trials, baseline="errors_ban_alone")
     return {
         "enabled": enabled,
         "reason": f"{best['errors']} errors with reach at {best['norm']} {best['rho']:g}, threshold "
@@ -259,6 +257,33 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
     }
 
 
+def choose(trials: list[dict], *, baseline: str) -> tuple[dict, bool]:
+    """The trial with the fewest errors, then the widest margin (a cut just above the clean models
+    leaves none for the next clean model; ``min`` keeps the first of equals: the first budget,
+    BAN's target), and whether it makes fewer errors than its ``baseline`` key records."""
+    best = min(trials, key=lambda t: (t["errors"], -t["fit"]["margin"]))
+    return best, best["errors"] < best[baseline]
+
+
+def model_folders(patterns: list[str]) -> list[Path]:
+    """The folders the (glob) patterns name; each must hold build_backdoored_model's training.json."""
+    folders = [Path(m) for pattern in patterns for m in (sorted(glob.glob(pattern)) or [pattern])]
+    for folder in folders:
+        if not (folder / "training.json").is_file():
+            raise SystemExit(f"{folder}: no training.json (not written by build_backdoored_model)")
+    return folders
+
+
+def stored_scan(stored: dict, results_file: Path, key: str, make: Callable[[], dict]) -> dict:
+    """``stored[key]``, scanned with ``make()`` and written to ``results_file`` first if missing
+    (so an interrupted calibration resumes where it stopped)."""
+    if key not in stored:
+        stored[key] = make()
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(stored, indent=1))
+    return stored[key]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -266,17 +291,15 @@ def main(argv: list[str] | None = None) -> None:
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = []
-    folders = [Path(m) for pattern in args.models for m in (sorted(glob.glob(pattern)) or [pattern])]
-    for folder in folders:
-        if not (folder / "training.json").is_file():
-            raise SystemExit(f"{folder}: no training.json (not written by build_backdoored_model)")
+    for folder in model_folders(args.models):
         for norm, rho in budgets:
             key = f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
-            if key not in stored:
-                stored[key] = scan_row(folder, norm, rho, args)
-                results_file.parent.mkdir(parents=True, exist_ok=True)
-                results_file.write_text(json.dumps(stored, indent=1))
-            row = stored[key]
+            row = stored_scan(
+                stored,
+                results_file,
+                key,
+                lambda folder=folder, norm=norm, rho=rho: scan_row(folder, norm, rho, args),
+            )
             rows.append(row)
             print(
                 f"{row['model']} {norm} {rho:g}: reach {row['reach_score']:.3f} (class {row['reach_target']}, "

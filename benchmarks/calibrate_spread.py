@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import sys
 from pathlib import Path
@@ -38,7 +37,15 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, also when imported by a test
-from calibrate_reach import errors, tally, threshold_candidates, usable  # noqa: E402
+from calibrate_reach import (  # noqa: E402
+    choose,
+    errors,
+    model_folders,
+    stored_scan,
+    tally,
+    threshold_candidates,
+    usable,
+)
 from calibrate_scan import recorded_command  # noqa: E402
 
 from timm_purify._train import environment_info  # noqa: E402
@@ -157,8 +164,7 @@ def fit_family(rows: list[dict], rhos: list[float]) -> dict:
             "reason": "at no budget did a backdoor the earlier stages missed score above every clean model",
             "trials": [],
         }
-    best = min(trials, key=lambda t: (t["errors"], -t["fit"]["margin"]))
-    enabled = best["errors"] < best["errors_before"]
+    best, enabled = choose(trials, baseline="errors_before")
     return {
         "enabled": enabled,
         "reason": f"{best['errors']} errors with spread at L2 {best['rho']:g}, threshold "
@@ -175,17 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = []
-    folders = [Path(m) for pattern in args.models for m in (sorted(glob.glob(pattern)) or [pattern])]
-    for folder in folders:
-        if not (folder / "training.json").is_file():
-            raise SystemExit(f"{folder}: no training.json (not written by build_backdoored_model)")
+    for folder in model_folders(args.models):
         for rho in rhos:
             key = f"{folder.name}|l2:{rho:g}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
-            if key not in stored:
-                stored[key] = scan_row(folder, rho, args)
-                results_file.parent.mkdir(parents=True, exist_ok=True)
-                results_file.write_text(json.dumps(stored, indent=1))
-            row = stored[key]
+            row = stored_scan(
+                stored, results_file, key, lambda folder=folder, rho=rho: scan_row(folder, rho, args)
+            )
             rows.append(row)
             print(
                 f"{row['model']} l2 {rho:g}: spread {row['spread_score']:.3f} ({row['mode'] or 'clean'}) "
