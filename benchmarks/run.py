@@ -148,9 +148,13 @@ def run(args: argparse.Namespace) -> Path:
     if args.archs:
         suite = Suite(**{**suite.__dict__, "archs": tuple(args.archs.split(","))})
     if args.attacks:
-        suite = Suite(**{**suite.__dict__, "attacks": tuple(args.attacks.split(","))})
+        # "none": no backdoored model, only the clean models of --detect
+        attacks = () if args.attacks == "none" else tuple(args.attacks.split(","))
+        suite = Suite(**{**suite.__dict__, "attacks": attacks})
     if args.train_size:
         suite = Suite(**{**suite.__dict__, "train_size": args.train_size})
+    if args.epochs:
+        suite = Suite(**{**suite.__dict__, "epochs": args.epochs})
     methods = [m for m in args.methods.split(",") if m] if args.methods else []
     options = json.loads(args.options) if args.options else {}
     cache = Path(args.cache)
@@ -179,6 +183,10 @@ def run(args: argparse.Namespace) -> Path:
             }
             rows.append({**base, "method": "none", **_metrics(before), "der": None, "seconds": 0.0})
             print(f"[eval] {arch} {attack_key} none: {before}", flush=True)
+            if args.detect:  # before the methods: a run cut short keeps its scan
+                rows.append(
+                    {**base, **_scan_row(model, train, suite, args.seed, backdoored=True, target=attack)}
+                )
             yardstick = ft_epoch_seconds(model, clean, args.seed) if methods else None
             for method in methods:
                 from timm_purify.defenses import purify
@@ -215,12 +223,8 @@ def run(args: argparse.Namespace) -> Path:
                     f"[eval] {arch} {attack_key} {label}: {after} DER {der(before, after):.3f} ({result.seconds:.0f}s)",
                     flush=True,
                 )
-            if args.detect:
-                rows.append(
-                    {**base, **_scan_row(model, train, suite, args.seed, backdoored=True, target=attack)}
-                )
         if args.detect:
-            for seed in range(args.clean_seeds):
+            for seed in range(args.first_clean_seed, args.first_clean_seed + args.clean_seeds):
                 path = get_model(cache, suite, arch, None, seed, args.quiet)
                 model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
                 train = load_data(suite.data, split="train", model=model)
@@ -610,7 +614,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--archs", help="comma-separated subset of: " + ",".join(RECIPES))
-    parser.add_argument("--attacks", help="comma-separated subset of: " + ",".join(ATTACKS))
+    parser.add_argument(
+        "--attacks", help="comma-separated subset of: " + ",".join(ATTACKS) + " ('none': clean models only)"
+    )
     parser.add_argument(
         "--methods", default="", help="comma-separated defences (default: none, i.e. no-defence rows only)"
     )
@@ -619,7 +625,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--clean-seeds", type=int, default=2, help="clean models per architecture for --detect"
     )
+    parser.add_argument(
+        "--first-clean-seed", type=int, default=0, help="seed of the first clean model (split a zoo over jobs)"
+    )
     parser.add_argument("--train-size", type=int, help="class-balanced subset of the training split")
+    parser.add_argument("--epochs", type=int, help="training epochs instead of the suite's (a new cache key)")
     parser.add_argument(
         "--clean-count",
         type=int,
