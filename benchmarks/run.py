@@ -626,7 +626,10 @@ def main(argv: list[str] | None = None) -> None:
         "--clean-seeds", type=int, default=2, help="clean models per architecture for --detect"
     )
     parser.add_argument(
-        "--first-clean-seed", type=int, default=0, help="seed of the first clean model (split a zoo over jobs)"
+        "--first-clean-seed",
+        type=int,
+        default=0,
+        help="seed of the first clean model (split a zoo over jobs)",
     )
     parser.add_argument("--train-size", type=int, help="class-balanced subset of the training split")
     parser.add_argument("--epochs", type=int, help="training epochs instead of the suite's (a new cache key)")
