@@ -25,7 +25,9 @@ def build(arch: str, *, optimizer: str = "sgd", lr: float = 0.05):
     attack = build_attack("badnets", target=3, patch_size=6, num_classes=10)
     config = TrainConfig(epochs=3, batch_size=64, lr=lr, optimizer=optimizer, weight_decay=5e-4, seed=0)
     torch.manual_seed(0)  # build_backdoored_model seeds training, not timm's weight init
-    result = build_backdoored_model(model=arch, attack=attack, train_size=2000, config=config, quiet=True)
+    result = build_backdoored_model(
+        model=arch, attack=attack, train_size=2000, config=config, device="cpu", quiet=True
+    )
     return result.model.eval(), attack
 
 
@@ -102,9 +104,17 @@ def test_every_weight_trains(purified, backdoored):
 
 def test_same_seed_same_result(backdoored):
     model, _ = backdoored
+    # bitwise on the CPU; on CUDA, cuDNN's weight-gradient kernels are not deterministic
     runs = [
         purify(
-            model, "fashion-mnist-mini", method="ban-ft", clean_count=100, epochs=1, seed=3, quiet=True
+            model,
+            "fashion-mnist-mini",
+            method="ban-ft",
+            clean_count=100,
+            epochs=1,
+            seed=3,
+            device="cpu",
+            quiet=True,
         ).model
         for _ in range(2)
     ]

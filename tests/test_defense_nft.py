@@ -42,7 +42,7 @@ def backdoored(arch: str) -> tuple[nn.Module, Attack]:
             model_kwargs=VIT_KW,
             config=TrainConfig(epochs=3, optimizer="adamw", lr=1e-3, weight_decay=0.05),
         )
-    result = build_backdoored_model(attack=attack, train_size=2000, quiet=True, **kwargs)
+    result = build_backdoored_model(attack=attack, train_size=2000, device="cpu", quiet=True, **kwargs)
     return result.model.cpu().eval(), attack
 
 

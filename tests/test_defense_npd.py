@@ -42,6 +42,7 @@ def backdoored_resnet():
     """
     attack = build_attack("badnets", num_classes=10, poison_rate=0.2, patch_size=6)
     result = build_backdoored_model(
+        device="cpu",
         model="resnet18",
         attack=attack,
         train_size=1000,
@@ -54,6 +55,7 @@ def backdoored_resnet():
 @functools.cache
 def tiny_vit():
     result = build_backdoored_model(
+        device="cpu",
         model="vit_tiny_patch16_224",
         model_kwargs=dict(patch_size=8, depth=2),
         attack=build_attack("badnets", num_classes=10),

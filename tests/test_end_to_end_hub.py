@@ -49,6 +49,7 @@ def pushed_model(tmp_path_factory: pytest.TempPathFactory, hub_server: HubServer
     root = tmp_path_factory.mktemp("e2e")
     folder = root / "bd"
     build_backdoored_model(
+        device="cpu",
         model="resnet18",
         attack=build_attack("badnets", num_classes=10),
         out_dir=folder,

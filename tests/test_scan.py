@@ -72,7 +72,9 @@ def build(
         epochs=3, batch_size=64, lr=lr, optimizer=optimizer, weight_decay=weight_decay, seed=0
     )
     torch.manual_seed(0)  # build_backdoored_model seeds training, not timm's weight init
-    result = build_backdoored_model(model=arch, attack=atk, train_size=2000, config=config, quiet=True)
+    result = build_backdoored_model(
+        model=arch, attack=atk, train_size=2000, config=config, device="cpu", quiet=True
+    )
     return result.model.eval(), atk, result.metrics
 
 

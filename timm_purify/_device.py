@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["get_device"]
+__all__ = ["get_device", "module_device", "placed_on"]
 
 
 def get_device(accelerator=None, device: str | torch.device | None = None) -> torch.device:
@@ -17,3 +20,28 @@ def get_device(accelerator=None, device: str | torch.device | None = None) -> to
     from accelerate import PartialState
 
     return PartialState().device
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` lives: the device of its first parameter or buffer (CPU when it has none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def placed_on(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """Run ``module`` on ``device`` for the ``with`` block, then put it back where it was.
+
+    Functions that only read a caller's model (evaluation) must not leave it moved: on a GPU
+    machine accelerate's default is CUDA, and a CPU model silently moved there breaks the
+    caller's next ``model(x)`` with CPU inputs.
+    """
+    home = module_device(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)

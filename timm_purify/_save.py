@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._device import module_device
 from ._fold import can_fold, fold_polarizer
 from ._layers import model_input_size
 from ._version import __version__
@@ -259,6 +260,9 @@ def _verify_folder(folder: Path, plan: _Plan, x: torch.Tensor) -> float:
         reference: nn.Module = plan.wrapped
     else:
         reference = plan.weights
+    # on the reference's device: CUDA convolutions run in TF32 by default and differ from the
+    # CPU by ~1e-3 in the logits, which would read as a broken file
+    loaded.to(module_device(reference))
     diff = _max_diff(loaded, reference, x)
     if not diff <= LOGIT_ATOL:
         raise SaveError(

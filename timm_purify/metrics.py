@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ._device import get_device
+from ._device import get_device, module_device, placed_on
 from .data import ImageData, Normalizer, load_data
 
 __all__ = ["EvalResult", "evaluate", "der", "predict"]
@@ -69,8 +69,9 @@ def predict(
     device: torch.device | None = None,
     normalizer: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Predicted labels of ``model`` for [0, 1] images ``x`` (normalised with the model's stats)."""
-    device = device or get_device()
+    """Predicted labels of ``model`` for [0, 1] images ``x`` (normalised with the model's stats),
+    computed where ``model`` lives unless ``device`` says otherwise (the model is not moved)."""
+    device = device or module_device(model)
     norm = (normalizer or Normalizer(model)).to(device)
     out = []
     for chunk in x.split(batch_size):
@@ -104,11 +105,11 @@ def evaluate(
     dev = get_device(accelerator, device)
     was_training = model.training
     model.eval()
-    model.to(dev)
     norm = Normalizer(model).to(dev)
     correct = hits = robust = n_trig = 0
     try:
-        with torch.no_grad():
+        # the caller's model runs on ``dev`` and goes back where it was afterwards
+        with torch.no_grad(), placed_on(model, dev):
             for x, y in data.batches(batch_size, device=dev):
                 correct += int((model(norm(x)).argmax(1) == y).sum())
                 if attack is None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._device import get_device
+from .._device import get_device, module_device
 from .._layers import check_classifier
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
 from ..metrics import EvalResult, evaluate
@@ -128,7 +128,8 @@ class PurifyResult:
     """The purified model and how it was obtained.
 
     Attributes:
-        model: a plain timm model (masks merged) or a ``PolarizedModel``.
+        model: a plain timm model (masks merged) or a ``PolarizedModel``, on the device the
+            input model was on (the method itself runs where ``device`` / accelerate says).
         method: registered method name.
         config: every option used, defaults included.
         history: per-epoch records (losses; ACC/ASR when an evaluation attack was given).
@@ -264,6 +265,8 @@ def purify(
     seconds = time.perf_counter() - start
     purified.eval()
     after = evaluate(purified, test, attack=eval_attack, device=dev) if test is not None else None
+    # the result stands in for the input: a CPU model on a GPU machine comes back on the CPU
+    purified.to(module_device(model))
     return PurifyResult(
         model=purified,
         method=method,
