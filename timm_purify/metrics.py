@@ -70,7 +70,7 @@ def predict(
     normalizer: nn.Module | None = None,
 ) -> torch.Tensor:
     """Predicted labels of ``model`` for [0, 1] images ``x`` (normalised with the model's stats),
-    computed where ``model`` lives unless ``device`` says otherwise (the model is not moved)."""
+    computed on ``device``, by default where ``model`` lives (the model itself is not moved)."""
     device = device or module_device(model)
     norm = (normalizer or Normalizer(model)).to(device)
     out = []
