@@ -53,6 +53,7 @@ from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
 from timm_purify.data import clean_subset, load_data  # noqa: E402
 from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages, scan  # noqa: E402
+from timm_purify.detection.report import ScanReport  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # whose suspected target stands where both stages find an all-to-one backdoor (chosen per family)
@@ -94,8 +95,9 @@ def parse_budgets(text: str) -> list[tuple[str, float]]:
     return budgets
 
 
-def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> dict:
-    """One model scanned with the shipped BAN calibration and the reach stage on (never deciding)."""
+def scan_folder(folder: Path, args: argparse.Namespace, **options) -> tuple[dict, ScanReport]:
+    """Scan the model in ``folder`` on its clean images with scan ``options``; return the row
+    fields that describe the model (from its ``training.json``) and the report."""
     record = json.loads((folder / "training.json").read_text())
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     data = clean_subset(
@@ -103,19 +105,9 @@ def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> d
         count=args.clean_count,
         seed=args.scan_seed,
     )
-    report = scan(
-        model,
-        data,
-        seed=args.scan_seed,
-        quiet=True,
-        reach="on",
-        reach_norm=norm,
-        reach_rho=rho,
-        reach_steps=args.steps,
-        reach_threshold=float("inf"),
-    )
+    report = scan(model, data, seed=args.scan_seed, quiet=True, **options)
     spec = record.get("attack")
-    return {
+    fields = {
         "model": folder.name,
         "arch": record["model"],
         "attack": None if spec is None else spec["name"],
@@ -125,6 +117,23 @@ def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> d
         "acc": record["metrics"]["acc"],
         "asr": record["metrics"]["asr"],
         "norm_family": report.config["norm_family"],
+    }
+    return fields, report
+
+
+def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> dict:
+    """One model scanned with the shipped BAN calibration and the reach stage on (never deciding)."""
+    fields, report = scan_folder(
+        folder,
+        args,
+        reach="on",
+        reach_norm=norm,
+        reach_rho=rho,
+        reach_steps=args.steps,
+        reach_threshold=float("inf"),
+    )
+    return {
+        **fields,
         "ban_verdict": report.verdict,
         "ban_target": report.suspected_target,
         "reach_norm": norm,

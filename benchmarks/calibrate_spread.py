@@ -33,7 +33,6 @@ import json
 import sys
 from pathlib import Path
 
-import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, also when imported by a test
@@ -41,6 +40,7 @@ from calibrate_reach import (  # noqa: E402
     choose,
     errors,
     model_folders,
+    scan_folder,
     stored_scan,
     tally,
     threshold_candidates,
@@ -50,8 +50,7 @@ from calibrate_scan import recorded_command  # noqa: E402
 
 from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
-from timm_purify.data import clean_subset, load_data  # noqa: E402
-from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages, scan  # noqa: E402
+from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,33 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def scan_row(folder: Path, rho: float, args: argparse.Namespace) -> dict:
     """One model scanned with the shipped calibration and the spread reading on (never deciding)."""
-    record = json.loads((folder / "training.json").read_text())
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    data = clean_subset(
-        load_data(record["data"], split=args.scan_split, model=model),
-        count=args.clean_count,
-        seed=args.scan_seed,
-    )
-    report = scan(
-        model,
-        data,
-        seed=args.scan_seed,
-        quiet=True,
-        spread="on",
-        spread_rho=rho,
-        spread_threshold=float("inf"),
-    )
-    spec = record.get("attack")
+    fields, report = scan_folder(folder, args, spread="on", spread_rho=rho, spread_threshold=float("inf"))
     return {
-        "model": folder.name,
-        "arch": record["model"],
-        "attack": None if spec is None else spec["name"],
-        "mode": None if spec is None else spec["mode"],
-        "target": None if spec is None or spec["mode"] != "all-to-one" else spec["target"],
-        "data": record["data"],
-        "acc": record["metrics"]["acc"],
-        "asr": record["metrics"]["asr"],
-        "norm_family": report.config["norm_family"],
+        **fields,
         # the earlier stages' verdict (BAN, and reach where the shipped calibration enables it)
         "verdict": report.verdict,
         "pattern": report.pattern,
