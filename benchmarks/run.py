@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -510,6 +511,17 @@ def _row_label(row: dict) -> str:
     return label if used == default else f"{label} norm_init={used}"
 
 
+def _attack_label(row: dict) -> str:
+    """The row's attack, naming the backdoored model's training epochs where ``--epochs`` made
+    them differ from the suite's: a longer-trained model is another model (its own ``none`` row
+    and its own DERs), so its rows must not replace or mix with the suite model's."""
+    found = re.search(r"-e(\d+)-b\d+-s\d+$", row.get("model", ""))
+    suite = SUITES.get(row["suite"])
+    if found is None or suite is None or int(found.group(1)) == suite.epochs:
+        return row["attack"]
+    return f"{row['attack']} [{found.group(1)} epochs]"
+
+
 def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> Path:
     """Rebuild RESULTS.md from every JSON file in ``results_dir`` (newest row per key wins).
 
@@ -527,6 +539,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
     # a stable sort keeps file order among untimed rows
     for _, name, row in sorted(rows, key=lambda item: item[0]):
         row["method"] = _row_label(row)
+        row["attack"] = _attack_label(row)
         key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
         latest[key] = {**row, "file": name}
     lines = [
@@ -542,7 +555,8 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "default; NPD rows recorded before the option existed ran `unit`; see PURIFICATION.md);",
         "`npd-tp`/`npd-tu` are given the attack's true target (in `timm-purify demo` the target comes",
         "from the scan instead); `[N clean images]` marks runs on N clean images instead of the",
-        "suite's fraction. When the `none` row's ASR is low the backdoor did not implant and the",
+        "suite's fraction; `[N epochs]` after the attack marks a model trained N epochs instead of",
+        "the suite's (`--epochs`), with its own `none` row. When the `none` row's ASR is low the backdoor did not implant and the",
         "method rows of that attack measure nothing. Seconds are comparable within one results file",
         "only (see the machines list: thread counts, and whether other jobs shared the CPU). The",
         "benchmark cache does not travel between machines, so a model can be rebuilt, with slightly",
