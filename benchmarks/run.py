@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -511,15 +510,15 @@ def _row_label(row: dict) -> str:
     return label if used == default else f"{label} norm_init={used}"
 
 
-def _attack_label(row: dict) -> str:
-    """The row's attack, naming the backdoored model's training epochs where ``--epochs`` made
-    them differ from the suite's: a longer-trained model is another model (its own ``none`` row
-    and its own DERs), so its rows must not replace or mix with the suite model's."""
-    found = re.search(r"-e(\d+)-b\d+-s\d+$", row.get("model", ""))
+def _attack_label(row: dict, epochs: int | None) -> str:
+    """The row's attack, naming the backdoored model's training ``epochs`` (its results file's
+    ``suite_config``) where ``--epochs`` made them differ from the suite's: a longer-trained
+    model is another model (its own ``none`` row and its own DERs), so its rows must not replace
+    or mix with the suite model's."""
     suite = SUITES.get(row["suite"])
-    if found is None or suite is None or int(found.group(1)) == suite.epochs:
+    if epochs is None or suite is None or epochs == suite.epochs:
         return row["attack"]
-    return f"{row['attack']} [{found.group(1)} epochs]"
+    return f"{row['attack']} [{epochs} epochs]"
 
 
 def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> Path:
@@ -533,13 +532,14 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
     rows = []
     for path in sorted(results_dir.glob("*.json")):
         payload = json.loads(path.read_text())
-        rows += [(row.get("finished", ""), path.name, row) for row in payload["rows"]]
+        epochs = payload.get("suite_config", {}).get("epochs")
+        rows += [(row.get("finished", ""), path.name, row, epochs) for row in payload["rows"]]
         if payload["rows"]:
             envs[path.name] = payload["rows"][-1].get("environment", {})
     # a stable sort keeps file order among untimed rows
-    for _, name, row in sorted(rows, key=lambda item: item[0]):
+    for _, name, row, epochs in sorted(rows, key=lambda item: item[0]):
         row["method"] = _row_label(row)
-        row["attack"] = _attack_label(row)
+        row["attack"] = _attack_label(row, epochs)
         key = (row["suite"], row["arch"], row["attack"], row["method"], row.get("seed"))
         latest[key] = {**row, "file": name}
     lines = [
@@ -556,8 +556,8 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "`npd-tp`/`npd-tu` are given the attack's true target (in `timm-purify demo` the target comes",
         "from the scan instead); `[N clean images]` marks runs on N clean images instead of the",
         "suite's fraction; `[N epochs]` after the attack marks a model trained N epochs instead of",
-        "the suite's (`--epochs`), with its own `none` row. When the `none` row's ASR is low the backdoor did not implant and the",
-        "method rows of that attack measure nothing. Seconds are comparable within one results file",
+        "the suite's (`--epochs`), with its own `none` row. When the `none` row's ASR is low the",
+        "backdoor did not implant and the method rows of that attack measure nothing. Seconds are comparable within one results file",
         "only (see the machines list: thread counts, and whether other jobs shared the CPU). The",
         "benchmark cache does not travel between machines, so a model can be rebuilt, with slightly",
         "different numbers: the `none` row is the newest build's, and each method row's DER is",

@@ -45,12 +45,13 @@ def test_the_row_measured_last_wins_over_file_order(bench, tmp_path):
 
 
 def test_a_longer_trained_model_keeps_rows_of_its_own(bench, tmp_path):
-    # the same attack and method on the suite's 3-epoch model and on one built with --epochs 8
-    suite_model = _row(0.02, "2026-11-22T10:00:00") | {
-        "model": "fashion-mnist-resnet18-badnets-p0.1-e3-b64-s0"
-    }
-    longer = _row(0.23, "2026-11-22T12:00:00") | {"model": "fashion-mnist-resnet18-badnets-p0.1-e8-b64-s0"}
-    (tmp_path / "r.json").write_text(json.dumps({"rows": [suite_model, longer]}))
+    # the same attack and method on the suite's 3-epoch model and on one built with --epochs 8,
+    # each run writing its own file with the epochs it trained
+    for name, epochs, row in (
+        ("suite.json", 3, _row(0.02, "2026-11-22T10:00:00")),
+        ("longer.json", 8, _row(0.23, "2026-11-22T12:00:00")),
+    ):
+        (tmp_path / name).write_text(json.dumps({"suite_config": {"epochs": epochs}, "rows": [row]}))
     lines = bench.render(tmp_path, tmp_path / "RESULTS.md").read_text().splitlines()
     assert [line for line in lines if line.startswith("| resnet18 | badnets | awm")] == [
         "| resnet18 | badnets | awm | 90.00 | 2.00 | 10.00 | 60.00 | 1.0 | - |"
