@@ -141,11 +141,12 @@ def test_command_line_mistakes_fail_cleanly(workspace: dict[str, Path], tmp_path
     assert result.exit_code == 1 and "Traceback" not in result.output
 
 
-def test_scan_report_reaches_the_card(
-    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The CLI's scan step, with the (slow) BAN scan replaced by a fixed report: checks what the
-    command passes to it and what it does with the report, not the scan itself."""
+def _fake_scan(
+    monkeypatch: pytest.MonkeyPatch, *, verdict: str = "backdoored", target: int | None = 0
+) -> list:
+    """Replace the (slow) BAN scan with a fixed report; returns the list its calls land in.
+    The tests using it check what the command passes to the scan and what it does with the
+    report, not the scan itself (tests/test_scan.py does that)."""
     import timm_purify.detection.ban as ban
 
     calls = []
@@ -153,11 +154,11 @@ def test_scan_report_reaches_the_card(
     def fake_scan(model, data, **kwargs):
         calls.append((data, kwargs))
         return ScanReport(
-            verdict="backdoored",
-            score=0.93,
+            verdict=verdict,
+            score=0.93 if verdict == "backdoored" else 0.1,
             threshold=0.4,
-            suspected_target=0,
-            pattern="all-to-one",
+            suspected_target=target,
+            pattern="all-to-one" if target is not None else None,
             histogram_noisy=[40, 1, 1, 1, 1, 1, 1, 1, 1, 2],
             histogram_noisy_masked=[45, 1, 0, 0, 1, 0, 1, 0, 1, 1],
             clean_acc=0.1,
@@ -169,6 +170,13 @@ def test_scan_report_reaches_the_card(
         )
 
     monkeypatch.setattr(ban, "scan", fake_scan)
+    return calls
+
+
+def test_scan_report_reaches_the_card(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _fake_scan(monkeypatch)
     out = tmp_path / "scanned"
     result = _run(_base_args(workspace, out) + ["--clean-count", "50", "--scan-option", "eps=0.1", "--quiet"])
     assert result.exit_code == 0, result.output
@@ -182,6 +190,57 @@ def test_scan_report_reaches_the_card(
     assert "**Verdict: backdoored**" in card and "(scan_histogram.png)" in card
     assert (out / "scan_histogram.png").is_file()
     assert "--scan-option eps=0.1" in record["command"]
+
+
+def _auto_args(ws: dict[str, Path], out: Path, *options: str) -> list[str]:
+    args = ["purify", str(ws["model"]), "--data", str(ws["data"]), "--method", "auto", "--out", str(out)]
+    # a polarizer trained for one short epoch on 100 images: seconds, enough to see what ran
+    for option in ("epochs=1", "warmup_epochs=0", "batch_size=50", "layer=last-stage", *options):
+        args += ["--option", option]
+    return args + ["--quiet"]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "target", "method"), [("backdoored", 3, "npd-tp"), ("clean", None, "npd")]
+)
+def test_auto_method_follows_the_scan(
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    verdict: str,
+    target: int | None,
+    method: str,
+) -> None:
+    calls = _fake_scan(monkeypatch, verdict=verdict, target=target)
+    out = tmp_path / "auto"
+    result = _run(_auto_args(workspace, out))
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1 and result.output.startswith(f"method {method}:")
+    record = json.loads((out / "purify_result.json").read_text())
+    assert record["result"]["method"] == method and record["result"]["config"]["epochs"] == 1
+    assert record["result"]["config"].get("target") == target
+    # the saved command names what ran, so rerunning it does not depend on a scan's verdict
+    assert f"--method {method} " in record["command"] and "--method auto" not in record["command"]
+    assert ("--option target=3" in record["command"]) == (target is not None)
+
+
+def test_auto_method_mistakes_fail_before_any_work(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _fake_scan(monkeypatch)
+    out = tmp_path / "never"
+    result = _run(_auto_args(workspace, out) + ["--no-scan"])
+    assert result.exit_code == 2 and "drop --no-scan" in result.output
+    result = _run(_auto_args(workspace, out, "target=2"))
+    assert result.exit_code == 2 and "--method npd-tp --option target=N" in result.output
+    result = _run(_auto_args(workspace, out, "nonsense=1"))
+    assert result.exit_code == 1 and "--method auto (npd): unknown option" in result.output
+    result = _run(_auto_args(workspace, out, "rho=-1"))
+    assert result.exit_code == 1 and "rho must be > 0" in result.output
+    # any method's bad option is refused before the scan runs, not after it
+    result = _run(_base_args(workspace, out) + ["--option", "epochs=0"])
+    assert result.exit_code == 1 and "epochs must be > 0" in result.output
+    assert calls == [] and not out.exists() and "Traceback" not in result.output
 
 
 def test_push_commands(

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
 from timm_purify.cli import main
-from timm_purify.cli.demo import choose_method
+from timm_purify.cli._common import choose_method
 from timm_purify.detection.report import ScanReport
 
 torch.set_num_threads(1)

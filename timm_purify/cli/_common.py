@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
-from torch import nn
 
-__all__ = ["open_model"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["AUTO", "choose_method", "open_model"]
+
+# The method name that lets the scan steer NPD (``timm-purify purify`` and ``demo``).
+AUTO = "auto"
 
 
 def open_model(
@@ -30,3 +36,17 @@ def open_model(
         )
     except (ModelLoadError, UnsafeFileError) as err:
         raise click.ClickException(str(err)) from err
+
+
+def choose_method(method: str, report) -> tuple[str, dict]:
+    """The method to run and its extra options. ``auto`` lets the scan's finding steer NPD:
+    with a suspected all-to-one target, NPD's known-target variant (npd-tp) attacks towards
+    that class (plain NPD's per-image guess, the runner-up class, misses a patch trigger whose
+    target is not the images' natural neighbour: ``benchmarks/PURIFICATION.md``); otherwise
+    (a clean verdict, or an all-to-all pattern with no single target) plain npd estimates a
+    target per image."""
+    if method != AUTO:
+        return method, {}
+    if report.verdict == "backdoored" and report.suspected_target is not None:
+        return "npd-tp", {"target": int(report.suspected_target)}
+    return "npd", {}

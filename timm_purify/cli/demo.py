@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from ._common import AUTO, choose_method
+
 __all__ = ["demo"]
 
 DATA = "fashion-mnist-mini"
@@ -23,18 +25,6 @@ DATA = "fashion-mnist-mini"
 # (measured on the demo's model: benchmarks/RESULTS.md, issue notes).
 _POLARIZER = {"layer": "last-stage", "lr": 0.1, "epochs": 30}
 METHOD_OPTIONS = {name: _POLARIZER for name in ("npd", "npd-tp", "npd-tu", "cnpd-r", "cnpd-e", "cnpd-a")}
-AUTO = "auto"
-
-
-def choose_method(method: str, report) -> tuple[str, dict]:
-    """The method to run and its extra options. ``auto`` lets the scan's finding steer NPD:
-    with a suspected all-to-one target, NPD's known-target variant (npd-tp) attacks towards
-    that class; otherwise plain npd estimates a target per image."""
-    if method != AUTO:
-        return method, {}
-    if report.verdict == "backdoored" and report.suspected_target is not None:
-        return "npd-tp", {"target": int(report.suspected_target)}
-    return "npd", {}
 
 
 @click.command()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ._common import AUTO, choose_method, open_model
+
 __all__ = ["purify", "reproduce_command"]
 
 
@@ -78,6 +80,35 @@ def _summary(result, report, out: Path, form: str, fold_reason: str) -> str:
     return "\n".join(lines)
 
 
+def _check_options(method: str, options: dict, *, scan: bool, num_classes: int) -> None:
+    """Refuse bad method options before any work (the scan included), and what ``--method auto``
+    cannot honour: it reads the target from the scan, and its options must suit both methods it
+    may pick (npd and npd-tp). ``purify`` checks again with the real clean-set size."""
+    from ..defenses import PurifyOptionError
+    from ..defenses._base import _build_config
+
+    candidates = [(method, options)]
+    if method == AUTO:
+        if not scan:
+            raise click.UsageError(
+                "--method auto picks the method from the scan's finding; drop --no-scan, or name a method"
+            )
+        if "target" in options:
+            raise click.BadParameter(
+                "--method auto takes the target from the scan; to choose it yourself use "
+                "--method npd-tp --option target=N",
+                param_hint="--option",
+            )
+        candidates = [("npd", options), ("npd-tp", {**options, "target": 0})]
+    for name, opts in candidates:
+        try:
+            # no method's rule reads the clean-set size, which is only known once purify loads the data
+            _build_config(name, opts).validate(num_clean=num_classes, num_classes=num_classes)
+        except (PurifyOptionError, TypeError) as err:
+            prefix = f"--method auto ({name}): " if method == AUTO else ""
+            raise click.ClickException(f"{prefix}{err}") from err
+
+
 def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     from .._train import parse_model_args
 
@@ -91,7 +122,11 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
 @click.argument("model")
 @click.option("--data", required=True, help="Clean images: bundled set name or image folder (train split).")
 @click.option(
-    "--method", default="npd", show_default=True, help="Purification method (npd, cnpd-*, nft, awm, ft...)."
+    "--method",
+    default="npd",
+    show_default=True,
+    help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
+    "suspected target when it names one, else npd.",
 )
 @click.option(
     "--out",
@@ -155,9 +190,9 @@ def purify(**params) -> None:
     timm_purify.from_pretrained).
     """
     from .. import defenses
+    from .._layers import NotAClassifierError, check_classifier
     from .._save import OutputExistsError, SaveError, _check_out_dir, _source_folders, save_pretrained
     from ..data import DataError
-    from ._common import open_model
 
     p = params
     echo = (lambda msg: None) if p["quiet"] else (lambda msg: click.echo(msg, err=True))
@@ -165,9 +200,9 @@ def purify(**params) -> None:
         raise click.UsageError("give --clean-count or --clean-fraction, not both")
     if (p["private"] or p["token"]) and not p["repo_id"]:
         raise click.UsageError("--private and --token only apply with --push-to-hub REPO_ID")
-    if p["method"] not in defenses.DEFENSES:
+    if p["method"] != AUTO and p["method"] not in defenses.DEFENSES:
         raise click.BadParameter(
-            f"unknown method {p['method']!r}; available: {', '.join(sorted(defenses.DEFENSES))}",
+            f"unknown method {p['method']!r}; available: {', '.join(sorted(defenses.DEFENSES))}, {AUTO}",
             param_hint="--method",
         )
     options = _parse_pairs(p["options"], "--option")
@@ -184,6 +219,11 @@ def purify(**params) -> None:
     net = open_model(
         p["model"], num_classes=p["num_classes"], img_size=p["img_size"], checkpoint=p["checkpoint"]
     )
+    try:
+        num_classes = check_classifier(net)
+    except NotAClassifierError as err:
+        raise click.ClickException(str(err)) from err
+    _check_options(p["method"], options, scan=p["scan"], num_classes=num_classes)
     sources = _source_folders(net, [p["model"]])
     try:
         _check_out_dir(out, sources)
@@ -212,13 +252,19 @@ def purify(**params) -> None:
             raise click.ClickException(f"scan: {err}") from err
         echo(f"scan: {report.verdict} (score {report.score:.4f})")
 
+    method, chosen = choose_method(p["method"], report)
+    if method != p["method"]:
+        # the saved command names what ran, so it reproduces without depending on a scan
+        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in chosen.items()))}
+        options = {**options, **chosen}
     eval_data = p["eval_data"] or (p["data"] if p["attack_file"] else None)
-    echo(f"purifying with {p['method']}")
+    because = f" (towards the scan's suspected target {chosen['target']})" if "target" in chosen else ""
+    echo(f"purifying with {method}{because}")
     try:
         result = defenses.purify(
             net,
             p["data"],
-            method=p["method"],
+            method=method,
             clean_count=p["clean_count"],
             clean_fraction=p["clean_fraction"],
             eval_data=eval_data,
