@@ -187,6 +187,26 @@ def test_nft_same_seed_same_result_and_stem_option():
     assert n_masks == len(norm_layers(model))
 
 
+@pytest.mark.parametrize("norm_stats", ["train", "frozen"])
+def test_nft_norm_stats_option(norm_stats):
+    """``frozen`` keeps every BatchNorm's running statistics as trained; ``train`` (the reference)
+    lets the clean batches move them."""
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    data = ImageData(
+        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(20) % 10,
+        list("abcdefghij"),
+        "t",
+    )
+    before = state(net)
+    out = purify(net, data, method="nft", quiet=True, iterations=3, batch_size=8, norm_stats=norm_stats).model
+    after = state(out)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    moved = [k for k in stats if not torch.equal(before[k], after[k])]
+    assert stats and (moved == [] if norm_stats == "frozen" else len(moved) == len(stats))
+
+
 class _Counting(nn.Module):
     """Wraps a classifier and counts forward passes (to prove no work happened)."""
 
@@ -213,6 +233,7 @@ class _Counting(nn.Module):
         {"alpha": 1.5},
         {"beta": -1.0},
         {"depth": "block"},
+        {"norm_stats": "eval"},
         {"lr_min": 0.1},  # above lr
         {"momentum": 1.0},
         {"reg": -1e-3},
@@ -257,11 +278,12 @@ def test_nft_config_defaults_are_the_reference():
         0.02,
         200,
     )
-    assert (c.alpha, c.beta, c.reg, c.depth, c.include_stem, c.merge) == (
+    assert (c.alpha, c.beta, c.reg, c.depth, c.include_stem, c.norm_stats, c.merge) == (
         0.8,
         0.5,
         0.001,
         "layer",
         False,
+        "train",
         True,
     )
