@@ -16,7 +16,7 @@ from PIL import Image
 from timm_purify.attacks import build_attack
 from timm_purify.cli import main
 from timm_purify.cli.purify import reproduce_command
-from timm_purify.data import load_data
+from timm_purify.data import ImageData, load_data
 from timm_purify.detection.report import ScanReport
 
 PER_CLASS = {"train": 10, "test": 5}
@@ -128,6 +128,16 @@ def test_command_line_mistakes_fail_cleanly(workspace: dict[str, Path], tmp_path
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
     result = _run(["purify", str(workspace["model"]), "--data", "x", "--method", "nope", "--out", str(out)])
     assert result.exit_code == 2 and "unknown method 'nope'" in result.output and "ft" in result.output
+    # data mistakes: named as --data's, before any scan or training, nothing written
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    result = _run(_base_args(workspace, out) + ["--data", str(empty)])
+    assert result.exit_code == 1 and "--data:" in result.output and "Traceback" not in result.output
+    result = _run(_base_args(workspace, out) + ["--clean-count", "5"])
+    assert (
+        result.exit_code == 1 and "--clean-count: 5 clean images cannot cover the 10 classes" in result.output
+    )
+    assert not out.exists()
     result = _run(_base_args(workspace, out) + ["--clean-count", "5", "--clean-fraction", "0.5"])
     assert result.exit_code == 2 and "not both" in result.output
     result = _run(_base_args(workspace, out) + ["--token", "secret"])
@@ -181,10 +191,13 @@ def test_scan_report_reaches_the_card(
     result = _run(_base_args(workspace, out) + ["--clean-count", "50", "--scan-option", "eps=0.1", "--quiet"])
     assert result.exit_code == 0, result.output
     ((data, kwargs),) = calls
-    assert data == str(workspace["data"]) and kwargs["clean_count"] == 50 and kwargs["eps"] == 0.1
+    # the command loads and subsets the clean images once: the scan gets the 50 the method gets
+    assert isinstance(data, ImageData) and len(data) == 50 and "clean_count" not in kwargs
+    assert data.source.startswith(str(workspace["data"])) and kwargs["eps"] == 0.1
     assert Path(kwargs["files"]).resolve() == workspace["model"].resolve()
     assert "scan of the input model: backdoored (score 0.9300, suspected target T-shirt/top)" in result.output
     record = json.loads((out / "purify_result.json").read_text())
+    assert record["result"]["data"] == data.source and record["result"]["num_clean"] == 50
     assert record["scan"]["verdict"] == "backdoored" and record["scan"]["seed"] == 0
     card = (out / "README.md").read_text()
     assert "**Verdict: backdoored**" in card and "(scan_histogram.png)" in card
@@ -241,6 +254,25 @@ def test_auto_method_mistakes_fail_before_any_work(
     result = _run(_base_args(workspace, out) + ["--option", "epochs=0"])
     assert result.exit_code == 1 and "epochs must be > 0" in result.output
     assert calls == [] and not out.exists() and "Traceback" not in result.output
+
+
+def test_options_are_checked_against_the_clean_set_the_method_gets(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from timm_purify.defenses.ft import FTConfig
+
+    seen = []
+    check = FTConfig.validate
+
+    def spy(self, *, num_clean: int, num_classes: int) -> None:
+        seen.append(num_clean)
+        check(self, num_clean=num_clean, num_classes=num_classes)
+
+    monkeypatch.setattr(FTConfig, "validate", spy)
+    result = _run(_base_args(workspace, tmp_path / "sized") + ["--clean-count", "30", "--no-scan", "--quiet"])
+    assert result.exit_code == 0, result.output
+    # the early check (before any scan) and purify's own both see the 30 images, not a stand-in
+    assert seen == [30, 30]
 
 
 def test_push_commands(

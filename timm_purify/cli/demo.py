@@ -75,6 +75,7 @@ def demo(
     from .._save import OutputExistsError, _check_out_dir, save_pretrained
     from .._train import TrainConfig, build_backdoored_model
     from ..attacks import build_attack
+    from ..data import clean_subset, load_data
     from ..detection import scan
     from .purify import _summary, reproduce_command
 
@@ -101,9 +102,9 @@ def demo(
 
     model = load_model(str(bd_dir))
     click.echo("[2/4] scanning it (files and behaviour)")
-    report = scan(
-        model, DATA, files=str(bd_dir), clean_fraction=clean_fraction, seed=seed, device=device, quiet=quiet
-    )
+    # one clean subset for both steps: the scan reads the images the defence then trains on
+    clean = clean_subset(load_data(DATA, split="train", model=model), fraction=clean_fraction, seed=seed)
+    report = scan(model, clean, files=str(bd_dir), seed=seed, device=device, quiet=quiet)
     target = (
         f", suspected target {report.suspected_target} ({report.target_name})"
         if report.suspected_target is not None
@@ -119,9 +120,8 @@ def demo(
     click.echo(f"[3/4] purifying with {method}{because} on {clean_fraction:.0%} clean data")
     result = defenses.purify(
         model,
-        DATA,
+        clean,
         method=method,
-        clean_fraction=clean_fraction,
         eval_data=DATA,
         eval_attack=bd_dir / "attack.json",
         seed=seed,

@@ -80,10 +80,10 @@ def _summary(result, report, out: Path, form: str, fold_reason: str) -> str:
     return "\n".join(lines)
 
 
-def _check_options(method: str, options: dict, *, scan: bool, num_classes: int) -> None:
+def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, num_clean: int) -> None:
     """Refuse bad method options before any work (the scan included), and what ``--method auto``
     cannot honour: it reads the target from the scan, and its options must suit both methods it
-    may pick (npd and npd-tp). ``purify`` checks again with the real clean-set size."""
+    may pick (npd and npd-tp). ``num_clean`` is the size of the clean set the method will get."""
     from ..defenses import PurifyOptionError
     from ..defenses._base import _build_config
 
@@ -102,8 +102,7 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int) 
         candidates = [("npd", options), ("npd-tp", {**options, "target": 0})]
     for name, opts in candidates:
         try:
-            # no method's rule reads the clean-set size, which is only known once purify loads the data
-            _build_config(name, opts).validate(num_clean=num_classes, num_classes=num_classes)
+            _build_config(name, opts).validate(num_clean=num_clean, num_classes=num_classes)
         except (PurifyOptionError, TypeError) as err:
             prefix = f"--method auto ({name}): " if method == AUTO else ""
             raise click.ClickException(f"{prefix}{err}") from err
@@ -192,7 +191,7 @@ def purify(**params) -> None:
     from .. import defenses
     from .._layers import NotAClassifierError, check_classifier
     from .._save import OutputExistsError, SaveError, _check_out_dir, _source_folders, save_pretrained
-    from ..data import DataError
+    from ..data import DataError, clean_subset, load_data
 
     p = params
     echo = (lambda msg: None) if p["quiet"] else (lambda msg: click.echo(msg, err=True))
@@ -223,12 +222,25 @@ def purify(**params) -> None:
         num_classes = check_classifier(net)
     except NotAClassifierError as err:
         raise click.ClickException(str(err)) from err
-    _check_options(p["method"], options, scan=p["scan"], num_classes=num_classes)
     sources = _source_folders(net, [p["model"]])
     try:
         _check_out_dir(out, sources)
     except OutputExistsError as err:
         raise click.ClickException(str(err)) from err
+    # loaded (and subset) once: the scan and the method see the same images, and the options
+    # are checked against the real clean-set size before either runs
+    echo(f"loading the clean images from {p['data']}")
+    try:
+        clean = load_data(p["data"], split="train", model=net)
+    except (DataError, FileNotFoundError) as err:
+        raise click.ClickException(f"--data: {err}") from err
+    if p["clean_count"] is not None or p["clean_fraction"] is not None:
+        flag = "--clean-count" if p["clean_count"] is not None else "--clean-fraction"
+        try:
+            clean = clean_subset(clean, count=p["clean_count"], fraction=p["clean_fraction"], seed=p["seed"])
+        except DataError as err:
+            raise click.ClickException(f"{flag}: {err}") from err
+    _check_options(p["method"], options, scan=p["scan"], num_classes=num_classes, num_clean=len(clean))
 
     report = None
     if p["scan"]:
@@ -239,16 +251,14 @@ def purify(**params) -> None:
         try:
             report = scan(
                 net,
-                p["data"],
+                clean,
                 files=files,
                 seed=p["seed"],
-                clean_count=p["clean_count"],
-                clean_fraction=p["clean_fraction"],
                 device=p["device"],
                 quiet=p["quiet"],
                 **scan_options,
             )
-        except (ScanOptionError, DataError, FileNotFoundError) as err:
+        except (ScanOptionError, FileNotFoundError) as err:
             raise click.ClickException(f"scan: {err}") from err
         echo(f"scan: {report.verdict} (score {report.score:.4f})")
 
@@ -263,10 +273,8 @@ def purify(**params) -> None:
     try:
         result = defenses.purify(
             net,
-            p["data"],
+            clean,
             method=method,
-            clean_count=p["clean_count"],
-            clean_fraction=p["clean_fraction"],
             eval_data=eval_data,
             eval_attack=p["attack_file"],
             device=p["device"],
