@@ -123,16 +123,23 @@ def get_model(cache: Path, suite: Suite, arch: str, attack_key: str | None, seed
         seed=seed,
     )
     print(f"[build] {path.name}", flush=True)
-    build_backdoored_model(
-        model=recipe.arch,
-        data=suite.data,
-        attack=attack,
-        out_dir=path,
-        config=config,
-        train_size=suite.train_size,
-        model_kwargs=dict(recipe.model_kwargs),
-        quiet=quiet,
-    )
+    try:
+        build_backdoored_model(
+            model=recipe.arch,
+            data=suite.data,
+            attack=attack,
+            out_dir=path,
+            config=config,
+            train_size=suite.train_size,
+            model_kwargs=dict(recipe.model_kwargs),
+            quiet=quiet,
+        )
+    except FileExistsError:
+        # a job beside this one built the same (seeded) model first; folders are written
+        # atomically, so a finished one is complete and this job uses it
+        if not (path / "model.safetensors").is_file():
+            raise
+        print(f"[build] {path.name}: built meanwhile by another job, using that", flush=True)
     return path
 
 
