@@ -230,11 +230,29 @@ def test_auto_method_follows_the_scan(
     assert result.exit_code == 0, result.output
     assert len(calls) == 1 and result.output.startswith(f"method {method}:")
     record = json.loads((out / "purify_result.json").read_text())
-    assert record["result"]["method"] == method and record["result"]["config"]["epochs"] == 1
-    assert record["result"]["config"].get("target") == target
+    config = record["result"]["config"]
+    # the caller's epochs=1 wins over auto's budget; the rest of the budget applies to npd-tp only
+    assert record["result"]["method"] == method and config["epochs"] == 1
+    assert config.get("target") == target
+    assert (config["rho"], config["pgd_steps"]) == ((6.0, 5) if target is not None else (3.0, 2))
     # the saved command names what ran, so rerunning it does not depend on a scan's verdict
     assert f"--method {method} " in record["command"] and "--method auto" not in record["command"]
     assert ("--option target=3" in record["command"]) == (target is not None)
+    assert ("--option rho=6.0" in record["command"]) == (target is not None)
+    assert record["command"].count("--option epochs=") == 1
+
+
+def test_auto_budget_yields_to_the_callers_options(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_scan(monkeypatch, verdict="backdoored", target=3)
+    out = tmp_path / "auto-rho"
+    result = _run(_auto_args(workspace, out, "rho=2", "pgd_steps=1"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "purify_result.json").read_text())
+    config = record["result"]["config"]
+    assert (config["rho"], config["pgd_steps"], config["stop_fraction"]) == (2, 1, 1.0)
+    assert record["command"].count("--option rho=") == 1 and "--option rho=2" in record["command"]
 
 
 def test_auto_method_mistakes_fail_before_any_work(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import AUTO, choose_method, open_model
+from ._common import AUTO, AUTO_TARGET_BUDGET, choose_method, open_model
 
 __all__ = ["purify", "reproduce_command"]
 
@@ -99,7 +99,7 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, 
                 "--method npd-tp --option target=N",
                 param_hint="--option",
             )
-        candidates = [("npd", options), ("npd-tp", {**options, "target": 0})]
+        candidates = [("npd", options), ("npd-tp", {**AUTO_TARGET_BUDGET, **options, "target": 0})]
     for name, opts in candidates:
         try:
             _build_config(name, opts).validate(num_clean=num_clean, num_classes=num_classes)
@@ -125,7 +125,8 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     default="npd",
     show_default=True,
     help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
-    "suspected target when it names one, else npd.",
+    "suspected target when it names one (rho=6 pgd_steps=5 stop_fraction=1 epochs=10 unless given), "
+    "else npd.",
 )
 @click.option(
     "--out",
@@ -264,9 +265,11 @@ def purify(**params) -> None:
 
     method, chosen = choose_method(p["method"], report)
     if method != p["method"]:
-        # the saved command names what ran, so it reproduces without depending on a scan
-        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in chosen.items()))}
-        options = {**options, **chosen}
+        # the caller's options win over auto's budget; the saved command names what ran, so
+        # it reproduces without depending on a scan
+        added = {k: v for k, v in chosen.items() if k not in options}
+        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in added.items()))}
+        options = {**options, **added}
     eval_data = p["eval_data"] or (p["data"] if p["attack_file"] else None)
     because = f" (towards the scan's suspected target {chosen['target']})" if "target" in chosen else ""
     echo(f"purifying with {method}{because}")
