@@ -231,10 +231,11 @@ def test_auto_method_follows_the_scan(
     assert len(calls) == 1 and result.output.startswith(f"method {method}:")
     record = json.loads((out / "purify_result.json").read_text())
     config = record["result"]["config"]
-    # the caller's epochs=1 wins over auto's budget; the rest of the budget applies to npd-tp only
+    # the caller's epochs=1 wins over auto's options; the attack budget applies to npd-tp only
     assert record["result"]["method"] == method and config["epochs"] == 1
     assert config.get("target") == target
     assert (config["rho"], config["pgd_steps"]) == ((6.0, 5) if target is not None else (3.0, 2))
+    assert config["lr"] == 0.1  # auto's for both methods (the paper's is 0.01)
     # the saved command names what ran, so rerunning it does not depend on a scan's verdict
     assert f"--method {method} " in record["command"] and "--method auto" not in record["command"]
     assert ("--option target=3" in record["command"]) == (target is not None)

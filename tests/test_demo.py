@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
 from timm_purify.cli import main
-from timm_purify.cli._common import AUTO_TARGET_BUDGET, choose_method
+from timm_purify.cli._common import AUTO_OPTIONS, choose_method
 from timm_purify.detection.report import ScanReport
 
 torch.set_num_threads(1)
@@ -79,6 +79,7 @@ def _report(verdict: str, target: int | None) -> ScanReport:
 
 def test_auto_method_follows_the_scan():
     method, options = choose_method("auto", _report("backdoored", 4))
-    assert method == "npd-tp" and options == {**AUTO_TARGET_BUDGET, "target": 4}
-    assert choose_method("auto", _report("clean", None)) == ("npd", {})
+    assert method == "npd-tp" and options == {**AUTO_OPTIONS["npd-tp"], "target": 4}
+    assert options["layer"] == "last-stage" and options["rho"] == 6.0
+    assert choose_method("auto", _report("clean", None)) == ("npd", AUTO_OPTIONS["npd"])
     assert choose_method("nft", _report("backdoored", 4)) == ("nft", {})

@@ -43,7 +43,7 @@ METHOD_OPTIONS = {name: _POLARIZER for name in ("npd", "npd-tp", "npd-tu", "cnpd
     default=AUTO,
     show_default=True,
     help="Purification method; 'auto' runs npd-tp towards the scan's suspected target (with a "
-    "larger attack budget) when it names one, else npd.",
+    "larger attack budget) when it names one, else npd (as `timm-purify purify --method auto`).",
 )
 @click.option(
     "--epochs", type=int, default=5, show_default=True, help="Epochs to train the backdoored model."
@@ -115,7 +115,7 @@ def demo(
     )
 
     method, chosen = choose_method(method, report)
-    options = {**METHOD_OPTIONS.get(method, {}), **chosen}  # auto's budget, epochs included, wins
+    options = {**METHOD_OPTIONS.get(method, {}), **chosen}  # auto's options, epochs included, win
     because = f" (towards the suspected target {chosen['target']})" if "target" in chosen else ""
     click.echo(f"[3/4] purifying with {method}{because} on {clean_fraction:.0%} clean data")
     result = defenses.purify(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import AUTO, AUTO_TARGET_BUDGET, choose_method, open_model
+from ._common import AUTO, AUTO_OPTIONS, choose_method, open_model
 
 __all__ = ["purify", "reproduce_command"]
 
@@ -99,7 +99,10 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, 
                 "--method npd-tp --option target=N",
                 param_hint="--option",
             )
-        candidates = [("npd", options), ("npd-tp", {**AUTO_TARGET_BUDGET, **options, "target": 0})]
+        candidates = [
+            ("npd", {**AUTO_OPTIONS["npd"], **options}),
+            ("npd-tp", {**AUTO_OPTIONS["npd-tp"], **options, "target": 0}),
+        ]
     for name, opts in candidates:
         try:
             _build_config(name, opts).validate(num_clean=num_clean, num_classes=num_classes)
@@ -125,8 +128,8 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     default="npd",
     show_default=True,
     help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
-    "suspected target when it names one (rho=6 pgd_steps=5 stop_fraction=1 epochs=10 unless given), "
-    "else npd.",
+    "suspected target when it names one, else npd; both with the options measured best on fully "
+    "trained models (see README), unless given.",
 )
 @click.option(
     "--out",
