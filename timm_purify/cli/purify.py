@@ -268,7 +268,7 @@ def purify(**params) -> None:
 
     method, chosen = choose_method(p["method"], report)
     if method != p["method"]:
-        # the caller's options win over auto's budget; the saved command names what ran, so
+        # the caller's options win over auto's; the saved command names what ran, so
         # it reproduces without depending on a scan
         added = {k: v for k, v in chosen.items() if k not in options}
         p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in added.items()))}
