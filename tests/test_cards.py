@@ -38,7 +38,7 @@ def _scan(verdict: str = "backdoored") -> ScanReport:
     return ScanReport(
         verdict=verdict,
         score=0.8731,
-        threshold=0.35,
+        threshold=0.3069302950329654,  # as calibration.json stores it
         suspected_target=0 if verdict == "backdoored" else None,
         pattern="all-to-one" if verdict == "backdoored" else None,
         histogram_noisy=[410, 12, 9, 8, 11, 10, 15, 9, 8, 8],
@@ -103,7 +103,7 @@ def _load(tmp_path: Path, text: str) -> ModelCard:
 def test_body_says_what_was_found_done_and_claimed() -> None:
     body = _card(save_form="folded").text
     # scan
-    assert "**Verdict: backdoored** (score 0.8731, threshold 0.35)" in body
+    assert "**Verdict: backdoored** (score 0.8731, threshold 0.3069)" in body
     assert "Suspected target class: 0 (tee)" in body
     assert "nothing unsafe found" in body
     # before/after table: one row per attack with ACC, ASR, DER
@@ -121,7 +121,13 @@ def test_body_says_what_was_found_done_and_claimed() -> None:
 
 
 def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:
-    reach = {"score": 0.8771, "threshold": 0.3, "norm": "l1", "suspected_target": 0, "fired": True}
+    reach = {
+        "score": 0.8771,
+        "threshold": 0.29999999999999993,
+        "norm": "l1",
+        "suspected_target": 0,
+        "fired": True,
+    }
     report = _scan()
     report.reach = reach
     report.config = {**report.config, "decided_by": "reach"}

@@ -149,7 +149,7 @@ def _eval_results(
         )
         if isinstance(scan.get("score"), int | float):
             threshold = scan.get("threshold")
-            label = f"Scan score (threshold {threshold})" if threshold is not None else "Scan score"
+            label = f"Scan score (threshold {_short(threshold)})" if threshold is not None else "Scan score"
             out.append(
                 HubEvalResult(
                     **common,
@@ -159,6 +159,11 @@ def _eval_results(
                 )
             )
     return out
+
+
+def _short(value: Any) -> str:
+    """A calibrated threshold as a reader wants it (0.3069, not 0.3069302950329654)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _class_name(index: Any, class_names: Sequence[str] | None) -> str:
@@ -185,7 +190,7 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
     lines += [desc, ""]
     found = f"- **Verdict: {verdict}**"
     if isinstance(score, int | float):
-        found += f" (score {score:.4f}" + (f", threshold {threshold}" if threshold is not None else "") + ")"
+        found += f" (score {score:.4f}" + (f", threshold {_short(threshold)}" if threshold is not None else "") + ")"
     lines.append(found)
     if scan.get("suspected_target") is not None:
         lines.append(f"- Suspected target class: {_class_name(scan['suspected_target'], class_names)}")
@@ -199,7 +204,7 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
         }.get(decided_by, "")
         lines.append(
             f"- Universal reach (second stage: one small {reach.get('norm')} perturbation per class, shared by "
-            f"all images): score {reach['score']:.4f}, threshold {reach.get('threshold')}, most reachable class "
+            f"all images): score {reach['score']:.4f}, threshold {_short(reach.get('threshold'))}, most reachable class "
             f"{_class_name(reach.get('suspected_target'), class_names)}{role}"
         )
     spread = scan.get("spread")
@@ -209,7 +214,7 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
         lines.append(
             f"- Universal spread (all-to-all reading: one untargeted L2 perturbation shared by all images, "
             f"how many classes it moves, each elsewhere): score {spread['score']:.4f}, threshold "
-            f"{spread.get('threshold')}" + (" (this reading decided the verdict)" if decided else "")
+            f"{_short(spread.get('threshold'))}" + (" (this reading decided the verdict)" if decided else "")
         )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
