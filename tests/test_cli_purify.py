@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 from hub_server import HubServer
 from PIL import Image
+from scan_reports import fake_report
 
 from timm_purify.attacks import build_attack
 from timm_purify.cli import main
 from timm_purify.cli.purify import reproduce_command
 from timm_purify.data import ImageData, load_data
-from timm_purify.detection.report import ScanReport
 
 PER_CLASS = {"train": 10, "test": 5}
 
@@ -163,18 +163,10 @@ def _fake_scan(
 
     def fake_scan(model, data, **kwargs):
         calls.append((data, kwargs))
-        return ScanReport(
+        return fake_report(
             verdict=verdict,
-            score=0.93 if verdict == "backdoored" else 0.1,
-            threshold=0.4,
-            suspected_target=target,
-            pattern="all-to-one" if target is not None else None,
-            histogram_noisy=[40, 1, 1, 1, 1, 1, 1, 1, 1, 2],
-            histogram_noisy_masked=[45, 1, 0, 0, 1, 0, 1, 0, 1, 1],
-            clean_acc=0.1,
-            noisy_acc=0.1,
+            target=target,
             config={"data": str(data)},
-            seconds=1.0,
             seed=kwargs["seed"],
             class_names=["T-shirt/top"] + [f"c{i}" for i in range(1, 10)],
         )

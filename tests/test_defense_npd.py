@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from scan_reports import fake_report
 
 from timm_purify import PolarizedModel, wrap_model
 from timm_purify._train import TrainConfig, build_backdoored_model
@@ -207,6 +208,34 @@ def test_known_target_variants_run(resnet, method):
     pol = result.model.polarizer
     assert not torch.equal(pol.proj.weight.detach(), torch.eye(pol.channels).view_as(pol.proj.weight))
     assert result.config["w_adv"] == 0.1 and result.config["target"] == attack.target
+
+
+@pytest.mark.slow
+def test_auto_follows_the_scan_report(resnet):
+    model, attack = resnet
+    report = fake_report(verdict="backdoored", target=attack.target)
+    result = purify(
+        model, DATA, method="auto", scan_report=report, clean_count=64, quiet=True,
+        layer=CNN_LAYER, epochs=1, warmup_epochs=0,
+    )  # fmt: skip
+    # npd-tp towards the scan's target with auto's budget; the caller's layer and epochs win
+    assert result.method == "npd-tp" and result.config["target"] == attack.target
+    assert (result.config["rho"], result.config["pgd_steps"], result.config["lr"]) == (6.0, 5, 0.1)
+    assert (result.config["layer"], result.config["epochs"]) == (CNN_LAYER, 1)
+
+
+def test_auto_mistakes_fail_before_any_work(vit):
+    before = _state(vit)
+    report = fake_report(verdict="backdoored", target=0)
+    with pytest.raises(PurifyOptionError, match="pass scan_report=timm_purify.scan"):
+        purify(vit, DATA, method="auto", clean_count=20, quiet=True)
+    with pytest.raises(PurifyOptionError, match="method='npd-tp', target=N"):
+        purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, target=3)
+    with pytest.raises(PurifyOptionError, match="read only by method='auto'"):
+        purify(vit, DATA, method="nft", scan_report=report, clean_count=20, quiet=True)
+    with pytest.raises(PurifyOptionError, match="rho"):  # auto's options are checked like any others
+        purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, rho=0)
+    _assert_same(_state(vit), before)
 
 
 # -- options ---------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
+from scan_reports import fake_report
 
+from timm_purify._auto import AUTO_OPTIONS, choose_method
 from timm_purify.cli import main
-from timm_purify.cli._common import AUTO_OPTIONS, choose_method
-from timm_purify.detection.report import ScanReport
 
 torch.set_num_threads(1)
 
@@ -57,29 +57,9 @@ def test_demo_lowers_the_attack_success_rate(demo_run):
     assert after["asr"] < before["asr"] - 0.2, (before, after)
 
 
-def _report(verdict: str, target: int | None) -> ScanReport:
-    return ScanReport(
-        verdict=verdict,
-        score=0.5 if verdict == "backdoored" else 0.0,
-        threshold=0.2,
-        suspected_target=target,
-        pattern="all-to-one" if target is not None else None,
-        histogram_noisy=[0] * 10,
-        histogram_noisy_masked=[0] * 10,
-        clean_acc=0.9,
-        noisy_acc=0.5,
-        config={},
-        seconds=1.0,
-        seed=0,
-        static_findings=[],
-        class_names=None,
-        unsafe_files=False,
-    )
-
-
 def test_auto_method_follows_the_scan():
-    method, options = choose_method("auto", _report("backdoored", 4))
+    method, options = choose_method("auto", fake_report(verdict="backdoored", target=4))
     assert method == "npd-tp" and options == {**AUTO_OPTIONS["npd-tp"], "target": 4}
     assert options["layer"] == "last-stage" and options["rho"] == 6.0
-    assert choose_method("auto", _report("clean", None)) == ("npd", AUTO_OPTIONS["npd"])
-    assert choose_method("nft", _report("backdoored", 4)) == ("nft", {})
+    assert choose_method("auto", fake_report(verdict="clean", target=None)) == ("npd", AUTO_OPTIONS["npd"])
+    assert choose_method("nft", fake_report(verdict="backdoored", target=4)) == ("nft", {})

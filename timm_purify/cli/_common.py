@@ -10,32 +10,7 @@ import click
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["AUTO", "AUTO_OPTIONS", "choose_method", "open_model"]
-
-# The method name that lets the scan steer NPD (``timm-purify purify`` and ``demo``).
-AUTO = "auto"
-
-# The options ``auto`` runs its two methods with (the caller's own options win). Both put the
-# polarizer on the last stage's output with lr 0.1: at the paper's spot (the input of the last
-# block's first convolution) the fully trained resnet18's BadNets stayed at 99.9% (lr 0.01) or
-# 41% (lr 0.1) even with the larger budget; on the last stage it goes to 0%. NPD-TP also gets
-# an attack that is not stopped early (5 steps, radius 6 at 3x32x32 instead of 2 steps, 3,
-# stop at 60%), which reaches a patch trigger the paper's budget leaves in, over 10 epochs: the
-# fully trained resnet18 suite's BadNets, Blended, SIG and WaNet go to ASR <= 1% at <= 1.7
-# points of accuracy, the demo's weakly trained model to 0% at about 4 points, where the
-# paper's budget left 7.6%. Plain NPD keeps the paper's budget over 30 epochs (what the full
-# suite measured it with). Measurements: benchmarks/PURIFICATION.md.
-AUTO_OPTIONS: dict[str, dict] = {
-    "npd-tp": {
-        "layer": "last-stage",
-        "lr": 0.1,
-        "rho": 6.0,
-        "pgd_steps": 5,
-        "stop_fraction": 1.0,
-        "epochs": 10,
-    },
-    "npd": {"layer": "last-stage", "lr": 0.1, "epochs": 30},
-}
+__all__ = ["open_model"]
 
 
 def open_model(
@@ -58,18 +33,3 @@ def open_model(
         )
     except (ModelLoadError, UnsafeFileError) as err:
         raise click.ClickException(str(err)) from err
-
-
-def choose_method(method: str, report) -> tuple[str, dict]:
-    """The method to run and the options ``auto`` adds (:data:`AUTO_OPTIONS`; the caller's own
-    options override all but ``target``). ``auto`` lets the scan's finding steer NPD: with a
-    suspected all-to-one target, NPD's known-target variant (npd-tp) attacks towards that class
-    (plain NPD's per-image guess, the runner-up class, misses a patch trigger whose target is
-    not the images' natural neighbour: ``benchmarks/PURIFICATION.md``); otherwise (a clean
-    verdict, or an all-to-all pattern with no single target) plain npd estimates a target per
-    image."""
-    if method != AUTO:
-        return method, {}
-    if report.verdict == "backdoored" and report.suspected_target is not None:
-        return "npd-tp", {**AUTO_OPTIONS["npd-tp"], "target": int(report.suspected_target)}
-    return "npd", dict(AUTO_OPTIONS["npd"])

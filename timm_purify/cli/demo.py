@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ._common import AUTO, choose_method
+from .._auto import AUTO, choose_method
 
 __all__ = ["demo"]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ._common import AUTO, AUTO_OPTIONS, choose_method, open_model
+from .._auto import AUTO, AUTO_OPTIONS, choose_method
+from ._common import open_model
 
 __all__ = ["purify", "reproduce_command"]
 

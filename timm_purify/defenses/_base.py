@@ -20,15 +20,19 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .._auto import AUTO, choose_method
 from .._device import get_device, module_device
 from .._layers import check_classifier
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
 from ..metrics import EvalResult, evaluate
+
+if TYPE_CHECKING:
+    from ..detection.report import ScanReport
 
 __all__ = [
     "DEFENSES",
@@ -180,6 +184,22 @@ def _build_config(method: str, options: dict) -> DefenseConfig:
     return spec.config_cls(**options)
 
 
+def _resolve_auto(report: ScanReport | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``method="auto"``: the method the scan's finding picks, with auto's options under the caller's."""
+    if report is None:
+        raise PurifyOptionError(
+            "method='auto' picks the method from a scan's finding: pass "
+            "scan_report=timm_purify.scan(model, data), or name a method"
+        )
+    if "target" in options:
+        raise PurifyOptionError(
+            "method='auto' takes the target from the scan; to choose it yourself use "
+            "method='npd-tp', target=N"
+        )
+    method, chosen = choose_method(AUTO, report)
+    return method, {**chosen, **options}
+
+
 def purify(
     model: nn.Module,
     data: ImageData | str | os.PathLike,
@@ -192,6 +212,7 @@ def purify(
     device: torch.device | str | None = None,
     accelerator=None,
     quiet: bool = False,
+    scan_report: ScanReport | None = None,
     **options: Any,
 ) -> PurifyResult:
     """Remove a backdoor from ``model`` with ``method``, using clean images ``data``.
@@ -200,7 +221,11 @@ def purify(
         model: a timm classifier. It is not modified: the method works on a deep copy.
         data: the clean images (an :class:`ImageData`, a bundled set name or a folder, whose
             ``train`` split is used).
-        method: a registered method (``timm_purify.defenses.DEFENSES``).
+        method: a registered method (``timm_purify.defenses.DEFENSES``), or ``"auto"``: the
+            finding of ``scan_report`` picks it (npd-tp towards a suspected all-to-one target,
+            else npd) with the options measured best (``timm_purify._auto.AUTO_OPTIONS``;
+            ``**options`` override them, except the target, which is the scan's).
+        scan_report: the :func:`timm_purify.scan` report of ``model``, for ``method="auto"``.
         clean_count, clean_fraction: take a class-balanced, seeded subset of ``data``
             (default: all of it).
         eval_data, eval_attack: when given, ACC/ASR before, after and per epoch are recorded
@@ -213,8 +238,17 @@ def purify(
     from .. import defenses as _registry  # noqa: F401 - importing registers every method
     from .._wrap import model_reference
 
+    if method == AUTO:
+        method, options = _resolve_auto(scan_report, options)
+    elif scan_report is not None:
+        raise PurifyOptionError(
+            f"scan_report is read only by method='auto' (got method={method!r}); to put the scan in "
+            "the model card pass it to save_pretrained(result, ..., scan_report=report)"
+        )
     if method not in DEFENSES:
-        raise PurifyOptionError(f"unknown method {method!r}; available: {', '.join(sorted(DEFENSES))}")
+        raise PurifyOptionError(
+            f"unknown method {method!r}; available: {', '.join(sorted(DEFENSES))}, {AUTO} (with scan_report=)"
+        )
     config = _build_config(method, options)
     num_classes = check_classifier(model)
     if not isinstance(data, ImageData):

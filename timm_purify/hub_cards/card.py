@@ -190,7 +190,11 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
     lines += [desc, ""]
     found = f"- **Verdict: {verdict}**"
     if isinstance(score, int | float):
-        found += f" (score {score:.4f}" + (f", threshold {_short(threshold)}" if threshold is not None else "") + ")"
+        found += (
+            f" (score {score:.4f}"
+            + (f", threshold {_short(threshold)}" if threshold is not None else "")
+            + ")"
+        )
     lines.append(found)
     if scan.get("suspected_target") is not None:
         lines.append(f"- Suspected target class: {_class_name(scan['suspected_target'], class_names)}")
