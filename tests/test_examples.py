@@ -50,7 +50,7 @@ def test_scan_and_purify_writes_a_folder_that_reloads(
     ]
     _example("scan_and_purify").main(args)
     printed = capsys.readouterr().out
-    assert printed.startswith("scan: ") and "reloaded predictions match: True" in printed
+    assert printed.startswith("scan: ") and "reloaded logits match: True" in printed
     record = json.loads((out / "purify_result.json").read_text())
     assert record["result"]["method"] in {"npd", "npd-tp"}  # what auto picks
     assert record["result"]["config"]["epochs"] == 1 and record["result"]["num_clean"] == 100
