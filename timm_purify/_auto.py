@@ -21,9 +21,9 @@ AUTO = "auto"
 # block's first convolution) the fully trained resnet18's BadNets stayed at 99.9% (lr 0.01) or
 # 41% (lr 0.1) even with the larger budget; on the last stage it goes to 0%. NPD-TP also gets
 # an attack that is not stopped early (5 steps, radius 6 at 3x32x32 instead of 2 steps, 3,
-# stop at 60%), which reaches a patch trigger the paper's budget leaves in, over 10 epochs: the
-# fully trained resnet18 suite's BadNets, Blended, SIG and WaNet go to ASR <= 1% at <= 1.7
-# points of accuracy, the demo's weakly trained model to 0% at about 4 points, where the
+# stop at 60%), which reaches a patch trigger the paper's budget leaves in, over 10 epochs: told
+# the target, the fully trained resnet18 suite's BadNets, Blended, SIG and WaNet go to ASR <= 1%
+# at <= 1.7 points of accuracy, the demo's weakly trained model to 0% at about 4 points, where the
 # paper's budget left 7.6%. Plain NPD keeps the paper's budget over 30 epochs (what the full
 # suite measured it with). Measurements: benchmarks/PURIFICATION.md.
 AUTO_OPTIONS: dict[str, dict] = {
