@@ -6,6 +6,7 @@ and ``timm-purify demo``, so the three pick the same method with the same option
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,16 +40,19 @@ AUTO_OPTIONS: dict[str, dict] = {
 }
 
 
-def choose_method(method: str, report: ScanReport) -> tuple[str, dict]:
-    """The method to run and the options ``auto`` adds (:data:`AUTO_OPTIONS`; the caller's own
-    options override all but ``target``). ``auto`` lets the scan's finding steer NPD: with a
-    suspected all-to-one target, NPD's known-target variant (npd-tp) attacks towards that class
-    (plain NPD's per-image guess, the runner-up class, misses a patch trigger whose target is
-    not the images' natural neighbour: ``benchmarks/PURIFICATION.md``); otherwise (a clean
-    verdict, or an all-to-all pattern with no single target) plain npd estimates a target per
-    image."""
+def choose_method(method: str, report: ScanReport, given: Collection[str] = ()) -> tuple[str, dict]:
+    """The method to run and the options ``auto`` adds to those the caller set (``given``, their
+    names or the options themselves): the :data:`AUTO_OPTIONS` not among them (the caller's
+    win) and the scan's ``target``.
+    ``auto`` lets the scan's finding steer NPD: with a suspected all-to-one target, NPD's
+    known-target variant (npd-tp) attacks towards that class (plain NPD's per-image guess, the
+    runner-up class, misses a patch trigger whose target is not the images' natural neighbour:
+    ``benchmarks/PURIFICATION.md``); otherwise (a clean verdict, or an all-to-all pattern with
+    no single target) plain npd estimates a target per image."""
     if method != AUTO:
         return method, {}
     if report.verdict == "backdoored" and report.suspected_target is not None:
-        return "npd-tp", {**AUTO_OPTIONS["npd-tp"], "target": int(report.suspected_target)}
-    return "npd", dict(AUTO_OPTIONS["npd"])
+        method, extra = "npd-tp", {"target": int(report.suspected_target)}
+    else:
+        method, extra = "npd", {}
+    return method, {**{k: v for k, v in AUTO_OPTIONS[method].items() if k not in given}, **extra}

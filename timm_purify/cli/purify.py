@@ -267,13 +267,11 @@ def purify(**params) -> None:
             raise click.ClickException(f"scan: {err}") from err
         echo(f"scan: {report.verdict} (score {report.score:.4f})")
 
-    method, chosen = choose_method(p["method"], report)
+    method, chosen = choose_method(p["method"], report, options)
     if method != p["method"]:
-        # the caller's options win over auto's; the saved command names what ran, so
-        # it reproduces without depending on a scan
-        added = {k: v for k, v in chosen.items() if k not in options}
-        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in added.items()))}
-        options = {**options, **added}
+        # the saved command names what ran, so it reproduces without depending on a scan
+        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in chosen.items()))}
+        options = {**options, **chosen}
     eval_data = p["eval_data"] or (p["data"] if p["attack_file"] else None)
     because = f" (towards the scan's suspected target {chosen['target']})" if "target" in chosen else ""
     echo(f"purifying with {method}{because}")

@@ -196,8 +196,8 @@ def _resolve_auto(report: ScanReport | None, options: dict[str, Any]) -> tuple[s
             "method='auto' takes the target from the scan; to choose it yourself use "
             "method='npd-tp', target=N"
         )
-    method, chosen = choose_method(AUTO, report)
-    return method, {**chosen, **options}
+    method, chosen = choose_method(AUTO, report, options)
+    return method, {**options, **chosen}
 
 
 def purify(
