@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> Path:
             test = load_data(suite.data, split="test", model=model)
             train = load_data(suite.data, split="train", model=model)
             fraction = None if args.clean_count else suite.clean_fraction
-            clean = clean_subset(train, count=args.clean_count, fraction=fraction, seed=args.seed)
+            defender_seed = args.seed if args.defender_seed is None else args.defender_seed
+            clean = clean_subset(train, count=args.clean_count, fraction=fraction, seed=defender_seed)
             before = evaluate(model, test, attack=attack)
             base = {
                 "suite": args.suite,
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace) -> Path:
                 "attack": attack_key,
                 "model": path.name,
                 "seed": args.seed,
+                "defender_seed": defender_seed,
                 "num_clean": len(clean),
                 "environment": env,
             }
@@ -194,7 +196,7 @@ def run(args: argparse.Namespace) -> Path:
                 rows.append(
                     {**base, **_scan_row(model, train, suite, args.seed, backdoored=True, target=attack)}
                 )
-            yardstick = ft_epoch_seconds(model, clean, args.seed) if methods else None
+            yardstick = ft_epoch_seconds(model, clean, defender_seed) if methods else None
             for method in methods:
                 from timm_purify.defenses import purify
 
@@ -203,11 +205,13 @@ def run(args: argparse.Namespace) -> Path:
                 label = method + "".join(f" {k}={v}" for k, v in opts.items())
                 if args.clean_count:
                     label += f" [{args.clean_count} clean images]"
+                if args.defender_seed is not None:
+                    label += f" [defender seed {args.defender_seed}]"
                 if method in ("npd-tp", "npd-tu") and attack.mode == "all-to-one":
                     opts.setdefault("target", attack.target)
                 start = time.perf_counter()
                 try:
-                    result = purify(model, clean, method=method, seed=args.seed, quiet=args.quiet, **opts)
+                    result = purify(model, clean, method=method, seed=defender_seed, quiet=args.quiet, **opts)
                 except Exception as err:  # a failing method is a result to report, not a crash
                     rows.append({**base, "method": label, "error": f"{type(err).__name__}: {err}"})
                     print(f"[fail] {arch} {attack_key} {method}: {err}", flush=True)
@@ -562,7 +566,8 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "default; NPD rows recorded before the option existed ran `unit`; see PURIFICATION.md);",
         "`npd-tp`/`npd-tu` are given the attack's true target (in `timm-purify demo` the target comes",
         "from the scan instead); `[N clean images]` marks runs on N clean images instead of the",
-        "suite's fraction; `[N epochs]` after the attack marks a model trained N epochs instead of",
+        "suite's fraction; `[defender seed N]` marks another draw of those clean images (and of the",
+        "method's randomness) for the same model; `[N epochs]` after the attack marks a model trained N epochs instead of",
         "the suite's (`--epochs`), with its own `none` row. When the `none` row's ASR is low the",
         "backdoor did not implant and the method rows of that attack measure nothing. Seconds are comparable within one results file",
         "only (see the machines list: thread counts, and whether other jobs shared the CPU). The",
@@ -660,6 +665,12 @@ def main(argv: list[str] | None = None) -> None:
         help="defender's clean images (class-balanced) instead of the suite's fraction, e.g. 10 = one-shot",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--defender-seed",
+        type=int,
+        help="seed of the defender's clean images and of the method (default: --seed); the model "
+        "keeps --seed, so one model can be purified from several draws of its clean set",
+    )
     parser.add_argument("--cache", default=str(HERE / "cache"))
     parser.add_argument("--out", help="JSON output path (default: results/<suite>-<time>.json)")
     parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md from results/*.json")

@@ -19,8 +19,8 @@ from timm_purify._train import TrainConfig, build_backdoored_model
 from timm_purify.attacks import Attack, build_attack
 from timm_purify.data import ImageData, clean_subset, load_data
 from timm_purify.defenses import PurifyOptionError, purify
-from timm_purify.defenses._common import norm_layers
-from timm_purify.defenses.nft import NFTConfig, depth_floors
+from timm_purify.defenses._common import cutmix, mixup, norm_layers
+from timm_purify.defenses.nft import NFTConfig, _mixer, depth_floors
 
 torch.set_num_threads(2)
 
@@ -207,6 +207,78 @@ def test_nft_norm_stats_option(norm_stats):
     assert stats and (moved == [] if norm_stats == "frozen" else len(moved) == len(stats))
 
 
+@pytest.mark.parametrize("anywhere", [False, True])
+def test_cutmix_pastes_one_box_from_the_partner_and_reports_the_kept_share(anywhere):
+    # image i is the constant i, so every pixel says which image it came from
+    b, h, w = 16, 32, 32
+    x = torch.arange(b, dtype=torch.float32)[:, None, None, None].expand(b, 3, h, w).clone()
+    y = torch.arange(b)
+    boxes = set()
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        mixed, y_a, y_b, lam = cutmix(x, y, alpha=1.0, generator=g, anywhere=anywhere)
+        assert torch.equal(y_a, y)
+        from_partner = mixed != x  # the partner of image i is image y_b[i]
+        partner = y_b.float()[:, None, None, None].expand_as(x)
+        assert torch.equal(mixed[from_partner], partner[from_partner])
+        # one box, the same for every image and channel, and lam is the share kept
+        box = from_partner[y_b != y][:, 0]
+        assert bool((box == box[0]).all())
+        rows, cols = box[0].any(1).nonzero().flatten(), box[0].any(0).nonzero().flatten()
+        assert int(box[0].sum()) == len(rows) * len(cols)  # a rectangle
+        assert lam == pytest.approx(1.0 - float(box[0].float().mean()))
+        if len(rows):
+            boxes.add((int(rows[0]), int(cols[0]), len(rows), len(cols)))
+    assert len(boxes) > 10  # size and place change with the draw
+    # seeded: the same generator state gives the same mix
+    a = cutmix(x, y, generator=torch.Generator().manual_seed(1), anywhere=anywhere)
+    c = cutmix(x, y, generator=torch.Generator().manual_seed(1), anywhere=anywhere)
+    assert torch.equal(a[0], c[0]) and a[3] == c[3]
+
+
+def test_cutpaste_takes_the_box_from_another_place_of_the_partner():
+    # a partner with one bright pixel: CutMix proper can paste it only where it was,
+    # anywhere=True carries it elsewhere
+    x = torch.zeros(2, 1, 32, 32)
+    x[1, 0, 16, 16] = 1.0
+    y = torch.tensor([0, 1])
+    places = set()
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        for anywhere in (False, True):
+            mixed = cutmix(x, y, generator=g, anywhere=anywhere)[0][0, 0]
+            if mixed.sum() > 0:
+                places.add((anywhere, tuple(mixed.nonzero()[0].tolist())))
+    assert {p for a, p in places if not a} == {(16, 16)}
+    assert len({p for a, p in places if a}) > 5
+
+
+def test_nft_mix_option_names_the_mixing():
+    assert _mixer("mixup") is mixup
+    x = torch.rand(8, 3, 16, 16)
+    y = torch.arange(8)
+    for mix, anywhere in (("cutmix", False), ("cutpaste", True)):
+        got = _mixer(mix)(x, y, alpha=1.0, generator=torch.Generator().manual_seed(0))
+        want = cutmix(x, y, alpha=1.0, generator=torch.Generator().manual_seed(0), anywhere=anywhere)
+        assert torch.equal(got[0], want[0]) and got[3] == want[3]
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "cutpaste"])
+def test_nft_runs_with_cutmix(mix):
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    data = ImageData(
+        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(20) % 10,
+        list("abcdefghij"),
+        "t",
+    )
+    result = purify(net, data, method="nft", quiet=True, iterations=4, batch_size=8, lr=0.5, mix=mix)
+    assert result.config["mix"] == mix
+    before, after = state(net), state(result.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".weight"))
+
+
 class _Counting(nn.Module):
     """Wraps a classifier and counts forward passes (to prove no work happened)."""
 
@@ -234,6 +306,7 @@ class _Counting(nn.Module):
         {"beta": -1.0},
         {"depth": "block"},
         {"norm_stats": "eval"},
+        {"mix": "cutout"},
         {"lr_min": 0.1},  # above lr
         {"momentum": 1.0},
         {"reg": -1e-3},
@@ -278,12 +351,13 @@ def test_nft_config_defaults_are_the_reference():
         0.02,
         200,
     )
-    assert (c.alpha, c.beta, c.reg, c.depth, c.include_stem, c.norm_stats, c.merge) == (
+    assert (c.alpha, c.beta, c.reg, c.depth, c.include_stem, c.norm_stats, c.mix, c.merge) == (
         0.8,
         0.5,
         0.001,
         "layer",
         False,
         "train",
+        "mixup",
         True,
     )

@@ -1,4 +1,4 @@
-"""Pieces several methods share, written once: pixel-space attacks, MixUp, masks on
+"""Pieces several methods share, written once: pixel-space attacks, MixUp and CutMix, masks on
 parameters, and discovery of normalisation layers.
 
 Everything works on [0, 1] pixel tensors and on any timm model: layers are found by type,
@@ -25,6 +25,7 @@ __all__ = [
     "project_l2",
     "project_l1",
     "mixup",
+    "cutmix",
     "norm_layers",
     "weight_layers",
     "ParamMask",
@@ -206,17 +207,61 @@ def mixup(
     x: torch.Tensor, y: torch.Tensor, *, alpha: float = 1.0, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """MixUp with a random partner from the batch: returns (x_mix, y_a, y_b, lam)."""
-    lam = (
-        float(torch.distributions.Beta(alpha, alpha).sample())
-        if generator is None
-        else float(_beta(alpha, generator))
-    )
+    lam = _beta(alpha, generator)
     perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
     return lam * x + (1.0 - lam) * x[perm], y, y[perm], lam
 
 
-def _beta(alpha: float, generator: torch.Generator) -> float:
-    """Beta(alpha, alpha) from two seeded gamma draws (torch's Beta takes no generator)."""
+def cutmix(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    generator: torch.Generator | None = None,
+    anywhere: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al., ICCV 2019) with a random partner from the batch; same return as
+    :func:`mixup`.
+
+    One box per batch, of side ``sqrt(1 - lam)`` times the image's, is pasted from each image's
+    partner and ``lam`` becomes the share of the image actually kept. CutMix proper centres the
+    box uniformly, clips it at the border and cuts it from the same place in the partner;
+    ``anywhere=True`` keeps the whole box inside the image and cuts it from an independent
+    random place of the partner (CutPaste, Li et al., CVPR 2021, with CutMix's mixed labels),
+    so image content can land where that class never has any, e.g. on an empty corner. Either
+    way, where MixUp fades a whole second image in, this puts a sharp-edged local patch in,
+    the kind of input a patch trigger is. Written here rather than taken from
+    ``timm.data.Mixup`` because that draws from NumPy's global random state, and a purification
+    run must follow its own seeded generator.
+    """
+    lam = _beta(alpha, generator)
+    b, _, h, w = x.shape
+    perm = torch.randperm(b, generator=generator).to(x.device)
+    ratio = (1.0 - lam) ** 0.5
+    partner = x[perm]
+    mixed = x.clone()
+    if anywhere:
+        cut_h, cut_w = max(1, int(h * ratio)), max(1, int(w * ratio))
+        top, left, src_top, src_left = (
+            int(torch.randint(0, n - cut + 1, (1,), generator=generator))
+            for n, cut in ((h, cut_h), (w, cut_w), (h, cut_h), (w, cut_w))
+        )
+        mixed[:, :, top : top + cut_h, left : left + cut_w] = partner[
+            :, :, src_top : src_top + cut_h, src_left : src_left + cut_w
+        ]
+        return mixed, y, y[perm], 1.0 - cut_h * cut_w / (h * w)
+    cut_h, cut_w = int(h * ratio), int(w * ratio)
+    cy = int(torch.randint(0, h, (1,), generator=generator))
+    cx = int(torch.randint(0, w, (1,), generator=generator))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    mixed[:, :, top:bottom, left:right] = partner[:, :, top:bottom, left:right]
+    return mixed, y, y[perm], 1.0 - (bottom - top) * (right - left) / (h * w)
+
+
+def _beta(alpha: float, generator: torch.Generator | None) -> float:
+    """Beta(alpha, alpha) from two gamma draws, seeded when ``generator`` is given (torch's
+    ``Beta`` takes no generator)."""
     a = torch._standard_gamma(torch.tensor([alpha, alpha]), generator=generator)
     return float(a[0] / a.sum())
 

@@ -5,8 +5,8 @@ layer (BatchNorm, LayerNorm, GroupNorm; the stem's excluded by default). Only th
 on a MixUp cross-entropy that upper-bounds the loss on triggered inputs, so no trigger has to
 be synthesised; a depth schedule ``mu(l) = alpha * exp(-beta * l)`` bounds each layer's masks
 to ``[mu(l), 1]`` (shallow layers barely move, deep ones may switch channels off) and an L1
-pull towards 1 keeps the purified model close to the original. With one image per class it
-still works because batches are drawn with replacement and augmented.
+pull towards 1 keeps the purified model close to the original. Batches are drawn with
+replacement, so one image per class still fills them.
 
 Reference behaviour kept as the default (read from the authors' released script):
 
@@ -28,13 +28,25 @@ Reference behaviour kept as the default (read from the authors' released script)
   the statistics; on the full-suite resnet18 BadNets model frozen statistics left 87.7%
   instead of 99.96% at 85.3% instead of 83.3% accuracy (10 images), but 90.6% instead of
   57.4% with 3,000 (``benchmarks/PURIFICATION.md``), so the reference stays the default.
+
+Not in the reference: ``mix`` can replace MixUp with CutMix (``"cutmix"``) or with a box cut
+from a random place of the partner image and pasted at another (``"cutpaste"``; see
+:func:`~timm_purify.defenses._common.cutmix`). MixUp fades whole images into each other, as a
+blended trigger does, and never shows the masks a local patch; a pasted box is one. Which
+trigger a model hides decides which wins: with one image per class on the full-suite
+resnet18 models (frozen statistics, reg 0, alpha 0.2; ``benchmarks/PURIFICATION.md``,
+"One-shot") cutpaste took BadNets to 8.2% where MixUp left 36.2% (other draws of the ten
+images: 30.7% and 60.8%, MixUp 97.9% on one of them), but left Blended at 98.4% where the
+reference settings reach 60.7%. So MixUp stays the default and the option is for a defender
+who expects a patch trigger.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +57,13 @@ from .._augment import random_crop_flip
 from .._progress import progress
 from ..data import ImageData
 from ._base import DefenseConfig, PurifyContext, PurifyOptionError, positive, register_defense
-from ._common import attach_masks, merge_masks, mixup, norm_layers
+from ._common import attach_masks, cutmix, merge_masks, mixup, norm_layers
 
 __all__ = ["NFTConfig", "run_nft", "depth_floors", "random_batches", "frozen"]
 
 _DEPTH_MODES = ("layer", "relative")
 _NORM_STATS = ("train", "frozen")
+_MIXES = ("mixup", "cutmix", "cutpaste")
 
 
 @dataclass
@@ -65,11 +78,16 @@ class NFTConfig(DefenseConfig):
         depth: ``"layer"`` (reference: ``l`` = 1, 2, ... per masked layer) or ``"relative"``
             (``l`` rescaled to ``1 .. reference_depth`` whatever the number of layers).
         reg: weight of ``sum|1 - m| / n_c`` (``n_c`` = clean images per class).
-        mixup_alpha: MixUp's ``Beta(a, a)`` parameter.
+        mix: how each batch is mixed with a shuffled copy of itself: ``"mixup"`` (reference),
+            ``"cutmix"`` (a box pasted from the same place of the partner image) or
+            ``"cutpaste"`` (a box cut from a random place of the partner, pasted at another;
+            see :func:`~timm_purify.defenses._common.cutmix`).
+        mixup_alpha: the ``Beta(a, a)`` parameter of the mixing share (MixUp's and CutMix's).
         augment: random crop (padding = size / 8, i.e. 4 at 32 px) and horizontal flip.
         include_stem: also mask the first norm layer in module order.
         norm_stats: ``"train"`` (reference: BatchNorm normalises with each batch's moments and
-            updates its running statistics) or ``"frozen"`` (BatchNorm in eval mode throughout).
+            updates its running statistics) or ``"frozen"`` (BatchNorm in eval mode
+            throughout).
         merge: fold the masks into the weights at the end (a plain timm model with its
             original keys); ``False`` returns the model with the masks still attached as
             torch parametrizations (``<layer>.parametrizations.weight[0].mask``), to inspect or
@@ -86,6 +104,7 @@ class NFTConfig(DefenseConfig):
     depth: str = "layer"
     reference_depth: int = positive(19)
     reg: float = 0.001
+    mix: str = "mixup"
     mixup_alpha: float = positive(1.0)
     augment: bool = True
     include_stem: bool = False
@@ -96,6 +115,8 @@ class NFTConfig(DefenseConfig):
         super().validate(num_clean=num_clean, num_classes=num_classes)
         if self.depth not in _DEPTH_MODES:
             raise PurifyOptionError(f"depth must be one of {_DEPTH_MODES}, got {self.depth!r}")
+        if self.mix not in _MIXES:
+            raise PurifyOptionError(f"mix must be one of {_MIXES}, got {self.mix!r}")
         if self.norm_stats not in _NORM_STATS:
             raise PurifyOptionError(f"norm_stats must be one of {_NORM_STATS}, got {self.norm_stats!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -170,6 +191,13 @@ def _cosine_lr(period_index: int, num_periods: int, lr: float, lr_min: float) ->
     return lr_min + (lr - lr_min) * (1.0 + math.cos(math.pi * period_index / num_periods)) / 2.0
 
 
+def _mixer(mix: str) -> Callable[..., tuple]:
+    """The mixing function a ``mix`` option names."""
+    if mix == "mixup":
+        return mixup
+    return functools.partial(cutmix, anywhere=mix == "cutpaste")
+
+
 @register_defense("nft", NFTConfig, "fine-tune per-channel masks on norm-layer weights with MixUp")
 def run_nft(model: nn.Module, clean: ImageData, config: NFTConfig, ctx: PurifyContext) -> nn.Module:
     layers = norm_layers(model, skip_stem=not config.include_stem)
@@ -194,6 +222,7 @@ def run_nft(model: nn.Module, clean: ImageData, config: NFTConfig, ctx: PurifyCo
         masks = attach_masks(layers, per_channel=True)
         opt = torch.optim.SGD(masks, lr=config.lr, momentum=config.momentum, weight_decay=0.0)
         batches = random_batches(clean, config.batch_size, generator=ctx.generator, device=ctx.device)
+        mixer = _mixer(config.mix)
         model.train()
         if config.norm_stats == "frozen":
             for module in model.modules():
@@ -208,7 +237,7 @@ def run_nft(model: nn.Module, clean: ImageData, config: NFTConfig, ctx: PurifyCo
             x, y = next(batches)
             if config.augment:
                 x = random_crop_flip(x, pad=pad, generator=ctx.generator)
-            x, y_a, y_b, lam = mixup(x, y, alpha=config.mixup_alpha, generator=ctx.generator)
+            x, y_a, y_b, lam = mixer(x, y, alpha=config.mixup_alpha, generator=ctx.generator)
             logits = model(ctx.normalizer(x))
             loss = lam * F.cross_entropy(logits, y_a) + (1.0 - lam) * F.cross_entropy(logits, y_b)
             if config.reg > 0:
