@@ -59,6 +59,16 @@ def fresh_copy(arch: str, model: nn.Module) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
 
+def random_images(n: int) -> ImageData:
+    """``n`` random 32x32 images cycling through ten classes: enough to run a method, not to learn."""
+    return ImageData(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
+        torch.arange(n) % 10,
+        list("abcdefghij"),
+        "t",
+    )
+
+
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -193,12 +203,7 @@ def test_nft_norm_stats_option(norm_stats):
     lets the clean batches move them."""
     torch.manual_seed(0)
     net = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
-    data = ImageData(
-        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8),
-        torch.arange(20) % 10,
-        list("abcdefghij"),
-        "t",
-    )
+    data = random_images(20)
     before = state(net)
     out = purify(net, data, method="nft", quiet=True, iterations=3, batch_size=8, norm_stats=norm_stats).model
     after = state(out)
@@ -267,12 +272,7 @@ def test_nft_mix_option_names_the_mixing():
 def test_nft_runs_with_cutmix(mix):
     torch.manual_seed(0)
     net = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
-    data = ImageData(
-        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8),
-        torch.arange(20) % 10,
-        list("abcdefghij"),
-        "t",
-    )
+    data = random_images(20)
     result = purify(net, data, method="nft", quiet=True, iterations=4, batch_size=8, lr=0.5, mix=mix)
     assert result.config["mix"] == mix
     before, after = state(net), state(result.model)
@@ -318,12 +318,7 @@ class _Counting(nn.Module):
 )
 def test_nft_bad_options_fail_before_any_work(options):
     net = _Counting(timm.create_model("resnet18", pretrained=False, num_classes=10))
-    data = ImageData(
-        torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8),
-        torch.arange(20) % 10,
-        list("abcdefghij"),
-        "t",
-    )
+    data = random_images(20)
     with pytest.raises(PurifyOptionError):
         purify(net, data, method="nft", quiet=True, **options)
     assert net.calls == 0
@@ -334,9 +329,7 @@ def test_nft_model_without_norm_layers_is_refused():
     net.num_classes = 10
     net.get_classifier = lambda: net[-1]
     net.pretrained_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
-    data = ImageData(
-        torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8), torch.arange(10), list("abcdefghij"), "t"
-    )
+    data = random_images(10)
     with pytest.raises(PurifyOptionError, match="awm"):
         purify(copy.deepcopy(net), data, method="nft", quiet=True, iterations=1)
 
