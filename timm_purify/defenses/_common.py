@@ -238,25 +238,25 @@ def cutmix(
     b, _, h, w = x.shape
     perm = torch.randperm(b, generator=generator).to(x.device)
     ratio = (1.0 - lam) ** 0.5
-    partner = x[perm]
-    mixed = x.clone()
     if anywhere:
         cut_h, cut_w = max(1, int(h * ratio)), max(1, int(w * ratio))
         top, left, src_top, src_left = (
             int(torch.randint(0, n - cut + 1, (1,), generator=generator))
             for n, cut in ((h, cut_h), (w, cut_w), (h, cut_h), (w, cut_w))
         )
-        mixed[:, :, top : top + cut_h, left : left + cut_w] = partner[
-            :, :, src_top : src_top + cut_h, src_left : src_left + cut_w
-        ]
-        return mixed, y, y[perm], 1.0 - cut_h * cut_w / (h * w)
-    cut_h, cut_w = int(h * ratio), int(w * ratio)
-    cy = int(torch.randint(0, h, (1,), generator=generator))
-    cx = int(torch.randint(0, w, (1,), generator=generator))
-    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-    mixed[:, :, top:bottom, left:right] = partner[:, :, top:bottom, left:right]
-    return mixed, y, y[perm], 1.0 - (bottom - top) * (right - left) / (h * w)
+    else:
+        cut_h, cut_w = int(h * ratio), int(w * ratio)
+        cy = int(torch.randint(0, h, (1,), generator=generator))
+        cx = int(torch.randint(0, w, (1,), generator=generator))
+        top, left = max(cy - cut_h // 2, 0), max(cx - cut_w // 2, 0)
+        # clipped at the border, and cut from the same place
+        cut_h, cut_w = min(cy + cut_h // 2, h) - top, min(cx + cut_w // 2, w) - left
+        src_top, src_left = top, left
+    mixed = x.clone()
+    mixed[:, :, top : top + cut_h, left : left + cut_w] = x[
+        perm, :, src_top : src_top + cut_h, src_left : src_left + cut_w
+    ]
+    return mixed, y, y[perm], 1.0 - cut_h * cut_w / (h * w)
 
 
 def _beta(alpha: float, generator: torch.Generator | None) -> float:
