@@ -124,7 +124,13 @@ def test_backdoored_model_is_flagged_with_its_target(backdoored_report):
     assert r.score > r.threshold
     assert r.config["norm_family"] == "batchnorm"
     assert r.threshold == pytest.approx(load_calibration()["all_to_one_thresholds"]["batchnorm"])
-    assert r.config["calibration_reliability"] == load_calibration()["reliability_by_family"]["batchnorm"]
+    # BAN named a target the family trusts, so the reach stage calibrated for it was skipped; the
+    # record quoted is still the one of the scan as it runs (both stages)
+    assert r.reach is None and r.config["skipped_stages"] == ["reach"]
+    assert (
+        r.config["calibration_reliability"]
+        == load_calibration()["reach"]["reliability_by_family"]["batchnorm"]
+    )
     # the statistic comes from these predictions: the target dominates them
     assert max(range(10), key=r.histogram_noisy.__getitem__) == TARGET
     restarts = r.config["restarts"]
@@ -273,7 +279,10 @@ def test_reach_runs_where_the_calibration_fitted_it(monkeypatch):
 
 @pytest.mark.parametrize("when_both, expected", [("ban", 5), ("reach", TARGET)])
 def test_where_both_stages_fire_the_calibrated_stage_names_the_target(monkeypatch, when_both, expected):
-    """BAN's verdict stands where it fires; whose target is reported follows the calibration."""
+    """BAN's verdict stands where it fires; whose target is reported follows the calibration, and
+    where that is BAN's, the stages after it are skipped unless asked for."""
+    from timm_purify.cli.scan import _summary
+
     _, trapdoor = pixel_models()
     shipped = load_calibration()
     fitted = {"norm": "l1", "rho": 6.0, "steps": 20, "threshold": 0.5, "target_when_both": when_both}
@@ -282,10 +291,20 @@ def test_where_both_stages_fire_the_calibrated_stage_names_the_target(monkeypatc
     )
     # BAN (its decision stubbed) names class 5 with a score of 0.9
     monkeypatch.setattr(ban, "decide", lambda *a, **k: ("backdoored", "all-to-one", 5, 0.9, 0.2))
-    report = scan(trapdoor, clean_images(), quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=200)
-    assert report.reach["fired"] and report.reach["suspected_target"] == TARGET
-    assert report.config["decided_by"] == "ban+reach"
+    cheap = dict(quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=200)
+    report = scan(trapdoor, clean_images(), **cheap)
     assert (report.score, report.threshold, report.suspected_target) == (0.9, 0.2, expected)
+    if when_both == "ban":  # reach cannot change the outcome, so "auto" skips it
+        assert report.reach is None and report.config["decided_by"] == "ban"
+        # nor can the spread reading (the shipped calibration runs it for this family)
+        assert report.config["skipped_stages"] == ["reach", "spread"] and report.spread is None
+        # a skipped stage is still part of the scan whose record the report quotes
+        assert report.config["calibration_reliability"] == shipped["spread"]["reliability_by_family"]["other"]
+        assert "universal reach: skipped" in _summary(report, "trapdoor")
+        report = scan(trapdoor, clean_images(), reach="on", **cheap)  # asked for: it runs
+        assert report.suspected_target == expected
+    assert report.reach["fired"] and report.reach["suspected_target"] == TARGET
+    assert report.config["decided_by"] == "ban+reach" and report.config["skipped_stages"] == ["spread"]
 
 
 class _PixelShift(nn.Module):
@@ -894,15 +913,21 @@ def test_cli_bad_option_is_a_usage_error(saved):
     assert "eps must be a number > 0" in res.output
 
 
-def test_cli_reach_stage_on_demand(saved):
-    """A BatchNorm model has no calibrated reach stage: ``--reach on`` needs a threshold, and
-    with one the summary shows the stage's score and per-class reach."""
-    args = (str(saved["clean"]), "--data", "fashion-mnist-mini", "--clean-count", "200", "--quiet")
+def test_cli_reach_stage_on_demand(saved, monkeypatch):
+    """``--reach on`` runs the stage on a model BAN flags (where ``auto`` skips it) at the caller's
+    threshold, and the summary shows its score and per-class reach; for a family the calibration
+    fitted no reach threshold, it needs one."""
+    args = (str(saved["backdoored"]), "--data", "fashion-mnist-mini", "--clean-count", "200", "--quiet")
+    res = _cli(*args, "--steps", "2", "--reach", "on", "--reach-threshold", "0.9")
+    assert res.exit_code == 3, res.output
+    assert "universal reach score" in res.output and "threshold 0.900" in res.output
+    assert "(percent):" in res.output and "skipped" not in res.output
+
+    shipped = load_calibration()
+    fitted = {k: v for k, v in shipped["reach"]["by_family"].items() if k != "batchnorm"}
+    monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "reach": {"by_family": fitted}})
     res = _cli(*args, "--reach", "on")
     assert res.exit_code == 1 and "--reach-threshold" in res.output
-    res = _cli(*args, "--steps", "2", "--reach", "on", "--reach-threshold", "0.9")
-    assert res.exit_code in (0, 3), res.output
-    assert "universal reach score" in res.output and "(percent):" in res.output
 
 
 def test_cli_help_documents_exit_codes():

@@ -74,6 +74,8 @@ def _summary(report, model: str) -> str:
             f"  universal spread score {compare(spread['score'], spread['threshold'])} "
             f"(all-to-all reading; L2 budget {spread['rho']:g}, {spread['seconds']:.1f} s)"
         )
+    for stage in cfg.get("skipped_stages", []):
+        lines.append(f"  universal {stage}: skipped (an earlier stage's verdict and target already stand)")
     if cfg.get("decided_by"):
         lines.append(f"decided by: {cfg['decided_by']}")
     lines += cfg.get("cautions", [])

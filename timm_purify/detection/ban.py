@@ -31,10 +31,11 @@ What runs (the reference code's order and defaults, ``shared/notes/methods.md``)
    :func:`decide`).
 5. Universal reach (:mod:`timm_purify.detection.reach`), where the calibration enabled it for
    the model's normalisation family (``benchmarks/calibrate_reach.py``: LayerNorm models,
-   where the noise does not reach the shortcut of a converged ConvNeXt): per class one small
-   perturbation shared by all images, and how many images of the other classes it sends to
-   the class. A second stage: it flags a model BAN found clean; where BAN fired, BAN's
-   verdict stands.
+   where the noise does not reach the shortcut of a converged ConvNeXt, and BatchNorm ones,
+   where it misses SIG): per class one small perturbation shared by all images, and how many
+   images of the other classes it sends to the class. A second stage: it flags a model BAN
+   found clean; where BAN fired, BAN's verdict stands, so the stage is skipped where it could
+   only confirm it.
 6. Universal spread (:func:`timm_purify.detection.reach.universal_spread`), where the
    calibration enabled it (``benchmarks/calibrate_spread.py``): one untargeted perturbation
    shared by all images, and whether it moves every class, each to its own destination. The
@@ -617,6 +618,13 @@ def combine_stages(
     return verdict, pattern, target, "ban+reach"
 
 
+def _reach_can_change(verdict: str, pattern: str | None, target_when_both: str) -> bool:
+    """Whether the reach stage can still change BAN's outcome (:func:`combine_stages`): where BAN
+    found nothing, or found an all-to-one target and the family's calibration trusts reach's target
+    where both fire."""
+    return verdict == "clean" or (pattern == "all-to-one" and target_when_both == "reach")
+
+
 def _later_stage(
     calibration: dict, stage: str, family: str, mode: str, threshold: float | None
 ) -> tuple[dict | None, float | None, bool]:
@@ -893,15 +901,24 @@ def scan(
         stats, threshold=threshold, all_to_all_threshold=a2a_threshold, target_source=target_source
     )
 
-    # 5-6. the pixel-space stages, on the images the unmodified model gets right (eval mode, no noise)
-    if run_reach or run_spread:
+    # 5-6. the pixel-space stages, on the images the unmodified model gets right (eval mode, no noise).
+    # Where they run because the calibration enabled them ("auto"), each is skipped once it can no
+    # longer change the verdict or the target (see combine_stages): reach where BAN found an
+    # all-to-all pattern, or an all-to-one target this family trusts over reach's; spread where an
+    # earlier stage fired. "on" always runs them.
+    target_when_both = (reach_calibrated or {}).get("target_when_both", "ban")
+    skipped: list[str] = []
+    do_reach = run_reach and (opts.reach == "on" or _reach_can_change(verdict, pattern, target_when_both))
+    if run_reach and not do_reach:
+        skipped.append("reach")
+    if do_reach or run_spread:
         pixels = PixelModel(work, norm)
         keep_search, keep_held = search_right.cpu(), pred_clean.cpu() == held.y
         right_search = (search.floats()[keep_search].to(dev), search.y[keep_search].to(dev))
         right_held = (held.floats()[keep_held].to(dev), held.y[keep_held].to(dev))
     # 5. universal reach
     reach: dict[str, Any] | None = None
-    if run_reach:
+    if do_reach:
         result = universal_reach(
             pixels,
             right_search,
@@ -918,7 +935,11 @@ def scan(
         timings["reach"] = result.seconds
     # 6. universal spread (all-to-all reading)
     spread: dict[str, Any] | None = None
-    if run_spread:
+    earlier_fired = verdict != "clean" or (reach is not None and reach["fired"])
+    do_spread = run_spread and (opts.spread == "on" or not earlier_fired)
+    if run_spread and not do_spread:
+        skipped.append("spread")
+    if do_spread:
         result = universal_spread(
             pixels,
             right_search,
@@ -939,7 +960,7 @@ def scan(
         reach_fired=reach is not None and reach["fired"],
         reach_target=None if reach is None else reach["suspected_target"],
         # whose target stands where both stages name one: chosen per family by the calibration
-        target_when_both=(reach_calibrated or {}).get("target_when_both", "ban"),
+        target_when_both=target_when_both,
         spread_fired=spread is not None and spread["fired"],
     )
     if decided_by == "reach":
@@ -952,11 +973,12 @@ def scan(
     # (and the record of all stages where the spread reading ran and was calibrated too)
     both_stages = ((calibration.get("reach") or {}).get("reliability_by_family") or {}).get(family)
     all_stages = ((calibration.get("spread") or {}).get("reliability_by_family") or {}).get(family)
+    # (a stage skipped because it could not change the outcome still counts as part of the scan)
     reliability = (
         all_stages
-        if spread is not None and all_stages
+        if run_spread and all_stages
         else both_stages
-        if reach is not None and both_stages
+        if run_reach and both_stages
         else (calibration.get("reliability_by_family") or {}).get(family)
     )
     config = {
@@ -976,6 +998,9 @@ def scan(
         # the reach budget and threshold fitted for this family (None: not calibrated), and the one used
         "reach_calibrated": reach_calibrated,
         "reach_budget": reach_budget if reach is not None else None,
+        # later stages the calibration runs for this family that were skipped because an earlier
+        # stage's verdict and target already stood ("reach", "spread")
+        "skipped_stages": skipped,
         # the same for the spread reading (its budget: an L2 radius at 3x32x32)
         "spread_calibrated": spread_calibrated,
         "spread_rho": spread_rho if spread is not None else None,

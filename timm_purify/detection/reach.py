@@ -15,8 +15,8 @@ direction ready, so its target's reach stands out where the other classes stay n
 Choices, and why:
 
 * The budget is an L2 ball (default, rho 1: the one ``benchmarks/calibrate_reach.py`` chose for
-  LayerNorm models, where it finds both the BadNets patch and the Blended trigger of a
-  converged ConvNeXt) or an L1 ball, projected by soft thresholding (:func:`project_l1_ball`) so
+  both normalisation families; it finds the BadNets patch and the Blended trigger of a
+  converged ConvNeXt, and the SIG sinusoid of the ResNets BAN misses) or an L1 ball, projected by soft thresholding (:func:`project_l1_ball`) so
   the perturbation can shrink to a few pixels of full contrast: it suits a patch (found on
   under-trained ResNets where L2 was not) and misses a global blend. ``rho`` is given for a
   3x32x32 image and scaled with the input size, like NPD's budget.
