@@ -146,7 +146,8 @@ def _summary(report, model: str) -> str:
     default="auto",
     show_default=True,
     help="Second stage, universal reach (one small perturbation per class): 'auto' runs it where "
-    "the calibration fitted it for the model's normalisation family (LayerNorm models).",
+    "the calibration fitted it for the model's normalisation family and it can still change the "
+    "verdict or target; 'on' always.",
 )
 @click.option(
     "--reach-threshold",

@@ -185,18 +185,21 @@ class ScanOptions:
             and all-to-all statistics (``None``: use ``calibration.json``).
         reach: the second stage, universal reach (:mod:`timm_purify.detection.reach`): ``"auto"``
             runs it where it has a threshold (the calibration records one for the model's
-            normalisation family, or ``reach_threshold`` is given), ``"on"`` always (an error
-            without a threshold), ``"off"`` never. It is a second stage: where BAN fires, BAN's
+            normalisation family, or ``reach_threshold`` is given) and it can still change the
+            outcome (not after BAN named an all-to-all pattern, or a target the family trusts
+            over reach's: ``config["skipped_stages"]``), ``"on"`` always (an error without a
+            threshold), ``"off"`` never. It is a second stage: where BAN fires, BAN's
             verdict stands (and its target, unless the calibration found reach's the better
             one for the family, ``target_when_both``); where BAN finds nothing and reach fires,
             the model is backdoored (all-to-one) and reach names the target.
         reach_norm, reach_rho: the perturbation budget (norm, size at 3x32x32); ``None``: the
-            calibrated one for the family, else ``"l2"`` and 1 (the LayerNorm family's).
+            calibrated one for the family, else ``"l2"`` and 1.
         reach_steps: descent steps of each class's universal perturbation.
         reach_threshold: override the calibrated threshold of the reach score.
         spread: the all-to-all reading, universal spread (:func:`~timm_purify.detection.reach.universal_spread`),
-            run as ``reach`` is (``"auto"``: where a threshold is calibrated or given). Where BAN
-            and reach find nothing and it fires, the model is backdoored with an all-to-all pattern.
+            run as ``reach`` is (``"auto"``: where a threshold is calibrated or given, and no
+            earlier stage fired). Where BAN and reach find nothing and it fires, the model is
+            backdoored with an all-to-all pattern.
         spread_rho: its L2 budget at 3x32x32; ``None``: the calibrated one, else 2. Its ascent
             takes ``reach_steps`` steps.
         spread_threshold: override the calibrated threshold of the spread score.
