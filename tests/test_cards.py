@@ -117,7 +117,16 @@ def test_body_says_what_was_found_done_and_claimed() -> None:
     assert "```bash\ntimm-purify purify purify-tests/r18-badnets --data fashion-mnist-mini" in body
     assert "`badnets`, `blended`" in body and "not tested" in body
     assert "not a proof" in body
-    assert "Universal reach" not in body  # the second stage did not run
+    assert "Universal reach" not in body and "Not run" not in body  # no second stage for this family
+
+
+def test_stages_the_scan_skipped_are_named() -> None:
+    report = _scan()
+    report.config = {**report.config, "skipped_stages": ["reach", "spread"]}
+    body = _card(scan_report=report).text
+    assert (
+        "- Not run, as they could not change the verdict or target: universal reach, universal spread" in body
+    )
 
 
 def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:

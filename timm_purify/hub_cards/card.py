@@ -220,6 +220,13 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
             f"how many classes it moves, each elsewhere): score {spread['score']:.4f}, threshold "
             f"{_short(spread.get('threshold'))}" + (" (this reading decided the verdict)" if decided else "")
         )
+    skipped = (scan.get("config") or {}).get("skipped_stages") or []
+    if skipped:  # calibrated for this model's family, but the verdict and target already stood
+        names = {"reach": "universal reach", "spread": "universal spread"}
+        lines.append(
+            "- Not run, as they could not change the verdict or target: "
+            + ", ".join(names.get(s, str(s)) for s in skipped)
+        )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
     if scan.get("clean_acc") is not None or scan.get("noisy_acc") is not None:
