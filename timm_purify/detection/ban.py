@@ -938,8 +938,8 @@ def scan(
         timings["reach"] = result.seconds
     # 6. universal spread (all-to-all reading)
     spread: dict[str, Any] | None = None
-    earlier_fired = verdict != "clean" or (reach is not None and reach["fired"])
-    do_spread = run_spread and (opts.spread == "on" or not earlier_fired)
+    reach_fired = reach is not None and reach["fired"]
+    do_spread = run_spread and (opts.spread == "on" or (verdict == "clean" and not reach_fired))
     if run_spread and not do_spread:
         skipped.append("spread")
     if do_spread:
@@ -960,7 +960,7 @@ def scan(
         timings["spread"] = result.seconds
     verdict, pattern, target, decided_by = combine_stages(
         (verdict, pattern, target),
-        reach_fired=reach is not None and reach["fired"],
+        reach_fired=reach_fired,
         reach_target=None if reach is None else reach["suspected_target"],
         # whose target stands where both stages name one: chosen per family by the calibration
         target_when_both=target_when_both,

@@ -222,10 +222,9 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
         )
     skipped = (scan.get("config") or {}).get("skipped_stages") or []
     if skipped:  # calibrated for this model's family, but the verdict and target already stood
-        names = {"reach": "universal reach", "spread": "universal spread"}
         lines.append(
             "- Not run, as they could not change the verdict or target: "
-            + ", ".join(names.get(s, str(s)) for s in skipped)
+            + ", ".join(f"universal {stage}" for stage in skipped)
         )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
