@@ -6,13 +6,13 @@ and ``timm-purify demo``, so the three pick the same method with the same option
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .detection.report import ScanReport
 
-__all__ = ["AUTO", "AUTO_OPTIONS", "choose_method"]
+__all__ = ["AUTO", "AUTO_OPTIONS", "auto_options", "choose_method"]
 
 # The method name that lets the scan steer NPD.
 AUTO = "auto"
@@ -40,19 +40,26 @@ AUTO_OPTIONS: dict[str, dict] = {
 }
 
 
-def choose_method(method: str, report: ScanReport, given: Collection[str] = ()) -> tuple[str, dict]:
-    """The method to run and the options ``auto`` adds to those the caller set (``given``, their
-    names or the options themselves): the :data:`AUTO_OPTIONS` not among them (the caller's
-    win) and the scan's ``target``.
+def auto_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``auto`` runs ``method`` (``"npd"`` or ``"npd-tp"``) with: its
+    :data:`AUTO_OPTIONS` under the caller's ``given`` ones (the caller's win)."""
+    return {**AUTO_OPTIONS[method], **given}
+
+
+def choose_method(
+    method: str, report: ScanReport, given: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The method to run and every option it runs with: the caller's ``given`` options, under
+    which ``auto`` puts its own (:func:`auto_options`) and the scan's ``target``.
     ``auto`` lets the scan's finding steer NPD: with a suspected all-to-one target, NPD's
     known-target variant (npd-tp) attacks towards that class (plain NPD's per-image guess, the
     runner-up class, misses a patch trigger whose target is not the images' natural neighbour:
     ``benchmarks/PURIFICATION.md``); otherwise (a clean verdict, or an all-to-all pattern with
-    no single target) plain npd estimates a target per image."""
+    no single target) plain npd estimates a target per image. Any other method runs with the
+    caller's options alone."""
+    given = dict(given or {})
     if method != AUTO:
-        return method, {}
+        return method, given
     if report.verdict == "backdoored" and report.suspected_target is not None:
-        method, extra = "npd-tp", {"target": int(report.suspected_target)}
-    else:
-        method, extra = "npd", {}
-    return method, {**{k: v for k, v in AUTO_OPTIONS[method].items() if k not in given}, **extra}
+        return "npd-tp", {**auto_options("npd-tp", given), "target": int(report.suspected_target)}
+    return "npd", auto_options("npd", given)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .._auto import AUTO, AUTO_OPTIONS, choose_method
+from .._auto import AUTO, auto_options, choose_method
 from ._common import open_model
 
 __all__ = ["purify", "reproduce_command"]
@@ -101,8 +101,8 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, 
                 param_hint="--option",
             )
         candidates = [
-            ("npd", {**AUTO_OPTIONS["npd"], **options}),
-            ("npd-tp", {**AUTO_OPTIONS["npd-tp"], **options, "target": 0}),
+            ("npd", auto_options("npd", options)),
+            ("npd-tp", {**auto_options("npd-tp", options), "target": 0}),
         ]
     for name, opts in candidates:
         try:
@@ -268,12 +268,13 @@ def purify(**params) -> None:
         echo(f"scan: {report.verdict} (score {report.score:.4f})")
 
     method, chosen = choose_method(p["method"], report, options)
+    added = {k: v for k, v in chosen.items() if k not in options}
     if method != p["method"]:
         # the saved command names what ran, so it reproduces without depending on a scan
-        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in chosen.items()))}
-        options = {**options, **chosen}
+        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in added.items()))}
+    options = chosen
+    because = f" (towards the scan's suspected target {added['target']})" if "target" in added else ""
     eval_data = p["eval_data"] or (p["data"] if p["attack_file"] else None)
-    because = f" (towards the scan's suspected target {chosen['target']})" if "target" in chosen else ""
     echo(f"purifying with {method}{because}")
     try:
         result = defenses.purify(

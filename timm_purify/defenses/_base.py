@@ -196,8 +196,7 @@ def _resolve_auto(report: ScanReport | None, options: dict[str, Any]) -> tuple[s
             "method='auto' takes the target from the scan; to choose it yourself use "
             "method='npd-tp', target=N"
         )
-    method, chosen = choose_method(AUTO, report, options)
-    return method, {**options, **chosen}
+    return choose_method(AUTO, report, options)
 
 
 def purify(
