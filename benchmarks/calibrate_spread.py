@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="model folders written by build_backdoored_model, or quoted glob patterns of them",
     )
     p.add_argument("--rhos", default="2", help="candidate L2 budgets at 3x32x32, comma list")
+    p.add_argument(
+        "--steps", type=int, default=40, help="ascent steps of the perturbation (stored results: 40)"
+    )
     p.add_argument("--clean-count", type=int, default=600, help="clean images per scan (1%% of 60k)")
     p.add_argument("--scan-split", default="test", help="split of each model's data the images come from")
     p.add_argument("--scan-seed", type=int, default=0)
@@ -78,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def scan_row(folder: Path, rho: float, args: argparse.Namespace) -> dict:
     """One model scanned with the shipped calibration and the spread reading on (never deciding)."""
-    fields, report = scan_folder(folder, args, spread="on", spread_rho=rho, spread_threshold=float("inf"))
+    fields, report = scan_folder(
+        folder, args, spread="on", spread_rho=rho, spread_steps=args.steps, spread_threshold=float("inf")
+    )
     return {
         **fields,
         # the earlier stages' verdict (BAN, and reach where the shipped calibration enables it)
@@ -158,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for folder in model_folders(args.models):
         for rho in rhos:
-            key = f"{folder.name}|l2:{rho:g}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
+            steps = "" if args.steps == 40 else f"|steps{args.steps}"  # the stored results' keys have none
+            key = f"{folder.name}|l2:{rho:g}{steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
             row = stored_scan(
                 stored, results_file, key, lambda folder=folder, rho=rho: scan_row(folder, rho, args)
             )
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
         if fit["enabled"]:
             best = fit["chosen"]
-            by_family[fam] = {"rho": best["rho"], "threshold": best["fit"]["threshold"]}
+            by_family[fam] = {"rho": best["rho"], "steps": args.steps, "threshold": best["fit"]["threshold"]}
             reliability[fam] = best["reliability"]
     out = Path(args.out)
     calibration = json.loads(out.read_text()) if out.is_file() else {}

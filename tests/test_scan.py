@@ -241,7 +241,7 @@ def test_reach_alone_finds_a_trapdoor_ban_cannot_see(tmp_path):
     assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-one", TARGET)
     assert (report.score, report.threshold) == (reach["score"], 0.5)
     assert report.config["decided_by"] == "reach"
-    assert report.config["reach_budget"] == {"norm": "l2", "rho": 1.0}  # the LayerNorm family's
+    assert report.config["reach_budget"] == {"norm": "l2", "rho": 1.0, "steps": 20}  # the caller's steps
     assert reach["num_search"] + reach["num_held_out"] <= 600
     assert len(reach["matrix"]) == 10 and "reach" in report.config["stage_seconds"]
     report.to_json(tmp_path / "r.json")
@@ -256,11 +256,11 @@ def test_reach_alone_finds_a_trapdoor_ban_cannot_see(tmp_path):
 
 def test_reach_runs_where_the_calibration_fitted_it(monkeypatch):
     """``reach="auto"`` (the default) runs the stage for a family the calibration enabled it for,
-    at the calibrated budget and threshold; a budget of the caller's own is flagged."""
+    at the calibrated budget, steps and threshold; a budget of the caller's own is flagged."""
     _, trapdoor = pixel_models()
     shipped = load_calibration()
     fitted = {"norm": "l2", "rho": 2.0, "steps": 20, "threshold": 0.4}
-    cheap = dict(quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=200, reach_steps=20)
+    cheap = dict(quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=200)
 
     monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "reach": {"by_family": {}}})
     assert scan(trapdoor, clean_images(), **cheap).reach is None
@@ -270,10 +270,13 @@ def test_reach_runs_where_the_calibration_fitted_it(monkeypatch):
     )
     report = scan(trapdoor, clean_images(), **cheap)
     assert report.reach["threshold"] == 0.4 and report.reach["norm"] == "l2" and report.reach["rho"] == 2.0
+    assert report.config["reach_budget"]["steps"] == 20  # the calibrated count, not the default 40
     assert report.suspected_target == TARGET
     assert not any("reach budget" in c for c in report.config["cautions"])
     own = scan(trapdoor, clean_images(), reach_rho=3.0, **cheap)
-    assert any("reach budget (l2 3) is not the one" in c for c in own.config["cautions"])
+    assert any("reach budget (l2 3, 20 steps) is not the one" in c for c in own.config["cautions"])
+    fewer = scan(trapdoor, clean_images(), reach_steps=10, **cheap)
+    assert any("(l2 2, 10 steps) is not the one" in c for c in fewer.config["cautions"])
     assert scan(trapdoor, clean_images(), reach="off", **cheap).reach is None
 
 
@@ -346,6 +349,7 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     # split): the score, the second-lowest share moved elsewhere than the top destination
     assert spread["fired"] and spread["score"] > 0.5
     assert min(spread["moved"]) > 0.9
+    assert report.config["spread_steps"] == 40  # no steps recorded with the shipped spread threshold
     assert sum(row.index(max(row)) == (k + 1) % 10 for k, row in enumerate(spread["confusion"])) >= 9
     assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-all", None)
     assert report.config["decided_by"] == "spread" and (report.score, report.threshold) == (
@@ -765,6 +769,7 @@ class _Exploding(nn.Module):
         (dict(reach_norm="linf"), "reach_norm must be one of"),
         (dict(reach_rho=0), "reach_rho must be a number > 0"),
         (dict(reach_steps=0), "reach_steps must be a positive integer"),
+        (dict(spread_steps=2.5), "spread_steps must be a positive integer"),
         (dict(reach_threshold="low"), "reach_threshold must be a number"),
         # BAN's thresholds given, so no calibration is read: nothing to judge the reach score by
         (dict(reach="on", threshold=0.5, all_to_all_threshold=0.5), "reach='on' needs a threshold"),

@@ -144,7 +144,7 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 # when the universal-reach stage runs (ScanOptions.reach)
 REACH_MODES = ("auto", "on", "off")
 # its budget where neither the caller nor the calibration gives one (benchmarks/DETECTION.md)
-DEFAULT_REACH = {"norm": "l2", "rho": 1.0}
+DEFAULT_REACH = {"norm": "l2", "rho": 1.0, "steps": 40}
 # the spread reading's L2 budget at 3x32x32 where neither the caller nor the calibration gives one
 DEFAULT_SPREAD_RHO = 2.0
 
@@ -194,14 +194,16 @@ class ScanOptions:
             the model is backdoored (all-to-one) and reach names the target.
         reach_norm, reach_rho: the perturbation budget (norm, size at 3x32x32); ``None``: the
             calibrated one for the family, else ``"l2"`` and 1.
-        reach_steps: descent steps of each class's universal perturbation.
+        reach_steps: descent steps of each class's universal perturbation; ``None``: the number
+            the family's reach threshold was calibrated with (``steps`` in ``calibration.json``),
+            else 40.
         reach_threshold: override the calibrated threshold of the reach score.
         spread: the all-to-all reading, universal spread (:func:`~timm_purify.detection.reach.universal_spread`),
             run as ``reach`` is (``"auto"``: where a threshold is calibrated or given, and no
             earlier stage fired). Where BAN and reach find nothing and it fires, the model is
             backdoored with an all-to-all pattern.
-        spread_rho: its L2 budget at 3x32x32; ``None``: the calibrated one, else 2. Its ascent
-            takes ``reach_steps`` steps.
+        spread_rho, spread_steps: its L2 budget at 3x32x32 and ascent steps; ``None``: the
+            calibrated ones, else 2 and 40.
         spread_threshold: override the calibrated threshold of the spread score.
     """
 
@@ -220,10 +222,11 @@ class ScanOptions:
     reach: str = "auto"
     reach_norm: str | None = None
     reach_rho: float | None = None
-    reach_steps: int = 40
+    reach_steps: int | None = None
     reach_threshold: float | None = None
     spread: str = "auto"
     spread_rho: float | None = None
+    spread_steps: int | None = None
     spread_threshold: float | None = None
 
     def validate(self) -> None:
@@ -234,8 +237,12 @@ class ScanOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ScanOptionError(f"{name} must be a number > 0, got {value!r}")
-        for name in ("steps", "restarts", "mask_epochs", "mask_steps_per_epoch", "batch_size", "reach_steps"):
+        for name in (
+            "steps", "restarts", "mask_epochs", "mask_steps_per_epoch", "batch_size", "reach_steps", "spread_steps"
+        ):  # fmt: skip
             value = getattr(self, name)
+            if name in ("reach_steps", "spread_steps") and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ScanOptionError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.mask_lambda, bool) or not isinstance(self.mask_lambda, (int, float)):
@@ -550,12 +557,15 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
             "default, or pass threshold= and all_to_all_threshold= fitted at your budget"
         )
     fitted, reach = config.get("reach_calibrated"), config.get("reach_budget")
-    if fitted and reach and (reach["norm"], reach["rho"]) != (fitted.get("norm"), fitted.get("rho")):
-        cautions.append(
-            f"caution: the reach budget ({reach['norm']} {reach['rho']:g}) is not the one this family's reach "
-            f"threshold was calibrated at ({fitted.get('norm')} {fitted.get('rho'):g}); leave reach_norm and "
-            "reach_rho at their defaults, or pass reach_threshold= fitted at your budget"
-        )
+    if fitted and reach:
+        used = (reach["norm"], reach["rho"], reach.get("steps"))
+        calibrated = (fitted.get("norm"), fitted.get("rho"), fitted.get("steps", reach.get("steps")))
+        if used != calibrated:
+            cautions.append(
+                "caution: the reach budget ({} {:g}, {} steps) is not the one this family's reach threshold "
+                "was calibrated at ({} {:g}, {} steps); leave reach_norm, reach_rho and reach_steps at their "
+                "defaults, or pass reach_threshold= fitted at your budget".format(*used, *calibrated)
+            )
     floor = config.get("calibration_min_acc")
     if floor is not None and clean_acc < floor:
         cautions.append(
@@ -779,11 +789,13 @@ def scan(
     reach_budget = {
         "norm": opts.reach_norm or (reach_calibrated or {}).get("norm") or DEFAULT_REACH["norm"],
         "rho": float(opts.reach_rho or (reach_calibrated or {}).get("rho") or DEFAULT_REACH["rho"]),
+        "steps": int(opts.reach_steps or (reach_calibrated or {}).get("steps") or DEFAULT_REACH["steps"]),
     }
     spread_calibrated, spread_threshold, run_spread = _later_stage(
         calibration, "spread", family, opts.spread, opts.spread_threshold
     )
     spread_rho = float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO)
+    spread_steps = int(opts.spread_steps or (spread_calibrated or {}).get("steps") or DEFAULT_REACH["steps"])
     try:
         if isinstance(data, ImageData):
             if data.num_classes != num_classes:
@@ -929,7 +941,7 @@ def scan(
             num_classes,
             rho=reach_budget["rho"],
             norm=reach_budget["norm"],
-            steps=opts.reach_steps,
+            steps=reach_budget["steps"],
             generator=gen,
             quiet=quiet,
         )
@@ -949,7 +961,7 @@ def scan(
             right_held,
             num_classes,
             rho=spread_rho,
-            steps=opts.reach_steps,
+            steps=spread_steps,
             generator=gen,
         )
         spread = {
@@ -1007,6 +1019,7 @@ def scan(
         # the same for the spread reading (its budget: an L2 radius at 3x32x32)
         "spread_calibrated": spread_calibrated,
         "spread_rho": spread_rho if spread is not None else None,
+        "spread_steps": spread_steps if spread is not None else None,
         # the calibration left out models below this clean accuracy (they collapse under the noise)
         "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,
