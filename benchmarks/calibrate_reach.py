@@ -41,6 +41,7 @@ import glob
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -52,12 +53,23 @@ from calibrate_scan import recorded_command  # noqa: E402
 from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
 from timm_purify.data import clean_subset, load_data  # noqa: E402
-from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages, scan  # noqa: E402
+from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages, decide, scan  # noqa: E402
 from timm_purify.detection.report import ScanReport  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # whose suspected target stands where both stages find an all-to-one backdoor (chosen per family)
 WHEN_BOTH = ("ban", "reach")
+
+
+@dataclass(frozen=True)
+class BanCuts:
+    """BAN's thresholds for one family, as ``--refit-ban`` tries them: the all-to-one cut, the
+    all-to-all cut (``None``: that statistic does not decide), and whose predictions name the
+    target (the family's calibrated ``target_source``)."""
+
+    all_to_one: float
+    all_to_all: float | None
+    target_source: str
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +94,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "cache" / "calibrate_reach.json"))
     p.add_argument("--out", default=str(CALIBRATION_FILE))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--refit-ban",
+        action="append",
+        default=[],
+        metavar="FAMILY",
+        help="also refit BAN's all-to-one and all-to-all cuts of this normalisation family together "
+        "with the reach stage, from the statistics the scans stored (see refit_family); written to "
+        "the BAN section of --out (repeatable; not for a family the spread reading is calibrated for, "
+        "whose stored verdicts include it)",
+    )
     return p.parse_args(argv)
 
 
@@ -136,6 +158,10 @@ def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> d
         **fields,
         "ban_verdict": report.verdict,
         "ban_target": report.suspected_target,
+        # BAN's statistics, for refitting its thresholds on the same scans
+        "ban_statistics": {
+            k: report.config["statistics"][k] for k in ("all_to_one", "target", "target_masked", "all_to_all")
+        },
         "reach_norm": norm,
         "reach_rho": rho,
         "reach_score": report.reach["score"],
@@ -153,24 +179,34 @@ def usable(row: dict, args: argparse.Namespace) -> bool:
     return row["attack"] is None or (row["asr"] or 0.0) >= args.min_asr
 
 
-def ban_stage(row: dict) -> tuple[str, str | None, int | None]:
+def ban_stage(row: dict, ban: BanCuts | None = None) -> tuple[str, str | None, int | None]:
     """BAN's ``(verdict, pattern, target)`` of a stored row (an all-to-one verdict always names
-    a target, an all-to-all one never does)."""
+    a target, an all-to-all one never does): the scan's own, or with ``ban``'s cuts applied to the
+    row's stored statistics (by ``scan``'s own :func:`~timm_purify.detection.ban.decide`)."""
+    if ban is not None:
+        verdict, pattern, target, _, _ = decide(
+            row["ban_statistics"],
+            threshold=ban.all_to_one,
+            all_to_all_threshold=ban.all_to_all,
+            target_source=ban.target_source,
+        )
+        return verdict, pattern, target
     if row["ban_verdict"] != "backdoored":
         return row["ban_verdict"], None, None
     return "backdoored", "all-to-all" if row["ban_target"] is None else "all-to-one", row["ban_target"]
 
 
 def verdicts(
-    rows: list[dict], threshold: float | None, when_both: str = "ban"
+    rows: list[dict], threshold: float | None, when_both: str = "ban", ban: BanCuts | None = None
 ) -> list[tuple[bool, int | None]]:
     """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages,
     combined by ``scan``'s own :func:`~timm_purify.detection.ban.combine_stages`; ``when_both``
-    names whose target stands where both found an all-to-one backdoor."""
+    names whose target stands where both found an all-to-one backdoor; ``ban``: BAN's cuts
+    (default: the verdicts the scans stored)."""
     out = []
     for r in rows:
         verdict, _, target, _ = combine_stages(
-            ban_stage(r),
+            ban_stage(r, ban),
             reach_fired=threshold is not None and r["reach_score"] > threshold,
             reach_target=r["reach_target"],
             target_when_both=when_both,
@@ -179,9 +215,11 @@ def verdicts(
     return out
 
 
-def record(rows: list[dict], threshold: float | None, when_both: str = "ban") -> dict:
+def record(
+    rows: list[dict], threshold: float | None, when_both: str = "ban", ban: BanCuts | None = None
+) -> dict:
     """Both stages' (or BAN's alone) record on ``rows``, in ``reliability_by_family``'s keys."""
-    return tally(rows, verdicts(rows, threshold, when_both))
+    return tally(rows, verdicts(rows, threshold, when_both, ban))
 
 
 def tally(rows: list[dict], results: list[tuple[bool, int | None]]) -> dict:
@@ -218,10 +256,11 @@ def threshold_candidates(negatives: list[float], positives: list[float]) -> list
     ]
 
 
-def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
+def fit_family(rows: list[dict], budgets: list[tuple[str, float]], ban: BanCuts | None = None) -> dict:
     """Every (budget, cut, whose target where both fire) with both stages' errors on ``rows``; the
     chosen one (fewest errors, then the widest margin above the clean models, then the first);
-    whether reach is enabled (fewer errors than BAN alone)."""
+    whether reach is enabled (fewer errors than BAN alone). ``ban``: BAN's cuts (default: the
+    verdicts the scans stored)."""
     trials = []
     for norm, rho in budgets:
         at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
@@ -229,14 +268,14 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]]) -> dict:
         positives = [  # the all-to-one backdoors the stage is there to add
             r["reach_score"]
             for r in at
-            if r["attack"] is not None and r["mode"] == "all-to-one" and r["ban_verdict"] != "backdoored"
+            if r["attack"] is not None and r["mode"] == "all-to-one" and ban_stage(r, ban)[0] != "backdoored"
         ]
         if not negatives or not positives:
             continue
-        alone = record(at, None)
+        alone = record(at, None, ban=ban)
         for fit in threshold_candidates(negatives, positives):
             for when_both in WHEN_BOTH:
-                both = record(at, fit["threshold"], when_both)
+                both = record(at, fit["threshold"], when_both, ban)
                 trials.append(
                     {
                         "norm": norm,
@@ -272,6 +311,132 @@ def choose(trials: list[dict], *, baseline: str) -> tuple[dict, bool]:
     BAN's target), and whether it makes fewer errors than its ``baseline`` key records."""
     best = min(trials, key=lambda t: (t["errors"], -t["fit"]["margin"]))
     return best, best["errors"] < best[baseline]
+
+
+def midpoints(scores: list[float]) -> list[float]:
+    """The cuts midway between consecutive distinct ``scores``."""
+    ordered = sorted(set(scores))
+    return [(a + b) / 2 for a, b in zip(ordered, ordered[1:], strict=False)]
+
+
+def gap(cut: float | None, scores: list[float]) -> float:
+    """How far ``cut`` lies from the nearest of ``scores`` (``None``, a statistic that does not
+    decide: infinitely far)."""
+    return float("inf") if cut is None else min(abs(cut - v) for v in scores)
+
+
+def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: BanCuts) -> dict:
+    """BAN's cuts fitted together with the reach stage on ``rows`` (``--refit-ban``), from the
+    statistics each scan stored.
+
+    BAN's cuts were fitted for BAN alone (``calibrate_scan.py``), before a second stage existed:
+    there, a lower all-to-one cut buys the backdoors only BAN sees with clean models flagged. With
+    reach behind it, some of those backdoors are reach's to find, so the cut that makes the fewest
+    errors of both stages together can lie higher. Every all-to-one cut midway between two of the
+    family's scores (and the shipped one), every all-to-all cut likewise (and ``None``: that
+    statistic does not decide), and every reach cut :func:`threshold_candidates` allows above the
+    clean models (and none: no reach) are tried with both target rules. Kept: the fewest errors,
+    then the fewest false alarms, then the all-to-all statistic left out where it adds nothing,
+    then the widest margins (reach's above the clean models, then BAN's cuts from the nearest
+    score). Reach is enabled only when the best trial with it makes fewer errors than the best
+    without it."""
+    one = [r["ban_statistics"]["all_to_one"] for r in rows]
+    a2a = [r["ban_statistics"]["all_to_all"] for r in rows]
+    one_cuts = sorted({shipped.all_to_one, *midpoints(one)})
+    a2a_cuts = [None, *sorted({c for c in (shipped.all_to_all, *midpoints(a2a)) if c is not None})]
+    best: dict[bool, tuple[tuple, dict]] = {}  # with reach / without: (sort key, trial)
+    for norm, rho in budgets:
+        at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
+        negatives = [r["reach_score"] for r in at if r["attack"] is None]
+        positives = [r["reach_score"] for r in at if r["attack"] is not None and r["mode"] == "all-to-one"]
+        reach_fits = [None, *(threshold_candidates(negatives, positives) if negatives and positives else [])]
+        for cut_one in one_cuts:
+            for cut_a2a in a2a_cuts:
+                ban = BanCuts(cut_one, cut_a2a, shipped.target_source)
+                for fit in reach_fits:
+                    for when_both in WHEN_BOTH if fit else WHEN_BOTH[:1]:
+                        rel = record(at, fit and fit["threshold"], when_both, ban)
+                        key = (
+                            errors(rel),
+                            rel["false_positives"],
+                            cut_a2a is not None,
+                            -(fit["margin"] if fit else 0.0),
+                            -gap(cut_one, one),
+                            -gap(cut_a2a, a2a),
+                        )
+                        with_reach = fit is not None
+                        if with_reach not in best or key < best[with_reach][0]:
+                            best[with_reach] = (
+                                key,
+                                {
+                                    "norm": norm,
+                                    "rho": rho,
+                                    "target_when_both": when_both,
+                                    "fit": fit,
+                                    "all_to_one_threshold": cut_one,
+                                    "all_to_all_threshold": cut_a2a,
+                                    "errors": errors(rel),
+                                    "reliability": rel,
+                                    "reliability_ban_alone": record(at, None, ban=ban),
+                                },
+                            )
+    without = best[False][1]
+    chosen = best[True][1] if True in best and best[True][1]["errors"] < without["errors"] else without
+    before = fit_family(rows, budgets, shipped)  # reach behind BAN's shipped cuts, as without --refit-ban
+    first = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == budgets[0]]
+    before_errors = (
+        before["chosen"]["errors"] if before["enabled"] else errors(record(first, None, ban=shipped))
+    )
+    return {
+        "enabled": chosen["fit"] is not None,
+        "reason": f"{chosen['errors']} errors with BAN's cuts {chosen['all_to_one_threshold']:.3f} (all-to-one) / "
+        + (
+            "not used (all-to-all)"
+            if chosen["all_to_all_threshold"] is None
+            else f"{chosen['all_to_all_threshold']:.3f} (all-to-all)"
+        )
+        + (
+            f" and reach at {chosen['norm']} {chosen['rho']:g}, threshold {chosen['fit']['threshold']:.3f}"
+            f" ({chosen['target_when_both']}'s target where both fire)"
+            if chosen["fit"]
+            else " and no reach stage"
+        )
+        + f", refitted together; {without['errors']} with the best BAN cuts alone; "
+        + f"{before_errors} with BAN's shipped cuts",
+        "chosen": {**chosen, "errors_ban_alone": without["errors"]},
+        "without_reach": without,
+        "before_refit": {
+            "all_to_one_threshold": shipped.all_to_one,
+            "all_to_all_threshold": shipped.all_to_all,
+            "errors": before_errors,
+            "reach": before.get("chosen"),
+        },
+    }
+
+
+def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> dict[str, BanCuts]:
+    """BAN's current cuts of each ``--refit-ban`` family, after checking it can be refitted here."""
+    cuts = {}
+    for fam in families:
+        if fam not in (calibration.get("all_to_one_thresholds") or {}):
+            raise SystemExit(f"--refit-ban {fam}: the calibration has no BAN cut for that family to refit")
+        if fam in ((calibration.get("spread") or {}).get("by_family") or {}):
+            raise SystemExit(
+                f"--refit-ban {fam}: the spread reading is calibrated for this family, so the stored verdicts "
+                "include it and BAN's cannot be recomputed alone"
+            )
+        if any("ban_statistics" not in r for r in rows if r["norm_family"] == fam):
+            raise SystemExit(
+                f"--refit-ban {fam}: some stored scans have no BAN statistics (written before they were "
+                "stored); rescan them with --results pointing to a new file"
+            )
+        a2a = calibration.get("all_to_all_thresholds") or {}
+        cuts[fam] = BanCuts(
+            calibration["all_to_one_thresholds"][fam],
+            a2a.get(fam, calibration["all_to_all_threshold"]),
+            calibration["target_source_by_family"][fam],
+        )
+    return cuts
 
 
 def model_folders(patterns: list[str]) -> list[Path]:
@@ -316,10 +481,15 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     used = [r for r in rows if usable(r, args)]
-    families = {
-        fam: fit_family([r for r in used if r["norm_family"] == fam], budgets)
-        for fam in sorted({r["norm_family"] for r in used})
-    }
+    out = Path(args.out)
+    calibration = json.loads(out.read_text()) if out.is_file() else {}
+    refit = shipped_cuts(calibration, args.refit_ban, used)
+    families = {}
+    for fam in sorted({r["norm_family"] for r in used}):
+        of_family = [r for r in used if r["norm_family"] == fam]
+        families[fam] = (
+            refit_family(of_family, budgets, refit[fam]) if fam in refit else fit_family(of_family, budgets)
+        )
     by_family, reliability = {}, {}
     for fam, fit in families.items():
         print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
@@ -333,8 +503,17 @@ def main(argv: list[str] | None = None) -> None:
                 "target_when_both": best["target_when_both"],
             }
             reliability[fam] = best["reliability"]
-    out = Path(args.out)
-    calibration = json.loads(out.read_text()) if out.is_file() else {}
+    for fam in refit:
+        best = families[fam]["chosen"]
+        calibration["all_to_one_thresholds"][fam] = best["all_to_one_threshold"]
+        calibration.setdefault("all_to_all_thresholds", {})[fam] = best["all_to_all_threshold"]
+        calibration["reliability_by_family"][fam] = best["reliability_ban_alone"]
+        calibration.setdefault("refitted_by_family", {})[fam] = (
+            f"cuts and reliability refitted with the reach stage by calibrate_reach.py --refit-ban on "
+            f"{datetime.date.today().isoformat()} (reach section, families.{fam}); the rest of this section "
+            "is calibrate_scan.py's fit"
+        )
+        print(f"{fam}: BAN's cuts refitted ({families[fam]['reason']})")
     calibration["reach"] = {
         "by_family": by_family,
         "reliability_by_family": reliability,
@@ -346,10 +525,15 @@ def main(argv: list[str] | None = None) -> None:
             "reach's target as chosen, else reach's verdict and target) are counted against BAN alone on the same models and the budget, cut and "
             "target rule with the fewest errors are kept (ties: the widest margin above the clean models); the stage is enabled for a family only when it makes fewer errors than BAN "
             f"alone. Clean models below {args.min_acc} accuracy and backdoors below {args.min_asr} ASR are "
-            "listed but not used."
+            "listed but not used. For the families in ban_refitted, BAN's own cuts were fitted together with reach's "
+            "(every all-to-one and all-to-all cut midway between two of the family's BAN scores, or no all-to-all "
+            "cut, with every reach cut above the clean models, or none; kept: the fewest errors, then the fewest "
+            "false alarms, then no all-to-all cut where it adds nothing, then the widest margins) and written to "
+            "the BAN section (all_to_one_thresholds, all_to_all_thresholds, reliability_by_family)."
         ),
         "min_acc": args.min_acc,
         "min_asr": args.min_asr,
+        "ban_refitted": sorted(refit),
         "models": [{**r, "used": usable(r, args)} for r in rows],
         "date": datetime.date.today().isoformat(),
         "timm_purify_version": __version__,

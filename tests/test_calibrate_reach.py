@@ -81,3 +81,55 @@ def test_budgets_parse_and_reject_nonsense(cal):
     assert cal.parse_budgets("l1:6,l2:1") == [("l1", 6.0), ("l2", 1.0)]
     with pytest.raises(SystemExit, match="NORM:RHO"):
         cal.parse_budgets("linf:3")
+
+
+def _scored(attack, a2o, reach, *, a2a=0.0, target=None, ban_target=None):
+    """A stored scan with BAN's statistics (BAN names ``ban_target``, else the true target, else 0)."""
+    named = ban_target if ban_target is not None else target if target is not None else 0
+    stats = {"all_to_one": a2o, "target": named, "target_masked": named, "all_to_all": a2a}
+    return {**_row(attack, reach, reach_target=target, target=target), "ban_statistics": stats}
+
+
+def test_refit_lifts_bans_cut_where_reach_covers_what_it_gave_up(cal):
+    """BAN's cuts, fitted for BAN alone, flag a clean model to catch a blended backdoor that
+    reach finds anyway: refitted with reach, the all-to-one cut rises above the clean model, and
+    an all-to-all cut that only ever flags clean models stops deciding."""
+    rows = [
+        _scored(None, 0.20, 0.10),
+        _scored(None, 0.45, 0.20),
+        _scored(None, 0.10, 0.05, a2a=0.25),  # clean, but above the shipped all-to-all cut
+        _scored("badnets", 0.60, 0.05, target=3),  # only BAN sees it
+        _scored("blended", 0.40, 0.90, target=1),  # both do
+    ]
+    shipped = cal.BanCuts(all_to_one=0.30, all_to_all=0.15, target_source="noisy")
+    fit = cal.refit_family(rows, [("l2", 1.0)], shipped)
+    best = fit["chosen"]
+    assert best["all_to_one_threshold"] == pytest.approx((0.45 + 0.60) / 2)
+    assert best["all_to_all_threshold"] is None
+    assert fit["enabled"] and best["fit"]["threshold"] < 0.90
+    assert (best["errors"], best["reliability"]["false_positives"], best["reliability"]["detected"]) == (
+        0,
+        0,
+        2,
+    )
+    # without reach the best BAN can do alone costs an error; with the shipped cuts, two false alarms
+    assert fit["without_reach"]["errors"] == 1
+    assert fit["before_refit"]["errors"] == 2
+
+
+def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
+    calibration = {
+        "all_to_one_thresholds": {"batchnorm": 0.3, "other": 0.2},
+        "all_to_all_threshold": 0.1,
+        "target_source_by_family": {"batchnorm": "noisy", "other": "noisy_masked"},
+        "spread": {"by_family": {"other": {"rho": 2.0, "threshold": 0.4}}},
+    }
+    old = {**_row(None, 0.1), "norm_family": "batchnorm"}
+    with pytest.raises(SystemExit, match="spread reading is calibrated"):
+        cal.shipped_cuts(calibration, ["other"], [])
+    with pytest.raises(SystemExit, match="no BAN statistics"):
+        cal.shipped_cuts(calibration, ["batchnorm"], [old])
+    with pytest.raises(SystemExit, match="no BAN cut"):
+        cal.shipped_cuts(calibration, ["groupnorm"], [])
+    cuts = cal.shipped_cuts(calibration, ["batchnorm"], [{**old, "ban_statistics": {}}])
+    assert cuts["batchnorm"] == cal.BanCuts(0.3, 0.1, "noisy")

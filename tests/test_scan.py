@@ -462,6 +462,30 @@ def test_decide():
     )
     stats = {"all_to_one": 0.2, "target": 3, "all_to_all": 0.1}
     assert decide(stats, threshold=0.5, all_to_all_threshold=0.3) == ("clean", None, None, 0.2, 0.5)
+    # a family whose calibration found the all-to-all statistic useless: it does not decide
+    stats = {"all_to_one": 0.2, "target": 3, "all_to_all": 0.6}
+    assert decide(stats, threshold=0.5, all_to_all_threshold=None) == ("clean", None, None, 0.2, 0.5)
+
+
+def test_a_family_without_an_all_to_all_cut_is_judged_on_all_to_one_alone(monkeypatch):
+    from timm_purify.cli.scan import _summary
+
+    clean, _ = pixel_models()
+    shipped = load_calibration()
+    cheap = dict(quiet=True, steps=2, mask_epochs=1, restarts=1, clean_count=200, reach="off", spread="off")
+    monkeypatch.setattr(
+        ban, "load_calibration", lambda: {**shipped, "all_to_all_thresholds": {"other": None}}
+    )
+    report = scan(clean, clean_images(), **cheap)
+    assert report.config["norm_family"] == "other" and report.config["all_to_all_threshold"] is None
+    assert "all-to-all score" in _summary(report, "m") and "not used for other models" in _summary(
+        report, "m"
+    )
+    other = {"batchnorm": 0.5}  # another family's cut: this one falls back to the pooled threshold
+    monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "all_to_all_thresholds": other})
+    assert (
+        scan(clean, clean_images(), **cheap).config["all_to_all_threshold"] == shipped["all_to_all_threshold"]
+    )
 
 
 def test_decide_takes_the_target_from_the_calibrated_source():

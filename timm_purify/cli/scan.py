@@ -41,7 +41,9 @@ def _summary(report, model: str) -> str:
         f"{cfg['num_held_out']} held out, {report.seconds:.1f} s",
         f"verdict: {verdict}",
         f"  all-to-one score {compare(stats['all_to_one'], cfg['threshold'])}",
-        f"  all-to-all score {compare(stats['all_to_all'], cfg['all_to_all_threshold'])}",
+        f"  all-to-all score {stats['all_to_all']:.3f} (not used for {cfg['norm_family']} models: see the calibration)"
+        if cfg["all_to_all_threshold"] is None
+        else f"  all-to-all score {compare(stats['all_to_all'], cfg['all_to_all_threshold'])}",
     ]
     if report.suspected_target is not None:
         lines.append(f"suspected target: class {report.suspected_target} ({report.target_name})")

@@ -182,7 +182,10 @@ class ScanOptions:
         bn_mode: ``"batch"`` (the reference: BatchNorm uses batch statistics while the noise is
             searched and applied) or ``"running"`` (eval mode throughout); see the module notes.
         threshold, all_to_all_threshold: override the calibrated thresholds of the all-to-one
-            and all-to-all statistics (``None``: use ``calibration.json``).
+            and all-to-all statistics (``None``: use ``calibration.json``, where a family's
+            all-to-all threshold may be ``null``: the statistic flagged none of that family's
+            all-to-all calibration backdoors without flagging clean models, so it does not
+            decide there).
         reach: the second stage, universal reach (:mod:`timm_purify.detection.reach`): ``"auto"``
             runs it where it has a threshold (the calibration records one for the model's
             normalisation family, or ``reach_threshold`` is given) and it can still change the
@@ -577,9 +580,14 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
 
 
 def decide(
-    stats: dict[str, Any], *, threshold: float, all_to_all_threshold: float, target_source: str = "noisy"
+    stats: dict[str, Any],
+    *,
+    threshold: float,
+    all_to_all_threshold: float | None,
+    target_source: str = "noisy",
 ) -> tuple[str, str | None, int | None, float, float]:
     """``(verdict, pattern, suspected_target, score, threshold)`` from :func:`scan_statistics`.
+    ``all_to_all_threshold=None``: the all-to-all statistic does not decide.
 
     All-to-one wins when both statistics fire (its target is the actionable finding); a
     clean verdict reports the all-to-one statistic, the paper's own. The verdict always comes
@@ -591,7 +599,7 @@ def decide(
     if stats["all_to_one"] > threshold:
         target = int(stats[TARGET_SOURCES[target_source]])
         return "backdoored", "all-to-one", target, float(stats["all_to_one"]), float(threshold)
-    if stats["all_to_all"] > all_to_all_threshold:
+    if all_to_all_threshold is not None and stats["all_to_all"] > all_to_all_threshold:
         return "backdoored", "all-to-all", None, float(stats["all_to_all"]), float(all_to_all_threshold)
     return "clean", None, None, float(stats["all_to_one"]), float(threshold)
 
@@ -769,11 +777,15 @@ def scan(
     threshold = float(
         opts.threshold if opts.threshold is not None else by_family.get(family, calibration.get("threshold"))
     )
-    a2a_threshold = float(
+    # per family where the calibration fitted one (None: the statistic does not decide), else pooled
+    a2a_by_family = calibration.get("all_to_all_thresholds") or {}
+    a2a_threshold: float | None = (
         opts.all_to_all_threshold
         if opts.all_to_all_threshold is not None
-        else calibration["all_to_all_threshold"]
+        else a2a_by_family.get(family, calibration.get("all_to_all_threshold"))
     )
+    if a2a_threshold is not None:
+        a2a_threshold = float(a2a_threshold)
     # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
     calibrated_eps = None
     if calibration:  # files written before budgets were calibrated per family record one for all
