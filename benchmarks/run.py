@@ -323,7 +323,12 @@ def _calibration_section() -> list[str]:
         f"Detection accuracy {cal['detection_accuracy']}; false positives {cal['false_positives']}; "
         f"missed {cal['missed']}; wrong target: {cal['wrong_target']}. All-to-one thresholds per "
         f"normalisation family: {', '.join(f'{k} {v:.3f}' for k, v in cuts.items())}; all-to-all "
-        f"threshold {cal['all_to_all_threshold']:.3f}. Scan options: {cal['scan']['options']}"
+        f"threshold {cal['all_to_all_threshold']:.3f}"
+        + "".join(
+            f" ({fam}: {'not used' if cut is None else f'{cut:.3f}'})"
+            for fam, cut in cal.get("all_to_all_thresholds", {}).items()
+        )
+        + f". Scan options: {cal['scan']['options']}"
         + "".join(f"; for the {fam} family {opts}" for fam, opts in by_family.items() if opts)
         + f"; {cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
         "",
@@ -339,6 +344,13 @@ def _calibration_section() -> list[str]:
             for fam, r in cal.get("reliability_by_family", {}).items()
         ),
         "",
+        *(
+            f"The {fam} family's cuts and record above were refitted together with the reach stage by "
+            f"`calibrate_reach.py --refit-ban {fam}` on its own scans (universal-reach section, below); the "
+            "accuracy line above and the per-model verdicts below are calibrate_scan.py's fit at its earlier cuts."
+            for fam in cal.get("refitted_by_family", {})
+        ),
+        *([""] if cal.get("refitted_by_family") else []),
         *_budget_lines(selection),
         "| model | training | attack | seed | ACC | ASR | family | all-to-one score | suspected / true target "
         "| all-to-all score | verdict | seconds |",
@@ -414,13 +426,27 @@ def _reach_section() -> list[str]:
             f"{both['false_positives']}/{both['clean_models']} | {both['detected']}/{both['backdoored_models']} "
             f"({alone['detected']}) | {both['targets_correct']}/{both['all_to_one_models']} ({alone['targets_correct']}) |"
         )
+    for fam in section.get("ban_refitted", []):
+        fit = section["families"][fam]
+        before, best = fit["before_refit"], fit["chosen"]
+
+        def cut(value: float | None) -> str:
+            return "not used" if value is None else f"{value:.3f}"
+
+        lines += [
+            "",
+            f"BAN's {fam} cuts refitted with the stage (`--refit-ban {fam}`): all-to-one "
+            f"{cut(before['all_to_one_threshold'])} -> {cut(best['all_to_one_threshold'])}, all-to-all "
+            f"{cut(before['all_to_all_threshold'])} -> {cut(best['all_to_all_threshold'])}; errors of both stages "
+            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach: {best['errors_ban_alone']}).",
+        ]
     budgets = sorted({(m["reach_norm"], m["reach_rho"]) for m in section["models"]})
     lines += [
         "",
-        "| model | attack | ACC | ASR | BAN: verdict (target) | "
+        "| model | attack | ACC | ASR | BAN as scanned: verdict (target) | BAN all-to-one / all-to-all score | "
         + " | ".join(f"reach {n} {r:g}: score (class)" for n, r in budgets)
         + " | true target | used |",
-        "|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|",
+        "|---|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|",
     ]
     by_model: dict[str, dict] = {}
     for m in section["models"]:
@@ -429,11 +455,13 @@ def _reach_section() -> list[str]:
         m = next(iter(rows.values()))
         attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
         ban = m["ban_verdict"] + ("" if m["ban_target"] is None else f" ({m['ban_target']})")
+        stats = m.get("ban_statistics")
+        ban_scores = "-" if stats is None else f"{stats['all_to_one']:.3f} / {stats['all_to_all']:.3f}"
         scores = " | ".join(
             f"{rows[b]['reach_score']:.3f} ({rows[b]['reach_target']})" if b in rows else "-" for b in budgets
         )
         lines.append(
-            f"| {name} | {attack} | {_pct(m['acc'])} | {_pct(m['asr'])} | {ban} | {scores} | "
+            f"| {name} | {attack} | {_pct(m['acc'])} | {_pct(m['asr'])} | {ban} | {ban_scores} | {scores} | "
             f"{'-' if m['target'] is None else m['target']} | {'yes' if m['used'] else 'no'} |"
         )
     return lines + [""]

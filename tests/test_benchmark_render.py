@@ -70,6 +70,7 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
     ] + [
         {**model, "model": "m-bad", "attack": "badnets", "mode": "all-to-one", "target": 0, "asr": 1.0}
         | {"reach_norm": "l2", "reach_rho": 1.0, "reach_score": 0.88, "reach_target": 0}
+        | {"ban_statistics": {"all_to_one": 0.31, "target": 0, "target_masked": 0, "all_to_all": 0.05}}
     ]
     record = {
         "false_positives": 0,
@@ -94,13 +95,31 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         "command": "c",
         "rule": "r",
         "models": rows,
-        "families": {"other": {"enabled": True, "chosen": chosen}, "batchnorm": {"enabled": False}},
+        "families": {
+            "other": {
+                "enabled": True,
+                "chosen": {**chosen, "all_to_one_threshold": 0.35, "all_to_all_threshold": None},
+                "before_refit": {"all_to_one_threshold": 0.3, "all_to_all_threshold": 0.1, "errors": 2},
+            },
+            "batchnorm": {"enabled": False},
+        },
+        "ban_refitted": ["other"],
     }
     monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"reach": section})
     lines = bench._reach_section()
     assert "| other | yes | l2 1 | 0.450 | ban | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
     assert "| batchnorm | no | - | - | - | - | - | - | - |" in lines
-    assert "| m-bad | badnets all-to-one | 90.00 | 100.00 | clean | - | 0.880 (0) | 0 | yes |" in lines
+    # BAN's verdict as scanned, its statistics where stored, then one column per reach budget
+    assert (
+        "| m-bad | badnets all-to-one | 90.00 | 100.00 | clean | 0.310 / 0.050 | - | 0.880 (0) | 0 | yes |"
+        in lines
+    )
+    assert any(
+        "BAN's other cuts refitted" in line
+        and "all-to-one 0.300 -> 0.350, all-to-all 0.100 -> not used" in line
+        and "errors of both stages 2 -> 0 (the best BAN cuts without reach: 1)" in line
+        for line in lines
+    )
     assert sum(line.startswith("| m-clean |") for line in lines) == 1
 
 

@@ -143,7 +143,9 @@ def test_clean_model_is_not_flagged(clean_report):
     assert r.verdict == "clean"
     assert r.pattern is None and r.suspected_target is None
     assert r.score <= r.threshold
-    assert r.config["statistics"]["all_to_all"] <= r.config["all_to_all_threshold"]
+    cut = r.config["all_to_all_threshold"]  # None where the calibration found that statistic useless
+    assert cut == (load_calibration().get("all_to_all_thresholds") or {}).get("batchnorm", cut)
+    assert cut is None or r.config["statistics"]["all_to_all"] <= cut
     assert 0.5 < r.clean_acc <= 1.0
     assert r.noisy_acc < r.clean_acc  # the noise really is adversarial
 
@@ -177,6 +179,8 @@ def test_same_seed_same_report(clean_model):
     for r in (a, b):
         r.pop("seconds")
         r["config"].pop("stage_seconds")
+        for stage in ("reach", "spread"):
+            (r[stage] or {}).pop("seconds", None)
     assert a == b
 
 
@@ -558,10 +562,16 @@ def test_calibration_file_documents_its_provenance():
     one = [m for m in used if m["mode"] == "all-to-one"]
     assert clean and one
     # the recorded fit matches the recorded scores: its errors are the clean models above the
-    # cut and the all-to-one backdoors at or below it, per family
+    # cut and the all-to-one backdoors at or below it, per family (but the families whose cuts
+    # calibrate_reach.py refitted with the reach stage: checked against its scans, below)
     cuts = cal["all_to_one_thresholds"]
     assert set(cuts) == {m["norm_family"] for m in used}
+    refitted = set(cal.get("refitted_by_family", {}))
+    assert refitted == set(cal["reach"].get("ban_refitted", []))
+    used = [m for m in used if m["norm_family"] not in refitted]
     for family, fit in cal["all_to_one_fit_by_family"].items():
+        if family in refitted:
+            continue
         false_pos = sum(m["all_to_one"] > cuts[family] for m in clean if m["norm_family"] == family)
         missed = sum(m["all_to_one"] <= cuts[family] for m in one if m["norm_family"] == family)
         assert fit["errors"] == false_pos + missed
@@ -582,6 +592,8 @@ def test_calibration_file_documents_its_provenance():
     )
     # the per-family record each report quotes is what the listed models show
     for family, rel in cal["reliability_by_family"].items():
+        if family in refitted:
+            continue
         rows = [m for m in used if m["norm_family"] == family]
         bad = [m for m in rows if m["attack"] is not None]
         assert rel["archs"] == sorted({m["arch"] for m in rows})
@@ -597,19 +609,31 @@ def test_the_reach_calibration_matches_its_recorded_scans():
     """Each enabled family's reach threshold sits above every clean model's score at its budget,
     and the record the reports quote is what the listed scans give with both stages combined
     as ``scan`` combines them (BAN's verdict where it fired, else reach's)."""
-    section = load_calibration()["reach"]
+    cal = load_calibration()
+    section = cal["reach"]
     assert section["command"].startswith("python benchmarks/calibrate_reach.py")
     assert section["date"] and section["models"] and section["rule"]
     assert set(section["by_family"]) == set(section["reliability_by_family"])
     assert section["by_family"], "the shipped calibration enables the reach stage for no family"
 
-    def verdict(m: dict, threshold: float) -> tuple[bool, int | None]:
+    def ban_stage(m: dict) -> tuple[str, str | None, int | None]:
+        family = m["norm_family"]
+        if family in section.get("ban_refitted", []):  # BAN's refitted cuts on its stored statistics
+            a2a = cal["all_to_all_thresholds"][family]
+            source = cal["target_source_by_family"][family]
+            cut = cal["all_to_one_thresholds"][family]
+            return decide(m["ban_statistics"], threshold=cut, all_to_all_threshold=a2a, target_source=source)[
+                :3
+            ]
         # BAN's stored verdict: an all-to-one one names a target, an all-to-all one does not
         pattern = (
             None if m["ban_verdict"] == "clean" else "all-to-all" if m["ban_target"] is None else "all-to-one"
         )
+        return m["ban_verdict"], pattern, m["ban_target"]
+
+    def verdict(m: dict, threshold: float) -> tuple[bool, int | None]:
         flagged, _, target, _ = combine_stages(
-            (m["ban_verdict"], pattern, m["ban_target"]),
+            ban_stage(m),
             reach_fired=m["reach_score"] > threshold,
             reach_target=m["reach_target"],
             target_when_both=when_both,
@@ -639,6 +663,20 @@ def test_the_reach_calibration_matches_its_recorded_scans():
         assert rel["targets_correct"] == sum(verdict(m, cut) == (True, m["target"]) for m in one)
         chosen = section["families"][family]["chosen"]
         assert chosen["errors"] < chosen["errors_ban_alone"]
+    # a refitted family's BAN record (quoted where reach is off) is BAN's alone on the same scans
+    for family in section.get("ban_refitted", []):
+        fitted = section["by_family"][family]
+        rows = [
+            m
+            for m in section["models"]
+            if m["used"]
+            and m["norm_family"] == family
+            and (m["reach_norm"], m["reach_rho"]) == (fitted["norm"], fitted["rho"])
+        ]
+        rel = cal["reliability_by_family"][family]
+        flagged = [m["attack"] for m in rows if ban_stage(m)[0] == "backdoored"]
+        assert rel["false_positives"] == flagged.count(None)
+        assert rel["detected"] == len(flagged) - flagged.count(None)
 
 
 def test_the_spread_calibration_matches_its_recorded_scans():
