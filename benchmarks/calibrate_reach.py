@@ -247,7 +247,8 @@ def errors(rec: dict) -> int:
 
 def threshold_candidates(negatives: list[float], positives: list[float]) -> list[dict]:
     """Cuts above every clean score (``negatives``): midway between the highest of them and each
-    score above it of a backdoor BAN missed (``positives``), lowest first. Empty when no such
+    score above it of a backdoor the stage could add (``positives``: the all-to-one backdoors BAN
+    missed, or with ``--refit-ban`` every all-to-one backdoor), lowest first. Empty when no such
     backdoor scores above every clean model: the stage could then only add false alarms."""
     hi_neg = max(negatives)
     return [
@@ -402,40 +403,65 @@ def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: Ba
             else " and no reach stage"
         )
         + f", refitted together; {without['errors']} with the best BAN cuts alone; "
-        + f"{before_errors} with BAN's shipped cuts",
-        "chosen": {**chosen, "errors_ban_alone": without["errors"]},
+        + f"{before_errors} with calibrate_scan.py's cuts",
+        "chosen": {
+            **chosen,
+            # BAN alone at the chosen cuts (as in fit_family), and at the best cuts without reach
+            "errors_ban_alone": errors(chosen["reliability_ban_alone"]),
+            "errors_best_ban_alone": without["errors"],
+        },
         "without_reach": without,
         "before_refit": {
             "all_to_one_threshold": shipped.all_to_one,
             "all_to_all_threshold": shipped.all_to_all,
             "errors": before_errors,
-            "reach": before.get("chosen"),
+            "reach": before["chosen"] if before["enabled"] else None,
         },
     }
 
 
 def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> dict[str, BanCuts]:
-    """BAN's current cuts of each ``--refit-ban`` family, after checking it can be refitted here."""
+    """The cuts calibrate_scan.py fitted for each ``--refit-ban`` family (also where an earlier
+    refit replaced them, so refitting again starts from the same place), after checking the
+    family can be refitted here; and that no family refitted earlier is left out, since its
+    stored verdicts were taken at the cuts the refit replaced."""
+    earlier = calibration.get("refitted_by_family") or {}
+    left_out = sorted(set(earlier) - set(families))
+    if left_out:
+        raise SystemExit(
+            f"BAN's cuts for {', '.join(left_out)} were refitted with the reach stage; pass "
+            + " ".join(f"--refit-ban {fam}" for fam in left_out)
+            + " again (or regenerate the BAN section with calibrate_scan.py first)"
+        )
     cuts = {}
     for fam in families:
         if fam not in (calibration.get("all_to_one_thresholds") or {}):
             raise SystemExit(f"--refit-ban {fam}: the calibration has no BAN cut for that family to refit")
         if fam in ((calibration.get("spread") or {}).get("by_family") or {}):
             raise SystemExit(
-                f"--refit-ban {fam}: the spread reading is calibrated for this family, so the stored verdicts "
-                "include it and BAN's cannot be recomputed alone"
+                f"--refit-ban {fam}: the spread reading is calibrated for this family and its stored verdicts "
+                "include it; refitting BAN there would need the spread threshold refitted with it"
             )
+        if not any(r["norm_family"] == fam for r in rows):
+            raise SystemExit(f"--refit-ban {fam}: none of the given models is of that family")
         if any("ban_statistics" not in r for r in rows if r["norm_family"] == fam):
             raise SystemExit(
                 f"--refit-ban {fam}: some stored scans have no BAN statistics (written before they were "
                 "stored); rescan them with --results pointing to a new file"
             )
-        a2a = calibration.get("all_to_all_thresholds") or {}
-        cuts[fam] = BanCuts(
-            calibration["all_to_one_thresholds"][fam],
-            a2a.get(fam, calibration["all_to_all_threshold"]),
-            calibration["target_source_by_family"][fam],
-        )
+        if fam in earlier:
+            before = earlier[fam]["calibrate_scan_cuts"]
+            cuts[fam] = BanCuts(
+                before["all_to_one"], before["all_to_all"], calibration["target_source_by_family"][fam]
+            )
+        else:
+            cuts[fam] = BanCuts(
+                calibration["all_to_one_thresholds"][fam],
+                (calibration.get("all_to_all_thresholds") or {}).get(
+                    fam, calibration["all_to_all_threshold"]
+                ),
+                calibration["target_source_by_family"][fam],
+            )
     return cuts
 
 
@@ -508,11 +534,12 @@ def main(argv: list[str] | None = None) -> None:
         calibration["all_to_one_thresholds"][fam] = best["all_to_one_threshold"]
         calibration.setdefault("all_to_all_thresholds", {})[fam] = best["all_to_all_threshold"]
         calibration["reliability_by_family"][fam] = best["reliability_ban_alone"]
-        calibration.setdefault("refitted_by_family", {})[fam] = (
-            f"cuts and reliability refitted with the reach stage by calibrate_reach.py --refit-ban on "
+        calibration.setdefault("refitted_by_family", {})[fam] = {
+            "note": f"cuts and reliability refitted with the reach stage by calibrate_reach.py --refit-ban on "
             f"{datetime.date.today().isoformat()} (reach section, families.{fam}); the rest of this section "
-            "is calibrate_scan.py's fit"
-        )
+            "is calibrate_scan.py's fit",
+            "calibrate_scan_cuts": {"all_to_one": refit[fam].all_to_one, "all_to_all": refit[fam].all_to_all},
+        }
         print(f"{fam}: BAN's cuts refitted ({families[fam]['reason']})")
     calibration["reach"] = {
         "by_family": by_family,

@@ -297,6 +297,30 @@ def _scan_row(model, train, suite: Suite, seed: int, *, backdoored: bool, target
     }
 
 
+def _cut(value: float | None) -> str:
+    """A threshold, or "not used" where the calibration left a statistic out for a family."""
+    return "not used" if value is None else f"{value:.3f}"
+
+
+def _shipped_cuts() -> dict[float, list[float]]:
+    """Per noise budget, the thresholds the shipped calibration decides a verdict with for the
+    family scanned at that budget (BAN's, reach's, spread's), to tell a scan row taken with it
+    from one taken with an earlier calibration."""
+    from timm_purify.detection import load_calibration
+
+    cal = load_calibration()
+    a2a = cal.get("all_to_all_thresholds", {})
+    out: dict[float, list[float]] = {}
+    for fam, eps in cal.get("eps_by_family", {}).items():
+        cuts = [cal["all_to_one_thresholds"][fam], a2a.get(fam, cal["all_to_all_threshold"])]
+        cuts += [
+            ((cal.get(stage) or {}).get("by_family", {}).get(fam) or {}).get("threshold")
+            for stage in ("reach", "spread")
+        ]
+        out.setdefault(float(eps), []).extend(c for c in cuts if c is not None)
+    return out
+
+
 def _calibration_section() -> list[str]:
     """The scan's calibration zoo (``timm_purify/detection/calibration.json``, written by
     ``benchmarks/calibrate_scan.py``): its detection accuracy and every model's score."""
@@ -324,10 +348,7 @@ def _calibration_section() -> list[str]:
         f"missed {cal['missed']}; wrong target: {cal['wrong_target']}. All-to-one thresholds per "
         f"normalisation family: {', '.join(f'{k} {v:.3f}' for k, v in cuts.items())}; all-to-all "
         f"threshold {cal['all_to_all_threshold']:.3f}"
-        + "".join(
-            f" ({fam}: {'not used' if cut is None else f'{cut:.3f}'})"
-            for fam, cut in cal.get("all_to_all_thresholds", {}).items()
-        )
+        + "".join(f" ({fam}: {_cut(cut)})" for fam, cut in cal.get("all_to_all_thresholds", {}).items())
         + f". Scan options: {cal['scan']['options']}"
         + "".join(f"; for the {fam} family {opts}" for fam, opts in by_family.items() if opts)
         + f"; {cal['scan']['clean_count']} clean images from {cal['scan']['data']}.",
@@ -420,30 +441,29 @@ def _reach_section() -> list[str]:
             lines.append(f"| {fam} | no | - | - | - | - | - | - | - |")
             continue
         both, alone = best["reliability"], best["reliability_ban_alone"]
+        # a refit that found reach no help keeps BAN's cuts and no reach cut
+        reach = f"{best['fit']['threshold']:.3f} | {best['target_when_both']}" if best["fit"] else "- | -"
         lines.append(
             f"| {fam} | {'yes' if fit['enabled'] else 'no'} | {best['norm']} {best['rho']:g} | "
-            f"{best['fit']['threshold']:.3f} | {best['target_when_both']} | {best['errors']} / {best['errors_ban_alone']} | "
+            f"{reach} | {best['errors']} / {best['errors_ban_alone']} | "
             f"{both['false_positives']}/{both['clean_models']} | {both['detected']}/{both['backdoored_models']} "
             f"({alone['detected']}) | {both['targets_correct']}/{both['all_to_one_models']} ({alone['targets_correct']}) |"
         )
     for fam in section.get("ban_refitted", []):
         fit = section["families"][fam]
         before, best = fit["before_refit"], fit["chosen"]
-
-        def cut(value: float | None) -> str:
-            return "not used" if value is None else f"{value:.3f}"
-
         lines += [
             "",
             f"BAN's {fam} cuts refitted with the stage (`--refit-ban {fam}`): all-to-one "
-            f"{cut(before['all_to_one_threshold'])} -> {cut(best['all_to_one_threshold'])}, all-to-all "
-            f"{cut(before['all_to_all_threshold'])} -> {cut(best['all_to_all_threshold'])}; errors of both stages "
-            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach: {best['errors_ban_alone']}).",
+            f"{_cut(before['all_to_one_threshold'])} -> {_cut(best['all_to_one_threshold'])}, all-to-all "
+            f"{_cut(before['all_to_all_threshold'])} -> {_cut(best['all_to_all_threshold'])}; errors of both stages "
+            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach: {best['errors_best_ban_alone']}).",
         ]
     budgets = sorted({(m["reach_norm"], m["reach_rho"]) for m in section["models"]})
     lines += [
         "",
-        "| model | attack | ACC | ASR | BAN as scanned: verdict (target) | BAN all-to-one / all-to-all score | "
+        "| model | attack | ACC | ASR | before reach, as scanned (BAN; spread where calibrated): verdict (target) "
+        "| BAN all-to-one / all-to-all score | "
         + " | ".join(f"reach {n} {r:g}: score (class)" for n, r in budgets)
         + " | true target | used |",
         "|---|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|",
@@ -630,26 +650,37 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
             lines.append("")
         if scans:
             lines += [f"## Suite `{suite}`: detection", ""]
+        cuts = _shipped_cuts()
         for method in sorted({r["method"] for r in scans}, reverse=True):
             group = [r for r in scans if r["method"] == method]
-            correct = sum(r["verdict"] == r["truth"] for r in group)
-            fp = sum(r["truth"] == "clean" and r["verdict"] != "clean" for r in group)
-            a2o = [r for r in group if r.get("true_target") is not None]
+            current = [
+                r for r in group if any(abs(r["threshold"] - c) < 1e-9 for c in cuts.get(r.get("eps"), []))
+            ]
+            correct = sum(r["verdict"] == r["truth"] for r in current)
+            fp = sum(r["truth"] == "clean" and r["verdict"] != "clean" for r in current)
+            a2o = [r for r in current if r.get("true_target") is not None]
             tgt = sum(r["suspected_target"] == r["true_target"] for r in a2o)
+            earlier = len(group) - len(current)
             lines += [
-                f"`{method}`: detection accuracy {correct}/{len(group)}; false positives on clean models: "
-                f"{fp}; target found for {tgt}/{len(a2o)} all-to-one models.",
+                f"`{method}`, rows scanned with the shipped calibration: detection accuracy {correct}/{len(current)}; "
+                f"false positives on clean models: {fp}; target found for {tgt}/{len(a2o)} all-to-one models."
+                + (
+                    f" {earlier} more rows were scanned with an earlier calibration (their threshold is none of "
+                    "the shipped ones for the family scanned at that budget): listed, not counted."
+                    if earlier
+                    else ""
+                ),
                 "",
                 "| model | truth | verdict | score | threshold | suspected target | true target "
-                "| clean images | seconds | ratio to FT epoch |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "| clean images | seconds | ratio to FT epoch | calibration |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in sorted(group, key=lambda r: (r["arch"], r["attack"], r.get("seed", 0))):
                 ratio = r.get("ratio_to_ft_epoch")
                 lines.append(
                     f"| {r['model']} | {r['truth']} | {r['verdict']} | {r['score']:.3f} | {r['threshold']:.3f} | "
                     f"{r['suspected_target']} | {r['true_target']} | {r.get('num_clean', '-')} | {r['seconds']:.1f} | "
-                    f"{'-' if ratio is None else f'{ratio:.1f}x'} |"
+                    f"{'-' if ratio is None else f'{ratio:.1f}x'} | {'shipped' if r in current else 'earlier'} |"
                 )
             lines.append("")
     lines += _calibration_section()

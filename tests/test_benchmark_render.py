@@ -87,6 +87,7 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         "fit": {"threshold": 0.45},
         "errors": 0,
         "errors_ban_alone": 1,
+        "errors_best_ban_alone": 1,
         "reliability": record,
         "reliability_ban_alone": {**record, "detected": 0, "targets_correct": 0},
     }
@@ -101,14 +102,17 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
                 "chosen": {**chosen, "all_to_one_threshold": 0.35, "all_to_all_threshold": None},
                 "before_refit": {"all_to_one_threshold": 0.3, "all_to_all_threshold": 0.1, "errors": 2},
             },
-            "batchnorm": {"enabled": False},
+            # a refit that found no use for reach keeps BAN's cuts and no reach cut
+            "batchnorm": {"enabled": False, "chosen": {**chosen, "fit": None}},
+            "groupnorm": {"enabled": False},
         },
         "ban_refitted": ["other"],
     }
     monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"reach": section})
     lines = bench._reach_section()
     assert "| other | yes | l2 1 | 0.450 | ban | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
-    assert "| batchnorm | no | - | - | - | - | - | - | - |" in lines
+    assert "| batchnorm | no | l2 1 | - | - | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
+    assert "| groupnorm | no | - | - | - | - | - | - | - |" in lines
     # BAN's verdict as scanned, its statistics where stored, then one column per reach budget
     assert (
         "| m-bad | badnets all-to-one | 90.00 | 100.00 | clean | 0.310 / 0.050 | - | 0.880 (0) | 0 | yes |"
@@ -160,3 +164,27 @@ def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkey
     assert "| batchnorm | no | - | - | - | - | - | - |" in lines
     assert "| m-a2a | other | badnets all-to-all | 90.00 | 88.00 | clean | 0.826 | yes |" in lines
     assert sum(line.startswith("| m-clean |") for line in lines) == 1
+
+
+def test_detection_rows_from_an_earlier_calibration_are_listed_not_counted(bench, tmp_path):
+    """A scan row whose threshold is none of the shipped calibration's cuts for the family
+    scanned at its budget was decided by an earlier calibration: the headline leaves it out."""
+    from timm_purify.detection import load_calibration
+
+    cal = load_calibration()
+    family, eps = next(iter(cal["eps_by_family"].items()))
+    cut = cal["all_to_one_thresholds"][family]
+    row = {
+        "suite": "full", "arch": "a", "attack": "none", "model": "m", "method": "scan", "eps": eps, "seed": 0,
+        "truth": "clean", "verdict": "clean", "score": 0.0, "threshold": cut,
+        "suspected_target": None, "true_target": None, "pattern": None, "seconds": 1.0,
+    }  # fmt: skip
+    old = {**row, "seed": 1, "verdict": "backdoored", "score": 1.0, "threshold": cut + 0.01}
+    (tmp_path / "r.json").write_text(json.dumps({"suite": "full", "rows": [row, old]}))
+    text = bench.render(results_dir=tmp_path, out=tmp_path / "RESULTS.md").read_text()
+    assert (
+        "rows scanned with the shipped calibration: detection accuracy 1/1; false positives on clean models: 0"
+        in text
+    )
+    assert "1 more rows were scanned with an earlier calibration" in text
+    assert text.count("| shipped |") == 1 and text.count("| earlier |") == 1

@@ -106,15 +106,25 @@ def test_refit_lifts_bans_cut_where_reach_covers_what_it_gave_up(cal):
     best = fit["chosen"]
     assert best["all_to_one_threshold"] == pytest.approx((0.45 + 0.60) / 2)
     assert best["all_to_all_threshold"] is None
-    assert fit["enabled"] and best["fit"]["threshold"] < 0.90
-    assert (best["errors"], best["reliability"]["false_positives"], best["reliability"]["detected"]) == (
-        0,
-        0,
-        2,
-    )
-    # without reach the best BAN can do alone costs an error; with the shipped cuts, two false alarms
-    assert fit["without_reach"]["errors"] == 1
-    assert fit["before_refit"]["errors"] == 2
+    # reach's cut: midway between the highest clean score and the blended backdoor's
+    assert fit["enabled"] and best["fit"]["threshold"] == pytest.approx((0.20 + 0.90) / 2)
+    rel = best["reliability"]
+    assert (best["errors"], rel["false_positives"], rel["detected"], rel["targets_correct"]) == (0, 0, 2, 2)
+    # BAN alone at these cuts misses the blended backdoor; the best BAN cuts without reach also
+    # cost an error (a miss rather than a false alarm); the shipped cuts, two false alarms
+    assert (best["errors_ban_alone"], best["errors_best_ban_alone"]) == (1, 1)
+    assert fit["without_reach"]["errors"] == 1 and fit["without_reach"]["reliability"]["false_positives"] == 0
+    assert fit["before_refit"]["errors"] == 2 and fit["before_refit"]["reach"] is None
+
+
+def test_refit_without_a_use_for_reach_keeps_ban_alone(cal):
+    """No backdoor reaches above the clean models: the refit moves BAN's cut and leaves reach off."""
+    rows = [_scored(None, 0.10, 0.50), _scored(None, 0.20, 0.60), _scored("badnets", 0.60, 0.30, target=3)]
+    fit = cal.refit_family(rows, [("l2", 1.0)], cal.BanCuts(0.15, 0.1, "noisy"))
+    best = fit["chosen"]
+    assert not fit["enabled"] and best["fit"] is None
+    assert best["all_to_one_threshold"] == pytest.approx(0.40) and best["errors"] == 0
+    assert fit["before_refit"]["errors"] == 1  # the shipped cut flags the clean model at 0.20
 
 
 def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
@@ -131,5 +141,19 @@ def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
         cal.shipped_cuts(calibration, ["batchnorm"], [old])
     with pytest.raises(SystemExit, match="no BAN cut"):
         cal.shipped_cuts(calibration, ["groupnorm"], [])
-    cuts = cal.shipped_cuts(calibration, ["batchnorm"], [{**old, "ban_statistics": {}}])
+    with pytest.raises(SystemExit, match="none of the given models"):
+        cal.shipped_cuts(calibration, ["batchnorm"], [])
+    scanned = [{**old, "ban_statistics": {}}]
+    cuts = cal.shipped_cuts(calibration, ["batchnorm"], scanned)
     assert cuts["batchnorm"] == cal.BanCuts(0.3, 0.1, "noisy")
+    # once refitted, a rerun must refit the family again, from calibrate_scan.py's cuts, since
+    # the stored verdicts were taken at those
+    refitted = {
+        **calibration,
+        "all_to_one_thresholds": {"batchnorm": 0.37, "other": 0.2},
+        "all_to_all_thresholds": {"batchnorm": None},
+        "refitted_by_family": {"batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": 0.1}}},
+    }
+    with pytest.raises(SystemExit, match="--refit-ban batchnorm again"):
+        cal.shipped_cuts(refitted, [], scanned)
+    assert cal.shipped_cuts(refitted, ["batchnorm"], scanned)["batchnorm"] == cal.BanCuts(0.3, 0.1, "noisy")

@@ -144,7 +144,7 @@ def test_clean_model_is_not_flagged(clean_report):
     assert r.pattern is None and r.suspected_target is None
     assert r.score <= r.threshold
     cut = r.config["all_to_all_threshold"]  # None where the calibration found that statistic useless
-    assert cut == (load_calibration().get("all_to_all_thresholds") or {}).get("batchnorm", cut)
+    assert cut == (load_calibration().get("all_to_all_thresholds") or {}).get(r.config["norm_family"], cut)
     assert cut is None or r.config["statistics"]["all_to_all"] <= cut
     assert 0.5 < r.clean_acc <= 1.0
     assert r.noisy_acc < r.clean_acc  # the noise really is adversarial
@@ -677,6 +677,15 @@ def test_the_reach_calibration_matches_its_recorded_scans():
         flagged = [m["attack"] for m in rows if ban_stage(m)[0] == "backdoored"]
         assert rel["false_positives"] == flagged.count(None)
         assert rel["detected"] == len(flagged) - flagged.count(None)
+        assert rel["targets_correct"] == sum(
+            ban_stage(m) == ("backdoored", "all-to-one", m["target"])
+            for m in rows
+            if m["mode"] == "all-to-one"
+        )
+        # the cuts the scan reads are the ones the refit chose
+        chosen = section["families"][family]["chosen"]
+        assert cal["all_to_one_thresholds"][family] == chosen["all_to_one_threshold"]
+        assert cal["all_to_all_thresholds"][family] == chosen["all_to_all_threshold"]
 
 
 def test_the_spread_calibration_matches_its_recorded_scans():

@@ -50,7 +50,8 @@ def choose_method(
     method: str, report: ScanReport, given: Mapping[str, Any] | None = None
 ) -> tuple[str, dict[str, Any]]:
     """The method to run and every option it runs with: the caller's ``given`` options, under
-    which ``auto`` puts its own (:func:`auto_options`) and the scan's ``target``.
+    which ``auto`` puts its own (:func:`auto_options`), and the scan's ``target`` over them (the
+    API and the CLI refuse a ``target`` given with ``auto`` before calling this).
     ``auto`` lets the scan's finding steer NPD: with a suspected all-to-one target, NPD's
     known-target variant (npd-tp) attacks towards that class (plain NPD's per-image guess, the
     runner-up class, misses a patch trigger whose target is not the images' natural neighbour:

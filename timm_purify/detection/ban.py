@@ -147,6 +147,8 @@ REACH_MODES = ("auto", "on", "off")
 DEFAULT_REACH = {"norm": "l2", "rho": 1.0, "steps": 40}
 # the spread reading's L2 budget at 3x32x32 where neither the caller nor the calibration gives one
 DEFAULT_SPREAD_RHO = 2.0
+# and its ascent steps where neither gives a number (the shipped spread threshold records none: 40)
+DEFAULT_SPREAD_STEPS = 40
 
 # the paper's noise budget for 32x32 images: used when the caller gives the thresholds but no eps,
 # and for a normalisation family the calibration records no budget for
@@ -562,7 +564,7 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
     fitted, reach = config.get("reach_calibrated"), config.get("reach_budget")
     if fitted and reach:
         used = (reach["norm"], reach["rho"], reach.get("steps"))
-        calibrated = (fitted.get("norm"), fitted.get("rho"), fitted.get("steps", reach.get("steps")))
+        calibrated = (fitted.get("norm"), fitted.get("rho"), fitted.get("steps", DEFAULT_REACH["steps"]))
         if used != calibrated:
             cautions.append(
                 "caution: the reach budget ({} {:g}, {} steps) is not the one this family's reach threshold "
@@ -807,7 +809,7 @@ def scan(
         calibration, "spread", family, opts.spread, opts.spread_threshold
     )
     spread_rho = float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO)
-    spread_steps = int(opts.spread_steps or (spread_calibrated or {}).get("steps") or DEFAULT_REACH["steps"])
+    spread_steps = int(opts.spread_steps or (spread_calibrated or {}).get("steps") or DEFAULT_SPREAD_STEPS)
     try:
         if isinstance(data, ImageData):
             if data.num_classes != num_classes:
