@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(CALIBRATION_FILE))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="fit nothing, write nothing: print both stages' record on the given models at the cuts of "
+        "--out (a held-out check: models the calibration was not fitted on)",
+    )
+    p.add_argument(
         "--refit-ban",
         action="append",
         default=[],
@@ -420,6 +426,24 @@ def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: Ba
     }
 
 
+def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
+    """Both stages' record on ``rows`` at ``calibration``'s cuts for ``family``: BAN's from the
+    stored statistics where a refit replaced calibrate_scan.py's cuts (the stored verdicts may
+    predate it), else the stored verdicts; reach's where the calibration enables it."""
+    ban = None
+    if family in (calibration.get("refitted_by_family") or {}):
+        ban = BanCuts(
+            calibration["all_to_one_thresholds"][family],
+            (calibration.get("all_to_all_thresholds") or {}).get(family, calibration["all_to_all_threshold"]),
+            calibration["target_source_by_family"][family],
+        )
+    fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
+    if fitted is None:
+        return record(rows, None, ban=ban)
+    at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (fitted["norm"], fitted["rho"])]
+    return record(at, fitted["threshold"], fitted["target_when_both"], ban)
+
+
 def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> dict[str, BanCuts]:
     """The cuts calibrate_scan.py fitted for each ``--refit-ban`` family (also where an earlier
     refit replaced them, so refitting again starts from the same place), after checking the
@@ -509,6 +533,11 @@ def main(argv: list[str] | None = None) -> None:
     used = [r for r in rows if usable(r, args)]
     out = Path(args.out)
     calibration = json.loads(out.read_text()) if out.is_file() else {}
+    if args.check:
+        for fam in sorted({r["norm_family"] for r in used}):
+            rel = check_family([r for r in used if r["norm_family"] == fam], calibration, fam)
+            print(f"{fam}: {errors(rel)} errors with the calibration of {out} ({json.dumps(rel)})")
+        return
     refit = shipped_cuts(calibration, args.refit_ban, used)
     families = {}
     for fam in sorted({r["norm_family"] for r in used}):

@@ -157,3 +157,29 @@ def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
     with pytest.raises(SystemExit, match="--refit-ban batchnorm again"):
         cal.shipped_cuts(refitted, [], scanned)
     assert cal.shipped_cuts(refitted, ["batchnorm"], scanned)["batchnorm"] == cal.BanCuts(0.3, 0.1, "noisy")
+
+
+def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
+    """``--check``: both stages' record at the calibration's cuts, BAN's from the stored
+    statistics where a refit replaced the cuts the scans were taken at."""
+    rows = [
+        _scored(None, 0.45, 0.10),
+        _scored("badnets", 0.60, 0.05, target=3),
+        _scored("blended", 0.30, 0.90, target=1),
+    ]
+    reach = {"norm": "l2", "rho": 1.0, "threshold": 0.5, "target_when_both": "ban"}
+    calibration = {
+        "all_to_one_thresholds": {"batchnorm": 0.5},
+        "all_to_all_threshold": 0.1,
+        "all_to_all_thresholds": {"batchnorm": None},
+        "target_source_by_family": {"batchnorm": "noisy"},
+        "refitted_by_family": {"batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": 0.1}}},
+        "reach": {"by_family": {"batchnorm": reach}},
+    }
+    rel = cal.check_family(rows, calibration, "batchnorm")
+    assert (rel["false_positives"], rel["detected"], rel["targets_correct"]) == (0, 2, 2)
+    # not refitted: the verdicts the scans stored stand (here BAN found nothing), reach adds its one
+    plain = {k: v for k, v in calibration.items() if k != "refitted_by_family"}
+    assert cal.check_family(rows, plain, "batchnorm")["detected"] == 1
+    # no reach stage for the family: BAN alone
+    assert cal.check_family(rows, {**calibration, "reach": {}}, "batchnorm")["detected"] == 1
