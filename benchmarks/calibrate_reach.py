@@ -53,7 +53,13 @@ from calibrate_scan import recorded_command  # noqa: E402
 from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
 from timm_purify.data import clean_subset, load_data  # noqa: E402
-from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages, decide, scan  # noqa: E402
+from timm_purify.detection.ban import (  # noqa: E402
+    CALIBRATION_FILE,
+    calibrated_thresholds,
+    combine_stages,
+    decide,
+    scan,
+)
 from timm_purify.detection.report import ScanReport  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,9 +439,7 @@ def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
     ban = None
     if family in (calibration.get("refitted_by_family") or {}):
         ban = BanCuts(
-            calibration["all_to_one_thresholds"][family],
-            (calibration.get("all_to_all_thresholds") or {}).get(family, calibration["all_to_all_threshold"]),
-            calibration["target_source_by_family"][family],
+            *calibrated_thresholds(calibration, family), calibration["target_source_by_family"][family]
         )
     fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
     if fitted is None:
@@ -475,17 +479,10 @@ def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> di
             )
         if fam in earlier:
             before = earlier[fam]["calibrate_scan_cuts"]
-            cuts[fam] = BanCuts(
-                before["all_to_one"], before["all_to_all"], calibration["target_source_by_family"][fam]
-            )
+            one, a2a = before["all_to_one"], before["all_to_all"]
         else:
-            cuts[fam] = BanCuts(
-                calibration["all_to_one_thresholds"][fam],
-                (calibration.get("all_to_all_thresholds") or {}).get(
-                    fam, calibration["all_to_all_threshold"]
-                ),
-                calibration["target_source_by_family"][fam],
-            )
+            one, a2a = calibrated_thresholds(calibration, fam)
+        cuts[fam] = BanCuts(one, a2a, calibration["target_source_by_family"][fam])
     return cuts
 
 

@@ -307,12 +307,12 @@ def _shipped_cuts() -> dict[float, list[float]]:
     family scanned at that budget (BAN's, reach's, spread's), to tell a scan row taken with it
     from one taken with an earlier calibration."""
     from timm_purify.detection import load_calibration
+    from timm_purify.detection.ban import calibrated_thresholds
 
     cal = load_calibration()
-    a2a = cal.get("all_to_all_thresholds", {})
     out: dict[float, list[float]] = {}
     for fam, eps in cal.get("eps_by_family", {}).items():
-        cuts = [cal["all_to_one_thresholds"][fam], a2a.get(fam, cal["all_to_all_threshold"])]
+        cuts = list(calibrated_thresholds(cal, fam))
         cuts += [
             ((cal.get(stage) or {}).get("by_family", {}).get(fam) or {}).get("threshold")
             for stage in ("reach", "spread")
@@ -624,6 +624,12 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         "against the model of its own run.",
         "",
     ]
+    cuts = _shipped_cuts()
+
+    def shipped(r: dict) -> bool:
+        """Whether a scan row was decided by the shipped calibration (see :func:`_shipped_cuts`)."""
+        return any(abs(r["threshold"] - c) < 1e-9 for c in cuts.get(r.get("eps"), []))
+
     for suite in sorted({k[0] for k in latest}):
         purif = [r for k, r in latest.items() if k[0] == suite and not r["method"].startswith("scan")]
         scans = [r for k, r in latest.items() if k[0] == suite and r["method"].startswith("scan")]
@@ -650,12 +656,9 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
             lines.append("")
         if scans:
             lines += [f"## Suite `{suite}`: detection", ""]
-        cuts = _shipped_cuts()
         for method in sorted({r["method"] for r in scans}, reverse=True):
             group = [r for r in scans if r["method"] == method]
-            current = [
-                r for r in group if any(abs(r["threshold"] - c) < 1e-9 for c in cuts.get(r.get("eps"), []))
-            ]
+            current = [r for r in group if shipped(r)]
             correct = sum(r["verdict"] == r["truth"] for r in current)
             fp = sum(r["truth"] == "clean" and r["verdict"] != "clean" for r in current)
             a2o = [r for r in current if r.get("true_target") is not None]
@@ -680,7 +683,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
                 lines.append(
                     f"| {r['model']} | {r['truth']} | {r['verdict']} | {r['score']:.3f} | {r['threshold']:.3f} | "
                     f"{r['suspected_target']} | {r['true_target']} | {r.get('num_clean', '-')} | {r['seconds']:.1f} | "
-                    f"{'-' if ratio is None else f'{ratio:.1f}x'} | {'shipped' if r in current else 'earlier'} |"
+                    f"{'-' if ratio is None else f'{ratio:.1f}x'} | {'shipped' if shipped(r) else 'earlier'} |"
                 )
             lines.append("")
     lines += _calibration_section()

@@ -123,6 +123,7 @@ __all__ = [
     "TARGET_SOURCES",
     "calibration_cautions",
     "load_calibration",
+    "calibrated_thresholds",
     "norm_family",
     "CALIBRATION_FILE",
     "scan_statistics",
@@ -337,6 +338,17 @@ def load_calibration(path: str | os.PathLike | None = None) -> dict[str, Any]:
                 f"{file} has no numeric {key!r}: regenerate it with benchmarks/calibrate_scan.py"
             )
     return record
+
+
+def calibrated_thresholds(calibration: dict[str, Any], family: str) -> tuple[float, float | None]:
+    """BAN's all-to-one and all-to-all thresholds that ``calibration`` (:func:`load_calibration`)
+    records for normalisation ``family``: the family's own where fitted (an all-to-all one of
+    ``None``: that statistic does not decide for the family), else the pooled ones."""
+    ones = calibration.get("all_to_one_thresholds") or {}
+    a2as = calibration.get("all_to_all_thresholds") or {}
+    one = ones[family] if family in ones else calibration["threshold"]
+    a2a = a2as[family] if family in a2as else calibration["all_to_all_threshold"]
+    return float(one), None if a2a is None else float(a2a)
 
 
 # ---------------------------------------------------------------------------------------
@@ -775,19 +787,9 @@ def scan(
     if opts.threshold is None or opts.all_to_all_threshold is None:
         calibration = load_calibration()
     family = norm_family(model)
-    by_family = calibration.get("all_to_one_thresholds") or {}
-    threshold = float(
-        opts.threshold if opts.threshold is not None else by_family.get(family, calibration.get("threshold"))
-    )
-    # per family where the calibration fitted one (None: the statistic does not decide), else pooled
-    a2a_by_family = calibration.get("all_to_all_thresholds") or {}
-    a2a_threshold: float | None = (
-        opts.all_to_all_threshold
-        if opts.all_to_all_threshold is not None
-        else a2a_by_family.get(family, calibration.get("all_to_all_threshold"))
-    )
-    if a2a_threshold is not None:
-        a2a_threshold = float(a2a_threshold)
+    fitted_one, fitted_a2a = calibrated_thresholds(calibration, family) if calibration else (None, None)
+    threshold = float(opts.threshold if opts.threshold is not None else fitted_one)
+    a2a_threshold = float(opts.all_to_all_threshold) if opts.all_to_all_threshold is not None else fitted_a2a
     # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
     calibrated_eps = None
     if calibration:  # files written before budgets were calibrated per family record one for all
