@@ -39,6 +39,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from timm_purify._version import __version__  # noqa: E402
 from timm_purify.data import clean_subset, load_data  # noqa: E402
 from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
+    calibrated_eps,
     calibrated_thresholds,
     combine_stages,
     decide,
@@ -69,13 +71,15 @@ WHEN_BOTH = ("ban", "reach")
 
 @dataclass(frozen=True)
 class BanCuts:
-    """BAN's thresholds for one family, as ``--refit-ban`` tries them: the all-to-one cut, the
-    all-to-all cut (``None``: that statistic does not decide), and whose predictions name the
-    target (the family's calibrated ``target_source``)."""
+    """BAN's setting for one family, as ``--refit-ban`` tries it: the all-to-one cut, the
+    all-to-all cut (``None``: that statistic does not decide), whose predictions name the target
+    (the family's calibrated ``target_source``) and the noise budget the statistics the cuts
+    apply to are taken at."""
 
     all_to_one: float
     all_to_all: float | None
     target_source: str
+    eps: float
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +120,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the BAN section of --out (repeatable; not for a family the spread reading is calibrated for, "
         "whose stored verdicts include it)",
     )
+    p.add_argument(
+        "--ban-eps",
+        action="append",
+        default=[],
+        metavar="FAMILY:EPS,EPS",
+        help="noise budgets to refit a --refit-ban family's BAN at (repeatable): each of its models is "
+        "scanned again at each budget, BAN alone (reach's scores do not depend on it and are reused), "
+        "the cuts are refitted at each, and the budget with the fewest errors is written as the "
+        "family's eps_by_family (ties: fewer false alarms, the wider all-to-one margin, the one "
+        "calibrate_scan.py chose, then the smaller)",
+    )
     return p.parse_args(argv)
+
+
+def parse_ban_eps(items: list[str], refit: list[str]) -> dict[str, list[float]]:
+    """``--ban-eps`` as ``{family: budgets}``, each family one that is refitted."""
+    out: dict[str, list[float]] = {}
+    for item in items:
+        family, sep, values = item.partition(":")
+        try:
+            budgets = sorted({float(v) for v in values.split(",") if v})
+        except ValueError:
+            budgets = []
+        if not sep or not budgets or not all(0 < e < 1 for e in budgets):
+            raise SystemExit(f"--ban-eps {item!r} is not FAMILY:EPS,EPS,... with each EPS in (0, 1)")
+        if family not in refit:
+            raise SystemExit(
+                f"--ban-eps {item!r}: BAN's cuts hold at one noise budget, so a new budget needs them "
+                f"refitted; add --refit-ban {family}"
+            )
+        out[family] = budgets
+    return out
 
 
 def parse_budgets(text: str) -> list[tuple[str, float]]:
@@ -168,12 +203,7 @@ def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> d
     )
     return {
         **fields,
-        "ban_verdict": report.verdict,
-        "ban_target": report.suspected_target,
-        # BAN's statistics, for refitting its thresholds on the same scans
-        "ban_statistics": {
-            k: report.config["statistics"][k] for k in ("all_to_one", "target", "target_masked", "all_to_all")
-        },
+        **ban_fields(report),
         "reach_norm": norm,
         "reach_rho": rho,
         "reach_score": report.reach["score"],
@@ -182,6 +212,27 @@ def scan_row(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> d
         "reach_seconds": report.reach["seconds"],
         "scan_seconds": report.seconds,
     }
+
+
+def ban_fields(report: ScanReport) -> dict:
+    """BAN's part of a stored scan: its verdict and target at the calibration the scan ran with,
+    its statistics (for refitting its thresholds on the same scans) and the noise budget."""
+    return {
+        "ban_eps": report.config["eps"],
+        "ban_verdict": report.verdict,
+        "ban_target": report.suspected_target,
+        "ban_statistics": {
+            k: report.config["statistics"][k] for k in ("all_to_one", "target", "target_masked", "all_to_all")
+        },
+    }
+
+
+def ban_row(folder: Path, eps: float, args: argparse.Namespace) -> dict:
+    """BAN's part of a model's scan at noise budget ``eps`` (reach and spread off: reach's scores
+    do not depend on the budget, as it perturbs the input of the unperturbed model, so the scan at
+    the calibration's budget supplies them)."""
+    _, report = scan_folder(folder, args, eps=eps, reach="off", spread="off")
+    return {**ban_fields(report), "ban_seconds": report.seconds}
 
 
 def usable(row: dict, args: argparse.Namespace) -> bool:
@@ -338,25 +389,32 @@ def gap(cut: float | None, scores: list[float]) -> float:
     return float("inf") if cut is None else min(abs(cut - v) for v in scores)
 
 
-def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: BanCuts) -> dict:
-    """BAN's cuts fitted together with the reach stage on ``rows`` (``--refit-ban``), from the
-    statistics each scan stored.
+def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source: str, eps: float) -> dict:
+    """BAN's cuts fitted together with the reach stage on ``rows`` (the models' scans at noise
+    budget ``eps``), from the statistics each scan stored: every all-to-one cut midway between
+    two of the rows' BAN scores, every all-to-all cut likewise above every clean model's score
+    (and ``None``: that statistic does not decide), and every reach cut :func:`threshold_candidates` allows above the clean models
+    (and none: no reach) are tried with both target rules. Kept: the fewest errors, then the
+    fewest false alarms, then the all-to-all statistic left out where it adds nothing, then the
+    widest margins (reach's above the clean models, then BAN's cuts from the nearest score).
+    Reach is kept only when the best trial with it makes fewer errors than the best without it.
+    Returns the kept trial (``chosen``) and the best without reach (``without_reach``).
 
-    BAN's cuts were fitted for BAN alone (``calibrate_scan.py``), before a second stage existed:
-    there, a lower all-to-one cut buys the backdoors only BAN sees with clean models flagged. With
-    reach behind it, some of those backdoors are reach's to find, so the cut that makes the fewest
-    errors of both stages together can lie higher. Every all-to-one cut midway between two of the
-    family's scores (and the shipped one), every all-to-all cut likewise (and ``None``: that
-    statistic does not decide), and every reach cut :func:`threshold_candidates` allows above the
-    clean models (and none: no reach) are tried with both target rules. Kept: the fewest errors,
-    then the fewest false alarms, then the all-to-all statistic left out where it adds nothing,
-    then the widest margins (reach's above the clean models, then BAN's cuts from the nearest
-    score). Reach is enabled only when the best trial with it makes fewer errors than the best
-    without it."""
+    The all-to-all statistic is held to the rule of the later readings (reach, spread): it may
+    add detections, never false alarms. Fitted for fewest errors like the all-to-one one, it
+    bought four of eight BatchNorm all-to-all backdoors at eps 0.3 with one clean model flagged,
+    on margins of 0.002-0.016, and flagged 4 of 10 held-out clean resnet18s."""
     one = [r["ban_statistics"]["all_to_one"] for r in rows]
     a2a = [r["ban_statistics"]["all_to_all"] for r in rows]
-    one_cuts = sorted({shipped.all_to_one, *midpoints(one)})
-    a2a_cuts = [None, *sorted({c for c in (shipped.all_to_all, *midpoints(a2a)) if c is not None})]
+    clean_a2a = max(
+        (r["ban_statistics"]["all_to_all"] for r in rows if r["attack"] is None), default=-math.inf
+    )
+    one_cuts = midpoints(one)
+    a2a_cuts = [None, *(c for c in midpoints(a2a) if c > clean_a2a)]
+    if not one_cuts:
+        raise SystemExit(
+            f"--refit-ban at eps {eps:g}: the models' BAN scores are all equal; there is no cut to fit"
+        )
     best: dict[bool, tuple[tuple, dict]] = {}  # with reach / without: (sort key, trial)
     for norm, rho in budgets:
         at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
@@ -365,7 +423,7 @@ def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: Ba
         reach_fits = [None, *(threshold_candidates(negatives, positives) if negatives and positives else [])]
         for cut_one in one_cuts:
             for cut_a2a in a2a_cuts:
-                ban = BanCuts(cut_one, cut_a2a, shipped.target_source)
+                ban = BanCuts(cut_one, cut_a2a, target_source, eps)
                 for fit in reach_fits:
                     for when_both in WHEN_BOTH if fit else WHEN_BOTH[:1]:
                         rel = record(at, fit and fit["threshold"], when_both, ban)
@@ -387,6 +445,7 @@ def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: Ba
                                     "target_when_both": when_both,
                                     "fit": fit,
                                     "all_to_one_threshold": cut_one,
+                                    "all_to_one_margin": gap(cut_one, one),
                                     "all_to_all_threshold": cut_a2a,
                                     "errors": errors(rel),
                                     "reliability": rel,
@@ -395,6 +454,36 @@ def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: Ba
                             )
     without = best[False][1]
     chosen = best[True][1] if True in best and best[True][1]["errors"] < without["errors"] else without
+    return {"chosen": chosen, "without_reach": without}
+
+
+def refit_family(
+    rows_by_eps: dict[float, list[dict]], budgets: list[tuple[str, float]], shipped: BanCuts
+) -> dict:
+    """BAN's noise budget and cuts refitted together with the reach stage (``--refit-ban``):
+    :func:`refit_cuts` at each budget of ``rows_by_eps`` (the family's scans at that budget;
+    ``shipped.eps`` among them), keeping the budget with the fewest errors, then the fewest false
+    alarms, then the widest all-to-one margin (the cut's distance to the nearest score, as
+    calibrate_scan.py's ``choose_budgets`` breaks ties), then ``shipped.eps`` (calibrate_scan.py's
+    choice, for BAN alone), then the smaller.
+
+    BAN's cuts and budget were fitted for BAN alone (``calibrate_scan.py``), before a second stage
+    existed: there, a lower all-to-one cut (or a larger budget) buys the backdoors only BAN sees
+    with clean models flagged. With reach behind it, some of those backdoors are reach's to find,
+    so the setting that makes the fewest errors of both stages together can differ."""
+    fits = {eps: refit_cuts(rows, budgets, shipped.target_source, eps) for eps, rows in rows_by_eps.items()}
+    eps = min(
+        fits,
+        key=lambda e: (
+            fits[e]["chosen"]["errors"],
+            fits[e]["chosen"]["reliability"]["false_positives"],
+            -fits[e]["chosen"]["all_to_one_margin"],
+            e != shipped.eps,
+            e,
+        ),
+    )
+    chosen, without = fits[eps]["chosen"], fits[eps]["without_reach"]
+    rows = rows_by_eps[shipped.eps]
     before = fit_family(rows, budgets, shipped)  # reach behind BAN's shipped cuts, as without --refit-ban
     first = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == budgets[0]]
     before_errors = (
@@ -402,7 +491,8 @@ def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: Ba
     )
     return {
         "enabled": chosen["fit"] is not None,
-        "reason": f"{chosen['errors']} errors with BAN's cuts {chosen['all_to_one_threshold']:.3f} (all-to-one) / "
+        "reason": f"{chosen['errors']} errors with BAN at eps {eps:g}, cuts {chosen['all_to_one_threshold']:.3f} "
+        "(all-to-one) / "
         + (
             "not used (all-to-all)"
             if chosen["all_to_all_threshold"] is None
@@ -415,15 +505,28 @@ def refit_family(rows: list[dict], budgets: list[tuple[str, float]], shipped: Ba
             else " and no reach stage"
         )
         + f", refitted together; {without['errors']} with the best BAN cuts alone; "
-        + f"{before_errors} with calibrate_scan.py's cuts",
+        + f"{before_errors} with calibrate_scan.py's cuts (eps {shipped.eps:g})",
         "chosen": {
             **chosen,
+            "eps": eps,
             # BAN alone at the chosen cuts (as in fit_family), and at the best cuts without reach
             "errors_ban_alone": errors(chosen["reliability_ban_alone"]),
             "errors_best_ban_alone": without["errors"],
         },
         "without_reach": without,
+        # the best setting at each budget, both stages together
+        "by_eps": {
+            f"{e:g}": {
+                "errors": fit["chosen"]["errors"],
+                "all_to_one_threshold": fit["chosen"]["all_to_one_threshold"],
+                "all_to_all_threshold": fit["chosen"]["all_to_all_threshold"],
+                "reach_threshold": fit["chosen"]["fit"] and fit["chosen"]["fit"]["threshold"],
+                "reliability": fit["chosen"]["reliability"],
+            }
+            for e, fit in sorted(fits.items())
+        },
         "before_refit": {
+            "eps": shipped.eps,
             "all_to_one_threshold": shipped.all_to_one,
             "all_to_all_threshold": shipped.all_to_all,
             "errors": before_errors,
@@ -439,7 +542,9 @@ def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
     ban = None
     if family in (calibration.get("refitted_by_family") or {}):
         ban = BanCuts(
-            *calibrated_thresholds(calibration, family), calibration["target_source_by_family"][family]
+            *calibrated_thresholds(calibration, family),
+            calibration["target_source_by_family"][family],
+            calibrated_eps(calibration, family),
         )
     fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
     if fitted is None:
@@ -479,10 +584,10 @@ def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> di
             )
         if fam in earlier:
             before = earlier[fam]["calibrate_scan_cuts"]
-            one, a2a = before["all_to_one"], before["all_to_all"]
+            one, a2a, eps = before["all_to_one"], before["all_to_all"], before["eps"]
         else:
-            one, a2a = calibrated_thresholds(calibration, fam)
-        cuts[fam] = BanCuts(one, a2a, calibration["target_source_by_family"][fam])
+            (one, a2a), eps = calibrated_thresholds(calibration, fam), calibrated_eps(calibration, fam)
+        cuts[fam] = BanCuts(one, a2a, calibration["target_source_by_family"][fam], eps)
     return cuts
 
 
@@ -509,9 +614,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     budgets = parse_budgets(args.budgets)
+    ban_eps = parse_ban_eps(args.ban_eps, args.refit_ban)
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    rows = []
+    scanned = []  # (folder, key, row): each scan at the noise budget the calibration then had
     for folder in model_folders(args.models):
         for norm, rho in budgets:
             key = f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
@@ -521,27 +627,55 @@ def main(argv: list[str] | None = None) -> None:
                 key,
                 lambda folder=folder, norm=norm, rho=rho: scan_row(folder, norm, rho, args),
             )
-            rows.append(row)
+            scanned.append((folder, key, row))
             print(
                 f"{row['model']} {norm} {rho:g}: reach {row['reach_score']:.3f} (class {row['reach_target']}, "
                 f"true {row['target']}) BAN {row['ban_verdict']} [{row['scan_seconds']:.0f}s]",
                 flush=True,
             )
-    used = [r for r in rows if usable(r, args)]
+    used = [(folder, key, row) for folder, key, row in scanned if usable(row, args)]
     out = Path(args.out)
     calibration = json.loads(out.read_text()) if out.is_file() else {}
+
+    def family_rows(family: str, eps: float) -> list[dict]:
+        """The family's usable rows with BAN's part at noise budget ``eps``: the stored scan's own
+        where it ran at that budget, else a BAN-only scan at it (stored under its own key)."""
+        rows = []
+        for folder, key, row in used:
+            if row["norm_family"] != family:
+                continue
+            if row["ban_eps"] != eps:
+                extra = stored_scan(
+                    stored,
+                    results_file,
+                    f"{key}|ban-eps{eps:g}",
+                    lambda folder=folder: ban_row(folder, eps, args),
+                )
+                print(
+                    f"{row['model']}: BAN at eps {eps:g} {extra['ban_statistics']['all_to_one']:.3f} "
+                    f"[{extra['ban_seconds']:.0f}s]",
+                    flush=True,
+                )
+                row = {**row, **extra}
+            rows.append(row)
+        return rows
+
+    present = sorted({row["norm_family"] for *_, row in used})
     if args.check:
-        for fam in sorted({r["norm_family"] for r in used}):
-            rel = check_family([r for r in used if r["norm_family"] == fam], calibration, fam)
+        for fam in present:
+            rel = check_family(family_rows(fam, calibrated_eps(calibration, fam)), calibration, fam)
             print(f"{fam}: {errors(rel)} errors with the calibration of {out} ({json.dumps(rel)})")
         return
-    refit = shipped_cuts(calibration, args.refit_ban, used)
-    families = {}
-    for fam in sorted({r["norm_family"] for r in used}):
-        of_family = [r for r in used if r["norm_family"] == fam]
-        families[fam] = (
-            refit_family(of_family, budgets, refit[fam]) if fam in refit else fit_family(of_family, budgets)
-        )
+    refit = shipped_cuts(calibration, args.refit_ban, [row for *_, row in used])
+    families, shipped_rows = {}, {}
+    for fam in present:
+        if fam in refit:
+            by_eps = {eps: family_rows(fam, eps) for eps in sorted({refit[fam].eps, *ban_eps.get(fam, [])})}
+            families[fam] = refit_family(by_eps, budgets, refit[fam])
+            shipped_rows[fam] = by_eps[families[fam]["chosen"]["eps"]]
+        else:
+            shipped_rows[fam] = family_rows(fam, calibrated_eps(calibration, fam))
+            families[fam] = fit_family(shipped_rows[fam], budgets)
     by_family, reliability = {}, {}
     for fam, fit in families.items():
         print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
@@ -560,11 +694,17 @@ def main(argv: list[str] | None = None) -> None:
         calibration["all_to_one_thresholds"][fam] = best["all_to_one_threshold"]
         calibration.setdefault("all_to_all_thresholds", {})[fam] = best["all_to_all_threshold"]
         calibration["reliability_by_family"][fam] = best["reliability_ban_alone"]
+        calibration["eps_by_family"][fam] = best["eps"]
         calibration.setdefault("refitted_by_family", {})[fam] = {
-            "note": f"cuts and reliability refitted with the reach stage by calibrate_reach.py --refit-ban on "
+            "note": f"noise budget, cuts and reliability refitted with the reach stage by calibrate_reach.py "
+            f"--refit-ban on "
             f"{datetime.date.today().isoformat()} (reach section, families.{fam}); the rest of this section "
             "is calibrate_scan.py's fit",
-            "calibrate_scan_cuts": {"all_to_one": refit[fam].all_to_one, "all_to_all": refit[fam].all_to_all},
+            "calibrate_scan_cuts": {
+                "all_to_one": refit[fam].all_to_one,
+                "all_to_all": refit[fam].all_to_all,
+                "eps": refit[fam].eps,
+            },
         }
         print(f"{fam}: BAN's cuts refitted ({families[fam]['reason']})")
     calibration["reach"] = {
@@ -579,15 +719,21 @@ def main(argv: list[str] | None = None) -> None:
             "target rule with the fewest errors are kept (ties: the widest margin above the clean models); the stage is enabled for a family only when it makes fewer errors than BAN "
             f"alone. Clean models below {args.min_acc} accuracy and backdoors below {args.min_asr} ASR are "
             "listed but not used. For the families in ban_refitted, BAN's own cuts were fitted together with reach's "
-            "(every all-to-one and all-to-all cut midway between two of the family's BAN scores, or no all-to-all "
-            "cut, with every reach cut above the clean models, or none; kept: the fewest errors, then the fewest "
-            "false alarms, then no all-to-all cut where it adds nothing, then the widest margins) and written to "
-            "the BAN section (all_to_one_thresholds, all_to_all_thresholds, reliability_by_family)."
+            "(every all-to-one cut midway between two of the family's BAN scores, every all-to-all cut likewise "
+            "above every clean model's all-to-all score, or none, with every reach cut above the clean models, or none; kept: the fewest errors, then the fewest "
+            "false alarms, then no all-to-all cut where it adds nothing, then the widest margins), at each noise "
+            "budget offered (families.FAMILY.by_eps; BAN-only rescans, reach's scores do not depend on the budget; "
+            "kept: the fewest errors, then the fewest false alarms, then the widest all-to-one margin, then "
+            "calibrate_scan.py's budget, then the "
+            "smaller), and written to the BAN section (all_to_one_thresholds, all_to_all_thresholds, "
+            "reliability_by_family, eps_by_family)."
         ),
         "min_acc": args.min_acc,
         "min_asr": args.min_asr,
         "ban_refitted": sorted(refit),
-        "models": [{**r, "used": usable(r, args)} for r in rows],
+        # the usable models at the budget each family now scans at, then those not used as scanned
+        "models": [{**r, "used": True} for fam in present for r in shipped_rows[fam]]
+        + [{**row, "used": False} for *_, row in scanned if not usable(row, args)],
         "date": datetime.date.today().isoformat(),
         "timm_purify_version": __version__,
         "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),

@@ -421,8 +421,10 @@ def _reach_section() -> list[str]:
     ``benchmarks/calibrate_reach.py``): where it runs, both stages' record against BAN's alone,
     and every model's reach score at each candidate budget."""
     from timm_purify.detection import load_calibration
+    from timm_purify.detection.ban import calibrated_thresholds, decide
 
-    section = load_calibration().get("reach")
+    calibration = load_calibration()
+    section = calibration.get("reach")
     if not section:
         return []
     lines = [
@@ -454,16 +456,29 @@ def _reach_section() -> list[str]:
         before, best = fit["before_refit"], fit["chosen"]
         lines += [
             "",
-            f"BAN's {fam} cuts refitted with the stage (`--refit-ban {fam}`): all-to-one "
+            f"BAN's {fam} noise budget and cuts refitted with the stage (`--refit-ban {fam}`): eps "
+            f"{before['eps']:g} -> {best['eps']:g}, all-to-one "
             f"{_cut(before['all_to_one_threshold'])} -> {_cut(best['all_to_one_threshold'])}, all-to-all "
             f"{_cut(before['all_to_all_threshold'])} -> {_cut(best['all_to_all_threshold'])}; errors of both stages "
             f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach: {best['errors_best_ban_alone']}).",
+            "",
+            "| eps | all-to-one cut | all-to-all cut | reach cut | clean flagged | backdoors detected "
+            "| right targets | errors |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        for eps, at in fit["by_eps"].items():
+            rel = at["reliability"]
+            lines.append(
+                f"| {eps} | {_cut(at['all_to_one_threshold'])} | {_cut(at['all_to_all_threshold'])} | "
+                f"{_cut(at['reach_threshold'])} | {rel['false_positives']}/{rel['clean_models']} | "
+                f"{rel['detected']}/{rel['backdoored_models']} | {rel['targets_correct']}/{rel['all_to_one_models']} | "
+                f"{at['errors']} |"
+            )
     budgets = sorted({(m["reach_norm"], m["reach_rho"]) for m in section["models"]})
     lines += [
         "",
-        "| model | attack | ACC | ASR | before reach, as scanned (BAN; spread where calibrated): verdict (target) "
-        "| BAN all-to-one / all-to-all score | "
+        "| model | attack | ACC | ASR | before reach (BAN; spread where calibrated): verdict (target), as "
+        "scanned or, for a refitted family, at its shipped cuts | BAN all-to-one / all-to-all score (eps) | "
         + " | ".join(f"reach {n} {r:g}: score (class)" for n, r in budgets)
         + " | true target | used |",
         "|---|---|---|---|---|---|" + "---|" * len(budgets) + "---|---|",
@@ -474,9 +489,20 @@ def _reach_section() -> list[str]:
     for name, rows in sorted(by_model.items()):
         m = next(iter(rows.values()))
         attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
-        ban = m["ban_verdict"] + ("" if m["ban_target"] is None else f" ({m['ban_target']})")
+        verdict, target = m["ban_verdict"], m["ban_target"]
         stats = m.get("ban_statistics")
-        ban_scores = "-" if stats is None else f"{stats['all_to_one']:.3f} / {stats['all_to_all']:.3f}"
+        if m["norm_family"] in section.get("ban_refitted", []):
+            one, a2a = calibrated_thresholds(calibration, m["norm_family"])
+            source = calibration["target_source_by_family"][m["norm_family"]]
+            verdict, _, target, _, _ = decide(
+                stats, threshold=one, all_to_all_threshold=a2a, target_source=source
+            )
+        ban = verdict + ("" if target is None else f" ({target})")
+        ban_scores = (
+            "-"
+            if stats is None
+            else f"{stats['all_to_one']:.3f} / {stats['all_to_all']:.3f} (eps {m['ban_eps']:g})"
+        )
         scores = " | ".join(
             f"{rows[b]['reach_score']:.3f} ({rows[b]['reach_target']})" if b in rows else "-" for b in budgets
         )

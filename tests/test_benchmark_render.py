@@ -63,14 +63,16 @@ def test_a_longer_trained_model_keeps_rows_of_its_own(bench, tmp_path):
 
 def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeypatch):
     model = {"ban_verdict": "clean", "ban_target": None, "acc": 0.9, "asr": None, "used": True}
+    model |= {"norm_family": "other", "ban_eps": 0.3}
     rows = [
         {**model, "model": "m-clean", "attack": None, "mode": None, "target": None}
         | {"reach_norm": norm, "reach_rho": rho, "reach_score": 0.02, "reach_target": 6}
+        | {"ban_statistics": {"all_to_one": 0.1, "target": 6, "target_masked": 6, "all_to_all": 0.01}}
         for norm, rho in (("l2", 1.0), ("l1", 6.0))
     ] + [
         {**model, "model": "m-bad", "attack": "badnets", "mode": "all-to-one", "target": 0, "asr": 1.0}
         | {"reach_norm": "l2", "reach_rho": 1.0, "reach_score": 0.88, "reach_target": 0}
-        | {"ban_statistics": {"all_to_one": 0.31, "target": 0, "target_masked": 0, "all_to_all": 0.05}}
+        | {"ban_statistics": {"all_to_one": 0.41, "target": 0, "target_masked": 0, "all_to_all": 0.05}}
     ]
     record = {
         "false_positives": 0,
@@ -99,8 +101,22 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         "families": {
             "other": {
                 "enabled": True,
-                "chosen": {**chosen, "all_to_one_threshold": 0.35, "all_to_all_threshold": None},
-                "before_refit": {"all_to_one_threshold": 0.3, "all_to_all_threshold": 0.1, "errors": 2},
+                "chosen": {**chosen, "all_to_one_threshold": 0.35, "all_to_all_threshold": None, "eps": 0.3},
+                "before_refit": {
+                    "all_to_one_threshold": 0.3,
+                    "all_to_all_threshold": 0.1,
+                    "errors": 2,
+                    "eps": 0.75,
+                },
+                "by_eps": {
+                    "0.3": {
+                        "errors": 0,
+                        "all_to_one_threshold": 0.35,
+                        "all_to_all_threshold": None,
+                        "reach_threshold": 0.45,
+                        "reliability": record,
+                    }
+                },
             },
             # a refit that found no use for reach keeps BAN's cuts and no reach cut
             "batchnorm": {"enabled": False, "chosen": {**chosen, "fit": None}},
@@ -108,19 +124,27 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         },
         "ban_refitted": ["other"],
     }
-    monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"reach": section})
+    calibration = {
+        "reach": section,
+        "all_to_one_thresholds": {"other": 0.35},
+        "all_to_all_thresholds": {"other": None},
+        "target_source_by_family": {"other": "noisy"},
+    }
+    monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: calibration)
     lines = bench._reach_section()
     assert "| other | yes | l2 1 | 0.450 | ban | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
     assert "| batchnorm | no | l2 1 | - | - | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
     assert "| groupnorm | no | - | - | - | - | - | - | - |" in lines
-    # BAN's verdict as scanned, its statistics where stored, then one column per reach budget
+    # BAN's verdict (of a refitted family: at the shipped cuts, not as scanned), its statistics
+    # and budget where stored, then one column per reach budget
     assert (
-        "| m-bad | badnets all-to-one | 90.00 | 100.00 | clean | 0.310 / 0.050 | - | 0.880 (0) | 0 | yes |"
-        in lines
+        "| m-bad | badnets all-to-one | 90.00 | 100.00 | backdoored (0) | 0.410 / 0.050 (eps 0.3) | - | 0.880 (0) "
+        "| 0 | yes |" in lines
     )
+    assert "| 0.3 | 0.350 | not used | 0.450 | 0/1 | 1/1 | 1/1 | 0 |" in lines
     assert any(
-        "BAN's other cuts refitted" in line
-        and "all-to-one 0.300 -> 0.350, all-to-all 0.100 -> not used" in line
+        "BAN's other noise budget and cuts refitted" in line
+        and "eps 0.75 -> 0.3, all-to-one 0.300 -> 0.350, all-to-all 0.100 -> not used" in line
         and "errors of both stages 2 -> 0 (the best BAN cuts without reach: 1)" in line
         for line in lines
     )

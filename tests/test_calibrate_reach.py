@@ -101,8 +101,8 @@ def test_refit_lifts_bans_cut_where_reach_covers_what_it_gave_up(cal):
         _scored("badnets", 0.60, 0.05, target=3),  # only BAN sees it
         _scored("blended", 0.40, 0.90, target=1),  # both do
     ]
-    shipped = cal.BanCuts(all_to_one=0.30, all_to_all=0.15, target_source="noisy")
-    fit = cal.refit_family(rows, [("l2", 1.0)], shipped)
+    shipped = cal.BanCuts(all_to_one=0.30, all_to_all=0.15, target_source="noisy", eps=0.75)
+    fit = cal.refit_family({0.75: rows}, [("l2", 1.0)], shipped)
     best = fit["chosen"]
     assert best["all_to_one_threshold"] == pytest.approx((0.45 + 0.60) / 2)
     assert best["all_to_all_threshold"] is None
@@ -120,11 +120,70 @@ def test_refit_lifts_bans_cut_where_reach_covers_what_it_gave_up(cal):
 def test_refit_without_a_use_for_reach_keeps_ban_alone(cal):
     """No backdoor reaches above the clean models: the refit moves BAN's cut and leaves reach off."""
     rows = [_scored(None, 0.10, 0.50), _scored(None, 0.20, 0.60), _scored("badnets", 0.60, 0.30, target=3)]
-    fit = cal.refit_family(rows, [("l2", 1.0)], cal.BanCuts(0.15, 0.1, "noisy"))
+    fit = cal.refit_family({0.75: rows}, [("l2", 1.0)], cal.BanCuts(0.15, 0.1, "noisy", 0.75))
     best = fit["chosen"]
     assert not fit["enabled"] and best["fit"] is None
     assert best["all_to_one_threshold"] == pytest.approx(0.40) and best["errors"] == 0
     assert fit["before_refit"]["errors"] == 1  # the shipped cut flags the clean model at 0.20
+
+
+def test_an_all_to_all_cut_never_buys_detections_with_a_clean_model(cal):
+    """Two all-to-all backdoors read above a clean model's all-to-all score, one below: the cut
+    that catches both (and flags the clean model, one error fewer) is not tried; the one above
+    every clean model is."""
+    a2a = [
+        {**_scored(None, 0.10, 0.10, a2a=0.05)},
+        {**_scored(None, 0.12, 0.10, a2a=0.09)},
+        {**_scored("badnets", 0.05, 0.10, a2a=0.08), "mode": "all-to-all"},
+        {**_scored("badnets", 0.05, 0.10, a2a=0.085), "mode": "all-to-all"},
+        {**_scored("badnets", 0.05, 0.10, a2a=0.20), "mode": "all-to-all"},
+        _scored("badnets", 0.60, 0.05, target=3),
+    ]
+    best = cal.refit_family({0.3: a2a}, [("l2", 1.0)], cal.BanCuts(0.3, None, "noisy", 0.3))["chosen"]
+    assert best["all_to_all_threshold"] == pytest.approx((0.09 + 0.20) / 2)
+    assert best["reliability"]["false_positives"] == 0 and best["errors"] == 2
+
+
+def test_refit_keeps_the_noise_budget_whose_cuts_make_the_fewest_errors(cal):
+    """At eps 0.75 a clean model scores above a BadNets backdoor (no cut separates them, and
+    reach does not see the patch); at 0.5 the same models separate: the refit ships 0.5, and
+    says what calibrate_scan.py's budget and cuts did on the same models."""
+    at_075 = [
+        _scored(None, 0.48, 0.10),
+        _scored(None, 0.20, 0.12),
+        _scored("badnets", 0.42, 0.05, target=3),
+        _scored("blended", 0.30, 0.90, target=1),
+    ]
+    at_05 = [
+        {**r, "ban_statistics": {**r["ban_statistics"], "all_to_one": a2o}}
+        for r, a2o in zip(at_075, [0.25, 0.10, 0.41, 0.20], strict=True)
+    ]
+    shipped = cal.BanCuts(0.37, None, "noisy", 0.75)
+    fit = cal.refit_family({0.75: at_075, 0.5: at_05}, [("l2", 1.0)], shipped)
+    best = fit["chosen"]
+    assert best["eps"] == 0.5 and best["errors"] == 0
+    assert best["all_to_one_threshold"] == pytest.approx((0.25 + 0.41) / 2)
+    assert fit["by_eps"]["0.75"]["errors"] == 1 and fit["by_eps"]["0.5"]["errors"] == 0
+    assert fit["before_refit"]["eps"] == 0.75 and fit["before_refit"]["errors"] == 1
+    assert "eps 0.5" in fit["reason"]
+    # where another budget does no better, calibrate_scan.py's stays
+    same = cal.refit_family({0.75: at_05, 0.3: at_05}, [("l2", 1.0)], shipped)
+    assert same["chosen"]["eps"] == 0.75
+    # equally many errors and false alarms: the budget whose all-to-one cut lies farther from
+    # the nearest score wins, even over calibrate_scan.py's
+    narrow = [_scored(None, 0.10, 0.1), _scored("badnets", 0.12, 0.1, target=3)]
+    wide = [_scored(None, 0.10, 0.1), _scored("badnets", 0.30, 0.1, target=3)]
+    tie = cal.refit_family({0.3: narrow, 0.5: wide}, [("l2", 1.0)], cal.BanCuts(0.2, None, "noisy", 0.3))
+    assert tie["chosen"]["eps"] == 0.5 and tie["chosen"]["all_to_one_margin"] == pytest.approx(0.10)
+
+
+def test_ban_eps_needs_a_refitted_family_and_budgets_below_one(cal):
+    assert cal.parse_ban_eps(["batchnorm:0.5,0.3,0.5"], ["batchnorm"]) == {"batchnorm": [0.3, 0.5]}
+    with pytest.raises(SystemExit, match="add --refit-ban batchnorm"):
+        cal.parse_ban_eps(["batchnorm:0.5"], [])
+    for bad in ("0.5", "batchnorm:", "batchnorm:1.5", "batchnorm:x"):
+        with pytest.raises(SystemExit, match="FAMILY:EPS"):
+            cal.parse_ban_eps([bad], ["batchnorm"])
 
 
 def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
@@ -132,6 +191,7 @@ def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
         "all_to_one_thresholds": {"batchnorm": 0.3, "other": 0.2},
         "all_to_all_threshold": 0.1,
         "target_source_by_family": {"batchnorm": "noisy", "other": "noisy_masked"},
+        "eps_by_family": {"batchnorm": 0.75, "other": 0.5},
         "spread": {"by_family": {"other": {"rho": 2.0, "threshold": 0.4}}},
     }
     old = {**_row(None, 0.1), "norm_family": "batchnorm"}
@@ -145,18 +205,22 @@ def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
         cal.shipped_cuts(calibration, ["batchnorm"], [])
     scanned = [{**old, "ban_statistics": {}}]
     cuts = cal.shipped_cuts(calibration, ["batchnorm"], scanned)
-    assert cuts["batchnorm"] == cal.BanCuts(0.3, 0.1, "noisy")
-    # once refitted, a rerun must refit the family again, from calibrate_scan.py's cuts, since
-    # the stored verdicts were taken at those
+    assert cuts["batchnorm"] == cal.BanCuts(0.3, 0.1, "noisy", 0.75)
+    # once refitted, a rerun must refit the family again, from calibrate_scan.py's cuts and
+    # budget, since the stored verdicts were taken at those
     refitted = {
         **calibration,
         "all_to_one_thresholds": {"batchnorm": 0.37, "other": 0.2},
         "all_to_all_thresholds": {"batchnorm": None},
-        "refitted_by_family": {"batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": 0.1}}},
+        "eps_by_family": {"batchnorm": 0.5, "other": 0.5},
+        "refitted_by_family": {
+            "batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": 0.1, "eps": 0.75}}
+        },
     }
     with pytest.raises(SystemExit, match="--refit-ban batchnorm again"):
         cal.shipped_cuts(refitted, [], scanned)
-    assert cal.shipped_cuts(refitted, ["batchnorm"], scanned)["batchnorm"] == cal.BanCuts(0.3, 0.1, "noisy")
+    restart = cal.shipped_cuts(refitted, ["batchnorm"], scanned)["batchnorm"]
+    assert restart == cal.BanCuts(0.3, 0.1, "noisy", 0.75)
 
 
 def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
@@ -173,7 +237,10 @@ def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
         "all_to_all_threshold": 0.1,
         "all_to_all_thresholds": {"batchnorm": None},
         "target_source_by_family": {"batchnorm": "noisy"},
-        "refitted_by_family": {"batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": 0.1}}},
+        "eps_by_family": {"batchnorm": 0.75},
+        "refitted_by_family": {
+            "batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": 0.1, "eps": 0.75}}
+        },
         "reach": {"by_family": {"batchnorm": reach}},
     }
     rel = cal.check_family(rows, calibration, "batchnorm")

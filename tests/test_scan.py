@@ -576,12 +576,17 @@ def test_calibration_file_documents_its_provenance():
         missed = sum(m["all_to_one"] <= cuts[family] for m in one if m["norm_family"] == family)
         assert fit["errors"] == false_pos + missed
         assert fit["separable"] == (fit["errors"] == 0)
-    # each family's default budget is the one its models were scanned at
+    # each family's default budget is the one its models were scanned at (a refitted family's:
+    # the refit's, checked against its scans below)
     assert set(cal["eps_by_family"]) == set(cuts)
     for family, eps in cal["eps_by_family"].items():
+        if family in refitted:
+            continue
         assert cal["scan"]["options_by_family"][family].get("eps", cal["scan"]["options"]["eps"]) == eps
     # where the budget was chosen among candidates, the shipped one made the fewest errors
     for family, fit in cal.get("eps_selection", {}).items():
+        if family in refitted:
+            continue
         assert fit["chosen"] == cal["eps_by_family"][family]
         errors = {float(eps): row["errors"] for eps, row in fit["candidates"].items()}
         assert errors[fit["chosen"]] == min(errors.values())
@@ -682,10 +687,15 @@ def test_the_reach_calibration_matches_its_recorded_scans():
             for m in rows
             if m["mode"] == "all-to-one"
         )
-        # the cuts the scan reads are the ones the refit chose
-        chosen = section["families"][family]["chosen"]
+        # the cuts and budget the scan reads are the ones the refit chose, on scans at that budget,
+        # and no budget it tried did better
+        fit = section["families"][family]
+        chosen = fit["chosen"]
         assert cal["all_to_one_thresholds"][family] == chosen["all_to_one_threshold"]
         assert cal["all_to_all_thresholds"][family] == chosen["all_to_all_threshold"]
+        assert cal["eps_by_family"][family] == chosen["eps"]
+        assert {m["ban_eps"] for m in rows} == {chosen["eps"]}
+        assert chosen["errors"] == min(at["errors"] for at in fit["by_eps"].values())
 
 
 def test_the_spread_calibration_matches_its_recorded_scans():

@@ -63,7 +63,12 @@ Where this departs from the reference, and why:
   normalisation family (``eps_by_family`` in ``calibration.json``): the calibration scans
   every model at each candidate budget and keeps the one whose thresholds make the fewest
   errors on that family's models (``eps_selection``; ``benchmarks/DETECTION.md``): 0.75 for
-  BatchNorm, 0.5 for LayerNorm. On fully trained ConvNeXts no budget separates clean from
+  BatchNorm, 0.5 for LayerNorm, for BAN alone. With the reach stage behind BAN (it finds the
+  Blended and SIG backdoors that needed the larger budget), the BatchNorm budget and cuts were
+  refitted together with reach's (``calibrate_reach.py --refit-ban batchnorm --ban-eps``): at
+  0.5 clean BatchNorm models score lower (at most 0.26 against 0.49 at 0.75) while the BadNets
+  patches still show (0.34 and up), and both stages together make half the errors
+  (``refitted_by_family``). On fully trained ConvNeXts no budget separates clean from
   backdoored models (the noise either leaves them alone or sends every one of them to the
   same class), which the family's reliability record, quoted in each report, shows.
 * The reference re-draws the noise for each of 10 batches and keeps only the last; here one
@@ -124,6 +129,7 @@ __all__ = [
     "calibration_cautions",
     "load_calibration",
     "calibrated_thresholds",
+    "calibrated_eps",
     "norm_family",
     "CALIBRATION_FILE",
     "scan_statistics",
@@ -351,6 +357,16 @@ def calibrated_thresholds(calibration: dict[str, Any], family: str) -> tuple[flo
     return float(one), None if a2a is None else float(a2a)
 
 
+def calibrated_eps(calibration: dict[str, Any], family: str) -> float | None:
+    """The noise budget ``calibration``'s thresholds for normalisation ``family`` hold at: the
+    family's own (``eps_by_family``), else the one budget of a file written before budgets were
+    calibrated per family; ``None`` where the file records none."""
+    eps = (calibration.get("eps_by_family") or {}).get(family) or (
+        (calibration.get("scan") or {}).get("options") or {}
+    ).get("eps")
+    return None if eps is None else float(eps)
+
+
 # ---------------------------------------------------------------------------------------
 # features and head
 # ---------------------------------------------------------------------------------------
@@ -566,11 +582,11 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
                 f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones; "
                 + "; ".join(c for c in consequences if c)
             )
-    calibrated_eps = config.get("calibrated_eps")
-    if calibrated_eps is not None and config.get("eps") != calibrated_eps:
+    fitted_eps = config.get("calibrated_eps")
+    if fitted_eps is not None and config.get("eps") != fitted_eps:
         cautions.append(
             f"caution: the noise budget eps={config.get('eps')} is not the one this family's threshold was "
-            f"calibrated at ({calibrated_eps}); the score does not compare with the threshold. Leave eps at its "
+            f"calibrated at ({fitted_eps}); the score does not compare with the threshold. Leave eps at its "
             "default, or pass threshold= and all_to_all_threshold= fitted at your budget"
         )
     fitted, reach = config.get("reach_calibrated"), config.get("reach_budget")
@@ -791,12 +807,8 @@ def scan(
     threshold = float(opts.threshold if opts.threshold is not None else fitted_one)
     a2a_threshold = float(opts.all_to_all_threshold) if opts.all_to_all_threshold is not None else fitted_a2a
     # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
-    calibrated_eps = None
-    if calibration:  # files written before budgets were calibrated per family record one for all
-        calibrated_eps = (calibration.get("eps_by_family") or {}).get(family) or (
-            (calibration.get("scan") or {}).get("options") or {}
-        ).get("eps")
-    eps = float(opts.eps if opts.eps is not None else calibrated_eps or DEFAULT_EPS)
+    fitted_eps = calibrated_eps(calibration, family) if calibration else None
+    eps = float(opts.eps if opts.eps is not None else fitted_eps or DEFAULT_EPS)
     # the universal-reach stage and the spread reading: where the calibration fitted them for
     # this family, or where asked
     reach_calibrated, reach_threshold, run_reach = _later_stage(
@@ -1016,7 +1028,7 @@ def scan(
         **dataclasses.asdict(opts),
         "eps": eps,
         # the budget this family's threshold was calibrated at (None: thresholds given by the caller)
-        "calibrated_eps": calibrated_eps,
+        "calibrated_eps": fitted_eps,
         "threshold": threshold,
         "all_to_all_threshold": a2a_threshold,
         "calibration": calibration.get("summary") if calibration else CALLER_THRESHOLDS,

@@ -1,0 +1,141 @@
+"""Two-fold check of ``calibrate_reach.py --refit-ban``: how its refit does on models it was not fitted on.
+
+The refit chooses BAN's noise budget and cuts with the reach stage on the models it is given,
+so its own record is in-sample. Here the family's models are split in two folds (``--fold-a``
+and ``--fold-b``, e.g. the calibration zoo and a held-out set built later); the refit is run on
+each fold with the candidate budgets and counted on the other, from the scans
+``calibrate_reach.py`` stored (every model must have been scanned at every budget there, as a
+refit with ``--ban-eps`` over both folds leaves it). Each way is run with every budget offered
+together, and with each budget alone, so the choice of budget is checked too. Nothing is
+written to the calibration; the result goes to ``--out``.
+
+Example (the command behind ``results/reach/refit-batchnorm-crossfold.json`` is recorded in it)::
+
+    python benchmarks/refit_crossfold.py --family batchnorm --eps 0.3,0.5,0.75 \\
+        --fold-a 'benchmarks/cache/calibrate_scan/test_resnet-*' ... --fold-b ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from calibrate_reach import (  # noqa: E402
+    BanCuts,
+    errors,
+    model_folders,
+    parse_budgets,
+    record,
+    refit_family,
+    usable,
+)
+from calibrate_scan import recorded_command  # noqa: E402
+
+from timm_purify.detection.ban import load_calibration  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="batchnorm")
+    p.add_argument("--eps", default="0.3,0.5,0.75", help="candidate noise budgets, comma list")
+    p.add_argument("--fold-a", nargs="+", required=True, help="model folders or quoted globs")
+    p.add_argument("--fold-b", nargs="+", required=True, help="model folders or quoted globs")
+    p.add_argument("--budget", default="l2:1", help="the reach budget the scans were taken at")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--clean-count", type=int, default=600)
+    p.add_argument("--scan-split", default="test")
+    p.add_argument("--scan-seed", type=int, default=0)
+    p.add_argument("--min-asr", type=float, default=0.5)
+    p.add_argument("--min-acc", type=float, default=0.6)
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "cache" / "calibrate_reach.json"))
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def fold_rows(patterns: list[str], eps: float, stored: dict, args: argparse.Namespace) -> list[dict]:
+    """The fold's usable models of the family, with BAN's part at ``eps`` (as calibrate_reach.py
+    merges a BAN-only rescan into the scan taken at the calibration's budget)."""
+    norm, rho = parse_budgets(args.budget)[0]
+    rows = []
+    for folder in model_folders(patterns):
+        key = f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
+        if key not in stored:
+            raise SystemExit(
+                f"{folder.name}: not scanned in {args.results}; run calibrate_reach.py on it first"
+            )
+        row = stored[key]
+        if row["norm_family"] != args.family or not usable(row, args):
+            continue
+        if row["ban_eps"] != eps:
+            extra = stored.get(f"{key}|ban-eps{eps:g}")
+            if extra is None:
+                raise SystemExit(
+                    f"{folder.name}: no BAN scan at eps {eps:g}; refit with --ban-eps over it first"
+                )
+            row = {**row, **extra}
+        rows.append(row)
+    return rows
+
+
+def one_way(fit_on: list[str], test_on: list[str], budgets: list[float], stored: dict, args) -> dict:
+    """Refit on one fold with ``budgets`` offered, count the chosen setting on the other."""
+    calibration = load_calibration()
+    before = calibration["refitted_by_family"][args.family]["calibrate_scan_cuts"]
+    # the refit counts calibrate_scan.py's cuts at their budget and prefers that budget on ties;
+    # where it is not offered, the first offered stands in (its before-refit count is not used)
+    start = BanCuts(
+        before["all_to_one"],
+        before["all_to_all"],
+        calibration["target_source_by_family"][args.family],
+        before["eps"] if before["eps"] in budgets else budgets[0],
+    )
+    reach_budget = [parse_budgets(args.budget)[0]]
+    fit = refit_family({e: fold_rows(fit_on, e, stored, args) for e in budgets}, reach_budget, start)
+    chosen = fit["chosen"]
+    ban = BanCuts(
+        chosen["all_to_one_threshold"], chosen["all_to_all_threshold"], start.target_source, chosen["eps"]
+    )
+    test = fold_rows(test_on, chosen["eps"], stored, args)
+    rel = record(test, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], ban)
+    return {
+        "budgets_offered": budgets,
+        "chosen_eps": chosen["eps"],
+        "all_to_one_threshold": chosen["all_to_one_threshold"],
+        "all_to_all_threshold": chosen["all_to_all_threshold"],
+        "reach_threshold": chosen["fit"] and chosen["fit"]["threshold"],
+        "errors_on_fit": chosen["errors"],
+        "errors_on_test": errors(rel),
+        "test": rel,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    stored = json.loads(Path(args.results).read_text())
+    budgets = sorted({float(e) for e in args.eps.split(",") if e})
+    offers = [budgets, *([e] for e in budgets)] if len(budgets) > 1 else [budgets]
+    out = {"what": __doc__.split("\n")[0], "family": args.family, "ways": []}
+    for name, fit_on, test_on in (("a -> b", args.fold_a, args.fold_b), ("b -> a", args.fold_b, args.fold_a)):
+        for offered in offers:
+            way = {"way": name, **one_way(fit_on, test_on, offered, stored, args)}
+            out["ways"].append(way)
+            t = way["test"]
+            print(
+                f"{name} eps {','.join(f'{e:g}' for e in offered)}: chose {way['chosen_eps']:g}, "
+                f"{way['errors_on_fit']} errors on the fit, {way['errors_on_test']} on the other fold "
+                f"(clean flagged {t['false_positives']}/{t['clean_models']}, detected "
+                f"{t['detected']}/{t['backdoored_models']}, targets {t['targets_correct']}/{t['all_to_one_models']})",
+                flush=True,
+            )
+    out["command"] = recorded_command(sys.argv[1:] if argv is None else argv, script="refit_crossfold.py")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
