@@ -3,6 +3,8 @@ for which normalisation family it runs (the shipped ``reach`` section of calibra
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -250,3 +252,52 @@ def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
     assert cal.check_family(rows, plain, "batchnorm")["detected"] == 1
     # no reach stage for the family: BAN alone
     assert cal.check_family(rows, {**calibration, "reach": {}}, "batchnorm")["detected"] == 1
+
+
+def test_crossfold_fits_on_one_fold_and_counts_on_the_other(benchmark_script, tmp_path, monkeypatch):
+    """``refit_crossfold.py``: each way's refit sees only its fold; the other fold's stored scans
+    at the budget it chose are what it is counted on."""
+    cross = benchmark_script("refit_crossfold")
+    stored, folds = {}, {"a": [], "b": []}
+
+    def add(fold, name, attack, a2o_by_eps, *, target=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training.json").write_text("{}")
+        folds[fold].append(str(folder))
+        key = f"{name}|l2:1|steps20|n600|test|s0"
+        base = {**_scored(attack, a2o_by_eps[0.75], 0.05, target=target), "norm_family": "batchnorm"}
+        stored[key] = {**base, "model": name, "ban_eps": 0.75, "acc": 0.9, "asr": 0.9 if attack else None}
+        stored[f"{key}|ban-eps0.5"] = {
+            "ban_eps": 0.5,
+            "ban_statistics": {**base["ban_statistics"], "all_to_one": a2o_by_eps[0.5]},
+        }
+
+    # fold a separates clean from BadNets at 0.75 only by a cut that fold b's clean model exceeds;
+    # at 0.5 both folds separate
+    add("a", "a-clean", None, {0.75: 0.30, 0.5: 0.10})
+    add("a", "a-bad", "badnets", {0.75: 0.50, 0.5: 0.40}, target=2)
+    add("b", "b-clean", None, {0.75: 0.45, 0.5: 0.15})
+    add("b", "b-bad", "badnets", {0.75: 0.55, 0.5: 0.45}, target=4)
+    results = tmp_path / "stored.json"
+    results.write_text(json.dumps(stored))
+    calibration = {
+        "target_source_by_family": {"batchnorm": "noisy"},
+        "refitted_by_family": {
+            "batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": None, "eps": 0.75}}
+        },
+    }
+    monkeypatch.setattr(cross, "load_calibration", lambda: calibration)
+    out = tmp_path / "out.json"
+    cross.main(
+        ["--eps", "0.5,0.75", "--results", str(results), "--out", str(out)]
+        + ["--fold-a", *folds["a"], "--fold-b", *folds["b"]]
+    )
+    ways = {(w["way"], tuple(w["budgets_offered"])): w for w in json.loads(out.read_text())["ways"]}
+    at_075 = ways[("a -> b", (0.75,))]
+    assert at_075["all_to_one_threshold"] == pytest.approx(0.40)  # midway in fold a
+    assert at_075["test"]["false_positives"] == 1 and at_075["errors_on_test"] == 1  # b-clean at 0.45
+    # both budgets make no error on fold a; the wider margin (0.15 against 0.10) picks 0.5
+    assert ways[("a -> b", (0.5, 0.75))]["chosen_eps"] == 0.5
+    assert ways[("a -> b", (0.5, 0.75))]["errors_on_test"] == 0
+    assert ways[("b -> a", (0.5,))]["test"]["detected"] == 1
