@@ -27,6 +27,11 @@ stages' record on these models (``reliability_by_family``, which ``scan`` quotes
 cautions), every model's scores, the command and the environment. Scans are stored in
 ``--results`` so a re-run only scans new models or budgets.
 
+With ``--refit-ban FAMILY`` BAN's own cuts for that family are refitted together with reach's
+(``refit_family``), and with ``--ban-eps FAMILY:EPS,...`` its noise budget too: each model of
+the family is rescanned BAN-only at each budget and the budget whose refitted cuts make the
+fewest errors is shipped. ``refit_crossfold.py`` checks such a refit on models it did not see.
+
 Example (the command behind the shipped section is recorded in it)::
 
     python benchmarks/calibrate_reach.py --budgets l2:1,l1:6 \\
@@ -600,6 +605,17 @@ def model_folders(patterns: list[str]) -> list[Path]:
     return folders
 
 
+def scan_key(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> str:
+    """The key a model's scan is stored under in ``--results``: the model, the reach budget and
+    steps, and the images (the noise budget is the calibration's at the time, in the row)."""
+    return f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
+
+
+def ban_key(key: str, eps: float) -> str:
+    """The key of the BAN-only rescan at noise budget ``eps`` of the scan stored under ``key``."""
+    return f"{key}|ban-eps{eps:g}"
+
+
 def stored_scan(stored: dict, results_file: Path, key: str, make: Callable[[], dict]) -> dict:
     """``stored[key]``, scanned with ``make()`` and written to ``results_file`` first if missing
     (so an interrupted calibration resumes where it stopped)."""
@@ -620,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     scanned = []  # (folder, key, row): each scan at the noise budget the calibration then had
     for folder in model_folders(args.models):
         for norm, rho in budgets:
-            key = f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
+            key = scan_key(folder, norm, rho, args)
             row = stored_scan(
                 stored,
                 results_file,
@@ -648,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
                 extra = stored_scan(
                     stored,
                     results_file,
-                    f"{key}|ban-eps{eps:g}",
+                    ban_key(key, eps),
                     lambda folder=folder: ban_row(folder, eps, args),
                 )
                 print(

@@ -25,11 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from calibrate_reach import (  # noqa: E402
     BanCuts,
+    ban_key,
     errors,
     model_folders,
     parse_budgets,
     record,
     refit_family,
+    scan_key,
     usable,
 )
 from calibrate_scan import recorded_command  # noqa: E402
@@ -63,7 +65,7 @@ def fold_rows(patterns: list[str], eps: float, stored: dict, args: argparse.Name
     norm, rho = parse_budgets(args.budget)[0]
     rows = []
     for folder in model_folders(patterns):
-        key = f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
+        key = scan_key(folder, norm, rho, args)
         if key not in stored:
             raise SystemExit(
                 f"{folder.name}: not scanned in {args.results}; run calibrate_reach.py on it first"
@@ -72,7 +74,7 @@ def fold_rows(patterns: list[str], eps: float, stored: dict, args: argparse.Name
         if row["norm_family"] != args.family or not usable(row, args):
             continue
         if row["ban_eps"] != eps:
-            extra = stored.get(f"{key}|ban-eps{eps:g}")
+            extra = stored.get(ban_key(key, eps))
             if extra is None:
                 raise SystemExit(
                     f"{folder.name}: no BAN scan at eps {eps:g}; refit with --ban-eps over it first"
