@@ -427,7 +427,9 @@ def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source
         positives = [r["reach_score"] for r in at if r["attack"] is not None and r["mode"] == "all-to-one"]
         reach_fits = [None, *(threshold_candidates(negatives, positives) if negatives and positives else [])]
         for cut_one in one_cuts:
+            margin_one = gap(cut_one, one)
             for cut_a2a in a2a_cuts:
+                margin_a2a = gap(cut_a2a, a2a)
                 ban = BanCuts(cut_one, cut_a2a, target_source, eps)
                 for fit in reach_fits:
                     for when_both in WHEN_BOTH if fit else WHEN_BOTH[:1]:
@@ -437,8 +439,8 @@ def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source
                             rel["false_positives"],
                             cut_a2a is not None,
                             -(fit["margin"] if fit else 0.0),
-                            -gap(cut_one, one),
-                            -gap(cut_a2a, a2a),
+                            -margin_one,
+                            -margin_a2a,
                         )
                         with_reach = fit is not None
                         if with_reach not in best or key < best[with_reach][0]:
@@ -450,7 +452,7 @@ def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source
                                     "target_when_both": when_both,
                                     "fit": fit,
                                     "all_to_one_threshold": cut_one,
-                                    "all_to_one_margin": gap(cut_one, one),
+                                    "all_to_one_margin": margin_one,
                                     "all_to_all_threshold": cut_a2a,
                                     "errors": errors(rel),
                                     "reliability": rel,
@@ -611,9 +613,13 @@ def scan_key(folder: Path, norm: str, rho: float, args: argparse.Namespace) -> s
     return f"{folder.name}|{norm}:{rho:g}|steps{args.steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
 
 
-def ban_key(key: str, eps: float) -> str:
-    """The key of the BAN-only rescan at noise budget ``eps`` of the scan stored under ``key``."""
-    return f"{key}|ban-eps{eps:g}"
+def at_eps(row: dict, key: str, eps: float, ban_scan: Callable[[str], dict]) -> dict:
+    """``row`` (stored under ``key``) with BAN's part at noise budget ``eps``: its own where it was
+    scanned at that budget, else the BAN-only rescan ``ban_scan`` returns for the rescan's key,
+    laid over it (reach's part does not depend on the budget)."""
+    if row["ban_eps"] == eps:
+        return row
+    return {**row, **ban_scan(f"{key}|ban-eps{eps:g}")}
 
 
 def stored_scan(stored: dict, results_file: Path, key: str, make: Callable[[], dict]) -> dict:
@@ -656,25 +662,21 @@ def main(argv: list[str] | None = None) -> None:
     def family_rows(family: str, eps: float) -> list[dict]:
         """The family's usable rows with BAN's part at noise budget ``eps``: the stored scan's own
         where it ran at that budget, else a BAN-only scan at it (stored under its own key)."""
-        rows = []
-        for folder, key, row in used:
-            if row["norm_family"] != family:
-                continue
-            if row["ban_eps"] != eps:
-                extra = stored_scan(
-                    stored,
-                    results_file,
-                    ban_key(key, eps),
-                    lambda folder=folder: ban_row(folder, eps, args),
-                )
-                print(
-                    f"{row['model']}: BAN at eps {eps:g} {extra['ban_statistics']['all_to_one']:.3f} "
-                    f"[{extra['ban_seconds']:.0f}s]",
-                    flush=True,
-                )
-                row = {**row, **extra}
-            rows.append(row)
-        return rows
+
+        def rescan(rescan_key: str, folder: Path, model: str) -> dict:
+            extra = stored_scan(stored, results_file, rescan_key, lambda: ban_row(folder, eps, args))
+            print(
+                f"{model}: BAN at eps {eps:g} {extra['ban_statistics']['all_to_one']:.3f} "
+                f"[{extra['ban_seconds']:.0f}s]",
+                flush=True,
+            )
+            return extra
+
+        return [
+            at_eps(row, key, eps, lambda k, folder=folder, row=row: rescan(k, folder, row["model"]))
+            for folder, key, row in used
+            if row["norm_family"] == family
+        ]
 
     present = sorted({row["norm_family"] for *_, row in used})
     if args.check:

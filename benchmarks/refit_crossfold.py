@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from calibrate_reach import (  # noqa: E402
     BanCuts,
-    ban_key,
+    at_eps,
     errors,
     model_folders,
     parse_budgets,
@@ -73,29 +74,24 @@ def fold_rows(patterns: list[str], eps: float, stored: dict, args: argparse.Name
         row = stored[key]
         if row["norm_family"] != args.family or not usable(row, args):
             continue
-        if row["ban_eps"] != eps:
-            extra = stored.get(ban_key(key, eps))
-            if extra is None:
-                raise SystemExit(
-                    f"{folder.name}: no BAN scan at eps {eps:g}; refit with --ban-eps over it first"
-                )
-            row = {**row, **extra}
-        rows.append(row)
+
+        def stored_ban(rescan_key: str, name: str = folder.name) -> dict:
+            if rescan_key not in stored:
+                raise SystemExit(f"{name}: no BAN scan at eps {eps:g}; refit with --ban-eps over it first")
+            return stored[rescan_key]
+
+        rows.append(at_eps(row, key, eps, stored_ban))
     return rows
 
 
-def one_way(fit_on: list[str], test_on: list[str], budgets: list[float], stored: dict, args) -> dict:
-    """Refit on one fold with ``budgets`` offered, count the chosen setting on the other."""
-    calibration = load_calibration()
-    before = calibration["refitted_by_family"][args.family]["calibrate_scan_cuts"]
+def one_way(
+    fit_on: list[str], test_on: list[str], budgets: list[float], shipped: BanCuts, stored: dict, args
+) -> dict:
+    """Refit on one fold with ``budgets`` offered, count the chosen setting on the other;
+    ``shipped``: calibrate_scan.py's cuts, where the refit starts from."""
     # the refit counts calibrate_scan.py's cuts at their budget and prefers that budget on ties;
     # where it is not offered, the first offered stands in (its before-refit count is not used)
-    start = BanCuts(
-        before["all_to_one"],
-        before["all_to_all"],
-        calibration["target_source_by_family"][args.family],
-        before["eps"] if before["eps"] in budgets else budgets[0],
-    )
+    start = shipped if shipped.eps in budgets else replace(shipped, eps=budgets[0])
     reach_budget = [parse_budgets(args.budget)[0]]
     fit = refit_family({e: fold_rows(fit_on, e, stored, args) for e in budgets}, reach_budget, start)
     chosen = fit["chosen"]
@@ -120,11 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     stored = json.loads(Path(args.results).read_text())
     budgets = sorted({float(e) for e in args.eps.split(",") if e})
+    calibration = load_calibration()
+    before = calibration["refitted_by_family"][args.family]["calibrate_scan_cuts"]
+    shipped = BanCuts(
+        before["all_to_one"],
+        before["all_to_all"],
+        calibration["target_source_by_family"][args.family],
+        before["eps"],
+    )
     offers = [budgets, *([e] for e in budgets)] if len(budgets) > 1 else [budgets]
     out = {"what": __doc__.split("\n")[0], "family": args.family, "ways": []}
     for name, fit_on, test_on in (("a -> b", args.fold_a, args.fold_b), ("b -> a", args.fold_b, args.fold_a)):
         for offered in offers:
-            way = {"way": name, **one_way(fit_on, test_on, offered, stored, args)}
+            way = {"way": name, **one_way(fit_on, test_on, offered, shipped, stored, args)}
             out["ways"].append(way)
             t = way["test"]
             print(
