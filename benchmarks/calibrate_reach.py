@@ -61,6 +61,7 @@ from timm_purify._version import __version__  # noqa: E402
 from timm_purify.data import clean_subset, load_data  # noqa: E402
 from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
+    DEFAULT_SPREAD_STEPS,
     calibrated_eps,
     calibrated_thresholds,
     combine_stages,
@@ -265,12 +266,18 @@ def ban_stage(row: dict, ban: BanCuts | None = None) -> tuple[str, str | None, i
 
 
 def verdicts(
-    rows: list[dict], threshold: float | None, when_both: str = "ban", ban: BanCuts | None = None
+    rows: list[dict],
+    threshold: float | None,
+    when_both: str = "ban",
+    ban: BanCuts | None = None,
+    spread: float | None = None,
 ) -> list[tuple[bool, int | None]]:
     """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages,
     combined by ``scan``'s own :func:`~timm_purify.detection.ban.combine_stages`; ``when_both``
     names whose target stands where both found an all-to-one backdoor; ``ban``: BAN's cuts
-    (default: the verdicts the scans stored)."""
+    (default: the verdicts the scans stored, which include the spread reading where the
+    calibration ran it); ``spread``: the spread reading's threshold, counted last on each row's
+    ``spread_score`` (only with ``ban``: the statistics are BAN's alone)."""
     out = []
     for r in rows:
         verdict, _, target, _ = combine_stages(
@@ -278,16 +285,21 @@ def verdicts(
             reach_fired=threshold is not None and r["reach_score"] > threshold,
             reach_target=r["reach_target"],
             target_when_both=when_both,
+            spread_fired=spread is not None and r["spread_score"] > spread,
         )
         out.append((verdict == "backdoored", target))
     return out
 
 
 def record(
-    rows: list[dict], threshold: float | None, when_both: str = "ban", ban: BanCuts | None = None
+    rows: list[dict],
+    threshold: float | None,
+    when_both: str = "ban",
+    ban: BanCuts | None = None,
+    spread: float | None = None,
 ) -> dict:
-    """Both stages' (or BAN's alone) record on ``rows``, in ``reliability_by_family``'s keys."""
-    return tally(rows, verdicts(rows, threshold, when_both, ban))
+    """The stages' record on ``rows`` (see :func:`verdicts`), in ``reliability_by_family``'s keys."""
+    return tally(rows, verdicts(rows, threshold, when_both, ban, spread))
 
 
 def tally(rows: list[dict], results: list[tuple[bool, int | None]]) -> dict:
@@ -325,11 +337,16 @@ def threshold_candidates(negatives: list[float], positives: list[float]) -> list
     ]
 
 
-def fit_family(rows: list[dict], budgets: list[tuple[str, float]], ban: BanCuts | None = None) -> dict:
+def fit_family(
+    rows: list[dict],
+    budgets: list[tuple[str, float]],
+    ban: BanCuts | None = None,
+    spread: float | None = None,
+) -> dict:
     """Every (budget, cut, whose target where both fire) with both stages' errors on ``rows``; the
     chosen one (fewest errors, then the widest margin above the clean models, then the first);
     whether reach is enabled (fewer errors than BAN alone). ``ban``: BAN's cuts (default: the
-    verdicts the scans stored)."""
+    verdicts the scans stored); ``spread``: the spread reading's threshold, counted last."""
     trials = []
     for norm, rho in budgets:
         at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
@@ -341,10 +358,10 @@ def fit_family(rows: list[dict], budgets: list[tuple[str, float]], ban: BanCuts 
         ]
         if not negatives or not positives:
             continue
-        alone = record(at, None, ban=ban)
+        alone = record(at, None, ban=ban, spread=spread)
         for fit in threshold_candidates(negatives, positives):
             for when_both in WHEN_BOTH:
-                both = record(at, fit["threshold"], when_both, ban)
+                both = record(at, fit["threshold"], when_both, ban, spread)
                 trials.append(
                     {
                         "norm": norm,
@@ -394,7 +411,13 @@ def gap(cut: float | None, scores: list[float]) -> float:
     return float("inf") if cut is None else min(abs(cut - v) for v in scores)
 
 
-def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source: str, eps: float) -> dict:
+def refit_cuts(
+    rows: list[dict],
+    budgets: list[tuple[str, float]],
+    target_source: str,
+    eps: float,
+    spread: float | None = None,
+) -> dict:
     """BAN's cuts fitted together with the reach stage on ``rows`` (the models' scans at noise
     budget ``eps``), from the statistics each scan stored: every all-to-one cut midway between
     two of the rows' BAN scores, every all-to-all cut likewise above every clean model's score
@@ -404,6 +427,8 @@ def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source
     widest margins (reach's above the clean models, then BAN's cuts from the nearest score).
     Reach is kept only when the best trial with it makes fewer errors than the best without it.
     Returns the kept trial (``chosen``) and the best without reach (``without_reach``).
+    ``spread``: the spread reading's threshold where the family runs it, counted last in every
+    trial (its cut is calibrate_spread.py's; the rows carry ``spread_score``).
 
     The all-to-all statistic is held to the rule of the later readings (reach, spread): it may
     add detections, never false alarms. Fitted for fewest errors like the all-to-one one, it
@@ -433,7 +458,7 @@ def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source
                 ban = BanCuts(cut_one, cut_a2a, target_source, eps)
                 for fit in reach_fits:
                     for when_both in WHEN_BOTH if fit else WHEN_BOTH[:1]:
-                        rel = record(at, fit and fit["threshold"], when_both, ban)
+                        rel = record(at, fit and fit["threshold"], when_both, ban, spread)
                         key = (
                             errors(rel),
                             rel["false_positives"],
@@ -465,20 +490,27 @@ def refit_cuts(rows: list[dict], budgets: list[tuple[str, float]], target_source
 
 
 def refit_family(
-    rows_by_eps: dict[float, list[dict]], budgets: list[tuple[str, float]], shipped: BanCuts
+    rows_by_eps: dict[float, list[dict]],
+    budgets: list[tuple[str, float]],
+    shipped: BanCuts,
+    spread: float | None = None,
 ) -> dict:
     """BAN's noise budget and cuts refitted together with the reach stage (``--refit-ban``):
     :func:`refit_cuts` at each budget of ``rows_by_eps`` (the family's scans at that budget;
     ``shipped.eps`` among them), keeping the budget with the fewest errors, then the fewest false
     alarms, then the widest all-to-one margin (the cut's distance to the nearest score, as
     calibrate_scan.py's ``choose_budgets`` breaks ties), then ``shipped.eps`` (calibrate_scan.py's
-    choice, for BAN alone), then the smaller.
+    choice, for BAN alone), then the smaller. ``spread``: the spread reading's threshold where the
+    family runs it, counted last throughout (every count here is of all the family's stages).
 
     BAN's cuts and budget were fitted for BAN alone (``calibrate_scan.py``), before a second stage
     existed: there, a lower all-to-one cut (or a larger budget) buys the backdoors only BAN sees
     with clean models flagged. With reach behind it, some of those backdoors are reach's to find,
     so the setting that makes the fewest errors of both stages together can differ."""
-    fits = {eps: refit_cuts(rows, budgets, shipped.target_source, eps) for eps, rows in rows_by_eps.items()}
+    fits = {
+        eps: refit_cuts(rows, budgets, shipped.target_source, eps, spread)
+        for eps, rows in rows_by_eps.items()
+    }
     eps = min(
         fits,
         key=lambda e: (
@@ -491,10 +523,14 @@ def refit_family(
     )
     chosen, without = fits[eps]["chosen"], fits[eps]["without_reach"]
     rows = rows_by_eps[shipped.eps]
-    before = fit_family(rows, budgets, shipped)  # reach behind BAN's shipped cuts, as without --refit-ban
+    before = fit_family(
+        rows, budgets, shipped, spread
+    )  # reach behind BAN's shipped cuts, as without --refit-ban
     first = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == budgets[0]]
     before_errors = (
-        before["chosen"]["errors"] if before["enabled"] else errors(record(first, None, ban=shipped))
+        before["chosen"]["errors"]
+        if before["enabled"]
+        else errors(record(first, None, ban=shipped, spread=spread))
     )
     return {
         "enabled": chosen["fit"] is not None,
@@ -511,6 +547,7 @@ def refit_family(
             if chosen["fit"]
             else " and no reach stage"
         )
+        + ("" if spread is None else f", with the spread reading at {spread:.3f} last")
         + f", refitted together; {without['errors']} with the best BAN cuts alone; "
         + f"{before_errors} with calibrate_scan.py's cuts (eps {shipped.eps:g})",
         "chosen": {
@@ -521,6 +558,7 @@ def refit_family(
             "errors_best_ban_alone": without["errors"],
         },
         "without_reach": without,
+        "spread_threshold": spread,
         # the best setting at each budget, both stages together
         "by_eps": {
             f"{e:g}": {
@@ -542,22 +580,33 @@ def refit_family(
     }
 
 
+def spread_setting(calibration: dict, family: str) -> dict | None:
+    """The spread reading as the calibration runs it for ``family`` (``rho``, ``steps``,
+    ``threshold``; ``None``: it does not run there)."""
+    fitted = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
+    if fitted is None:
+        return None
+    return {**fitted, "steps": fitted.get("steps") or DEFAULT_SPREAD_STEPS}
+
+
 def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
-    """Both stages' record on ``rows`` at ``calibration``'s cuts for ``family``: BAN's from the
-    stored statistics where a refit replaced calibrate_scan.py's cuts (the stored verdicts may
-    predate it), else the stored verdicts; reach's where the calibration enables it."""
-    ban = None
+    """All stages' record on ``rows`` at ``calibration``'s cuts for ``family``: where a refit
+    replaced calibrate_scan.py's cuts (the stored verdicts may predate it), BAN's from the stored
+    statistics and the spread reading (where it runs) from each row's ``spread_score``, else the
+    stored verdicts (which include the spread reading); reach's where the calibration enables it."""
+    ban, spread = None, None
     if family in (calibration.get("refitted_by_family") or {}):
         ban = BanCuts(
             *calibrated_thresholds(calibration, family),
             calibration["target_source_by_family"][family],
             calibrated_eps(calibration, family),
         )
+        spread = (spread_setting(calibration, family) or {}).get("threshold")
     fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
     if fitted is None:
-        return record(rows, None, ban=ban)
+        return record(rows, None, ban=ban, spread=spread)
     at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (fitted["norm"], fitted["rho"])]
-    return record(at, fitted["threshold"], fitted["target_when_both"], ban)
+    return record(at, fitted["threshold"], fitted["target_when_both"], ban, spread)
 
 
 def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> dict[str, BanCuts]:
@@ -577,11 +626,6 @@ def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> di
     for fam in families:
         if fam not in (calibration.get("all_to_one_thresholds") or {}):
             raise SystemExit(f"--refit-ban {fam}: the calibration has no BAN cut for that family to refit")
-        if fam in ((calibration.get("spread") or {}).get("by_family") or {}):
-            raise SystemExit(
-                f"--refit-ban {fam}: the spread reading is calibrated for this family and its stored verdicts "
-                "include it; refitting BAN there would need the spread threshold refitted with it"
-            )
         if not any(r["norm_family"] == fam for r in rows):
             raise SystemExit(f"--refit-ban {fam}: none of the given models is of that family")
         if any("ban_statistics" not in r for r in rows if r["norm_family"] == fam):
@@ -622,6 +666,39 @@ def at_eps(row: dict, key: str, eps: float, ban_scan: Callable[[str], dict]) -> 
     return {**row, **ban_scan(f"{key}|ban-eps{eps:g}")}
 
 
+def spread_row(folder: Path, norm: str, rho: float, spread: dict, args: argparse.Namespace) -> dict:
+    """The spread reading's score of a model, as the scan takes it: after the reach stage (whose
+    batches come from the same generator), so reach runs too, at the row's budget; neither decides.
+    BAN's noise budget does not move it (it perturbs the input of the unperturbed model, and the
+    noise search draws as many random numbers at any budget)."""
+    _, report = scan_folder(
+        folder,
+        args,
+        reach="on",
+        reach_norm=norm,
+        reach_rho=rho,
+        reach_steps=args.steps,
+        reach_threshold=float("inf"),
+        spread="on",
+        spread_rho=spread["rho"],
+        spread_steps=spread["steps"],
+        spread_threshold=float("inf"),
+    )
+    return {
+        "spread_rho": spread["rho"],
+        "spread_steps": spread["steps"],
+        "spread_score": report.spread["score"],
+        "spread_seconds": report.spread["seconds"],
+        # the reach score of this scan: equal to the stored row's when the generator ran the same way
+        "spread_scan_reach_score": report.reach["score"],
+    }
+
+
+def spread_key(key: str, spread: dict) -> str:
+    """The key a model's spread reading is stored under, beside its scan's ``key``."""
+    return f"{key}|spread-l2:{spread['rho']:g}-steps{spread['steps']}"
+
+
 def stored_scan(stored: dict, results_file: Path, key: str, make: Callable[[], dict]) -> dict:
     """``stored[key]``, scanned with ``make()`` and written to ``results_file`` first if missing
     (so an interrupted calibration resumes where it stopped)."""
@@ -659,9 +736,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     calibration = json.loads(out.read_text()) if out.is_file() else {}
 
-    def family_rows(family: str, eps: float) -> list[dict]:
+    def family_rows(family: str, eps: float, spread: dict | None = None) -> list[dict]:
         """The family's usable rows with BAN's part at noise budget ``eps``: the stored scan's own
-        where it ran at that budget, else a BAN-only scan at it (stored under its own key)."""
+        where it ran at that budget, else a BAN-only scan at it (stored under its own key); with
+        ``spread`` (the family's spread setting), each row's spread score too (likewise)."""
 
         def rescan(rescan_key: str, folder: Path, model: str) -> dict:
             extra = stored_scan(stored, results_file, rescan_key, lambda: ban_row(folder, eps, args))
@@ -672,24 +750,57 @@ def main(argv: list[str] | None = None) -> None:
             )
             return extra
 
-        return [
-            at_eps(row, key, eps, lambda k, folder=folder, row=row: rescan(k, folder, row["model"]))
-            for folder, key, row in used
-            if row["norm_family"] == family
-        ]
+        def spread_scan(folder: Path, key: str, row: dict) -> dict:
+            extra = stored_scan(
+                stored,
+                results_file,
+                spread_key(key, spread),
+                lambda: spread_row(folder, row["reach_norm"], row["reach_rho"], spread, args),
+            )
+            drift = abs(extra["spread_scan_reach_score"] - row["reach_score"])
+            print(
+                f"{row['model']}: spread {extra['spread_score']:.3f} [{extra['spread_seconds']:.0f}s]"
+                + (
+                    f" (its scan's reach score differs from the stored one by {drift:.4f})"
+                    if drift > 1e-6
+                    else ""
+                ),
+                flush=True,
+            )
+            return extra
+
+        rows = []
+        for folder, key, row in used:
+            if row["norm_family"] != family:
+                continue
+            rows.append(
+                at_eps(row, key, eps, lambda k, folder=folder, row=row: rescan(k, folder, row["model"]))
+            )
+            if spread is not None:
+                rows[-1] = {**rows[-1], **spread_scan(folder, key, row)}
+        return rows
 
     present = sorted({row["norm_family"] for *_, row in used})
     if args.check:
         for fam in present:
-            rel = check_family(family_rows(fam, calibrated_eps(calibration, fam)), calibration, fam)
+            # a refitted family's verdicts are recomputed from BAN's statistics, so its spread
+            # reading is counted from each model's own spread score
+            refitted = fam in (calibration.get("refitted_by_family") or {})
+            spread = spread_setting(calibration, fam) if refitted else None
+            rel = check_family(family_rows(fam, calibrated_eps(calibration, fam), spread), calibration, fam)
             print(f"{fam}: {errors(rel)} errors with the calibration of {out} ({json.dumps(rel)})")
         return
     refit = shipped_cuts(calibration, args.refit_ban, [row for *_, row in used])
-    families, shipped_rows = {}, {}
+    families, shipped_rows, spread_by_family = {}, {}, {}
     for fam in present:
         if fam in refit:
-            by_eps = {eps: family_rows(fam, eps) for eps in sorted({refit[fam].eps, *ban_eps.get(fam, [])})}
-            families[fam] = refit_family(by_eps, budgets, refit[fam])
+            # where the spread reading runs, the stored verdicts include it; the refit recomputes
+            # BAN's from its statistics, so spread is counted from each model's own score
+            spread = spread_by_family[fam] = spread_setting(calibration, fam)
+            by_eps = {
+                eps: family_rows(fam, eps, spread) for eps in sorted({refit[fam].eps, *ban_eps.get(fam, [])})
+            }
+            families[fam] = refit_family(by_eps, budgets, refit[fam], spread and spread["threshold"])
             shipped_rows[fam] = by_eps[families[fam]["chosen"]["eps"]]
         else:
             shipped_rows[fam] = family_rows(fam, calibrated_eps(calibration, fam))
@@ -707,6 +818,19 @@ def main(argv: list[str] | None = None) -> None:
                 "target_when_both": best["target_when_both"],
             }
             reliability[fam] = best["reliability"]
+            if spread_by_family.get(fam):  # the refit counted spread too; reach's record is of two stages
+                at = [
+                    r
+                    for r in shipped_rows[fam]
+                    if (r["reach_norm"], r["reach_rho"]) == (best["norm"], best["rho"])
+                ]
+                cuts = BanCuts(
+                    best["all_to_one_threshold"],
+                    best["all_to_all_threshold"],
+                    refit[fam].target_source,
+                    best["eps"],
+                )
+                reliability[fam] = record(at, best["fit"]["threshold"], best["target_when_both"], cuts)
     for fam in refit:
         best = families[fam]["chosen"]
         calibration["all_to_one_thresholds"][fam] = best["all_to_one_threshold"]
@@ -725,6 +849,21 @@ def main(argv: list[str] | None = None) -> None:
             },
         }
         print(f"{fam}: BAN's cuts refitted ({families[fam]['reason']})")
+        if spread_by_family.get(fam):
+            # the record scan quotes for all stages: the spread section's was counted behind the
+            # cuts this refit replaced
+            section = calibration["spread"]
+            section.setdefault("recounted_by_family", {})[fam] = {
+                "note": f"reliability_by_family.{fam} recounted by calibrate_reach.py --refit-ban on "
+                f"{datetime.date.today().isoformat()} behind the refitted BAN and reach cuts (reach section, "
+                f"families.{fam}), with each model's spread score at this section's threshold; families.{fam} "
+                "is calibrate_spread.py's fit behind the cuts before",
+                # calibrate_spread.py's own count (kept through later recounts)
+                "reliability_before": (section.get("recounted_by_family") or {})
+                .get(fam, {})
+                .get("reliability_before", section["reliability_by_family"].get(fam)),
+            }
+            section["reliability_by_family"][fam] = best["reliability"]
     calibration["reach"] = {
         "by_family": by_family,
         "reliability_by_family": reliability,

@@ -6,8 +6,9 @@ and ``--fold-b``, e.g. the calibration zoo and a held-out set built later); the 
 each fold with the candidate budgets and counted on the other, from the scans
 ``calibrate_reach.py`` stored (every model must have been scanned at every budget there, as a
 refit with ``--ban-eps`` over both folds leaves it). Each way is run with every budget offered
-together, and with each budget alone, so the choice of budget is checked too. Nothing is
-written to the calibration; the result goes to ``--out``.
+together, and with each budget alone, so the choice of budget is checked too. Where the
+family runs the spread reading, it is counted last on both folds, from the spread scores the
+refit stored. Nothing is written to the calibration; the result goes to ``--out``.
 
 Example (the command behind ``results/reach/refit-batchnorm-crossfold.json`` is recorded in it)::
 
@@ -33,6 +34,8 @@ from calibrate_reach import (  # noqa: E402
     record,
     refit_family,
     scan_key,
+    spread_key,
+    spread_setting,
     usable,
 )
 from calibrate_scan import recorded_command  # noqa: E402
@@ -60,9 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fold_rows(patterns: list[str], eps: float, stored: dict, args: argparse.Namespace) -> list[dict]:
+def fold_rows(
+    patterns: list[str], eps: float, stored: dict, args: argparse.Namespace, spread: dict | None = None
+) -> list[dict]:
     """The fold's usable models of the family, with BAN's part at ``eps`` (as calibrate_reach.py
-    merges a BAN-only rescan into the scan taken at the calibration's budget)."""
+    merges a BAN-only rescan into the scan taken at the calibration's budget) and, where the
+    family runs the spread reading (``spread``), each model's spread score."""
     norm, rho = parse_budgets(args.budget)[0]
     rows = []
     for folder in model_folders(patterns):
@@ -81,25 +87,41 @@ def fold_rows(patterns: list[str], eps: float, stored: dict, args: argparse.Name
             return stored[rescan_key]
 
         rows.append(at_eps(row, key, eps, stored_ban))
+        if spread is not None:
+            if spread_key(key, spread) not in stored:
+                raise SystemExit(
+                    f"{folder.name}: no spread score stored; refit with --refit-ban over it first"
+                )
+            rows[-1] = {**rows[-1], **stored[spread_key(key, spread)]}
     return rows
 
 
 def one_way(
-    fit_on: list[str], test_on: list[str], budgets: list[float], shipped: BanCuts, stored: dict, args
+    fit_on: list[str],
+    test_on: list[str],
+    budgets: list[float],
+    shipped: BanCuts,
+    stored: dict,
+    args,
+    spread: dict | None = None,
 ) -> dict:
     """Refit on one fold with ``budgets`` offered, count the chosen setting on the other;
-    ``shipped``: calibrate_scan.py's cuts, where the refit starts from."""
+    ``shipped``: calibrate_scan.py's cuts, where the refit starts from; ``spread``: the family's
+    spread setting where it runs (its threshold is counted last on both folds, as the refit does)."""
     # the refit counts calibrate_scan.py's cuts at their budget and prefers that budget on ties;
     # where it is not offered, the first offered stands in (its before-refit count is not used)
     start = shipped if shipped.eps in budgets else replace(shipped, eps=budgets[0])
     reach_budget = [parse_budgets(args.budget)[0]]
-    fit = refit_family({e: fold_rows(fit_on, e, stored, args) for e in budgets}, reach_budget, start)
+    cut = spread and spread["threshold"]
+    fit = refit_family(
+        {e: fold_rows(fit_on, e, stored, args, spread) for e in budgets}, reach_budget, start, cut
+    )
     chosen = fit["chosen"]
     ban = BanCuts(
         chosen["all_to_one_threshold"], chosen["all_to_all_threshold"], start.target_source, chosen["eps"]
     )
-    test = fold_rows(test_on, chosen["eps"], stored, args)
-    rel = record(test, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], ban)
+    test = fold_rows(test_on, chosen["eps"], stored, args, spread)
+    rel = record(test, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], ban, cut)
     return {
         "budgets_offered": budgets,
         "chosen_eps": chosen["eps"],
@@ -124,11 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         calibration["target_source_by_family"][args.family],
         before["eps"],
     )
+    spread = spread_setting(calibration, args.family)
     offers = [budgets, *([e] for e in budgets)] if len(budgets) > 1 else [budgets]
-    out = {"what": __doc__.split("\n")[0], "family": args.family, "ways": []}
+    out = {"what": __doc__.split("\n")[0], "family": args.family, "spread": spread, "ways": []}
     for name, fit_on, test_on in (("a -> b", args.fold_a, args.fold_b), ("b -> a", args.fold_b, args.fold_a)):
         for offered in offers:
-            way = {"way": name, **one_way(fit_on, test_on, offered, shipped, stored, args)}
+            way = {"way": name, **one_way(fit_on, test_on, offered, shipped, stored, args, spread)}
             out["ways"].append(way)
             t = way["test"]
             print(

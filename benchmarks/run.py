@@ -460,7 +460,13 @@ def _reach_section() -> list[str]:
             f"{before['eps']:g} -> {best['eps']:g}, all-to-one "
             f"{_cut(before['all_to_one_threshold'])} -> {_cut(best['all_to_one_threshold'])}, all-to-all "
             f"{_cut(before['all_to_all_threshold'])} -> {_cut(best['all_to_all_threshold'])}; errors of both stages "
-            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach: {best['errors_best_ban_alone']}).",
+            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach: {best['errors_best_ban_alone']})"
+            + (
+                ""
+                if fit.get("spread_threshold") is None
+                else f"; every count here includes the spread reading at {fit['spread_threshold']:.3f}, counted last"
+            )
+            + ".",
             "",
             "| eps | all-to-one cut | all-to-all cut | reach cut | clean flagged | backdoors detected "
             "| right targets | errors |",
@@ -497,6 +503,9 @@ def _reach_section() -> list[str]:
             verdict, _, target, _, _ = decide(
                 stats, threshold=one, all_to_all_threshold=a2a, target_source=source
             )
+            spread = section["families"][m["norm_family"]].get("spread_threshold")
+            if verdict == "clean" and spread is not None and m["spread_score"] > spread:
+                verdict = "backdoored (spread)"
         ban = verdict + ("" if target is None else f" ({target})")
         ban_scores = (
             "-"

@@ -63,7 +63,7 @@ def test_a_longer_trained_model_keeps_rows_of_its_own(bench, tmp_path):
 
 def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeypatch):
     model = {"ban_verdict": "clean", "ban_target": None, "acc": 0.9, "asr": None, "used": True}
-    model |= {"norm_family": "other", "ban_eps": 0.3}
+    model |= {"norm_family": "other", "ban_eps": 0.3, "spread_score": 0.0}
     rows = [
         {**model, "model": "m-clean", "attack": None, "mode": None, "target": None}
         | {"reach_norm": norm, "reach_rho": rho, "reach_score": 0.02, "reach_target": 6}
@@ -72,7 +72,11 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
     ] + [
         {**model, "model": "m-bad", "attack": "badnets", "mode": "all-to-one", "target": 0, "asr": 1.0}
         | {"reach_norm": "l2", "reach_rho": 1.0, "reach_score": 0.88, "reach_target": 0}
-        | {"ban_statistics": {"all_to_one": 0.41, "target": 0, "target_masked": 0, "all_to_all": 0.05}}
+        | {"ban_statistics": {"all_to_one": 0.41, "target": 0, "target_masked": 0, "all_to_all": 0.05}},
+        # BAN and reach miss it; the family's spread reading, counted by the refit, sees it
+        {**model, "model": "m-a2a", "attack": "badnets", "mode": "all-to-all", "target": None, "asr": 0.9}
+        | {"reach_norm": "l2", "reach_rho": 1.0, "reach_score": 0.05, "reach_target": 3, "spread_score": 0.7}
+        | {"ban_statistics": {"all_to_one": 0.12, "target": 3, "target_masked": 3, "all_to_all": 0.02}},
     ]
     record = {
         "false_positives": 0,
@@ -108,6 +112,7 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
                     "errors": 2,
                     "eps": 0.75,
                 },
+                "spread_threshold": 0.4,
                 "by_eps": {
                     "0.3": {
                         "errors": 0,
@@ -146,6 +151,11 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         "BAN's other noise budget and cuts refitted" in line
         and "eps 0.75 -> 0.3, all-to-one 0.300 -> 0.350, all-to-all 0.100 -> not used" in line
         and "errors of both stages 2 -> 0 (the best BAN cuts without reach: 1)" in line
+        and "includes the spread reading at 0.400" in line
+        for line in lines
+    )
+    assert any(
+        line.startswith("| m-a2a | badnets all-to-all |") and "| backdoored (spread) |" in line
         for line in lines
     )
     assert sum(line.startswith("| m-clean |") for line in lines) == 1

@@ -194,11 +194,8 @@ def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
         "all_to_all_threshold": 0.1,
         "target_source_by_family": {"batchnorm": "noisy", "other": "noisy_masked"},
         "eps_by_family": {"batchnorm": 0.75, "other": 0.5},
-        "spread": {"by_family": {"other": {"rho": 2.0, "threshold": 0.4}}},
     }
     old = {**_row(None, 0.1), "norm_family": "batchnorm"}
-    with pytest.raises(SystemExit, match="spread reading is calibrated"):
-        cal.shipped_cuts(calibration, ["other"], [])
     with pytest.raises(SystemExit, match="no BAN statistics"):
         cal.shipped_cuts(calibration, ["batchnorm"], [old])
     with pytest.raises(SystemExit, match="no BAN cut"):
@@ -223,6 +220,35 @@ def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
         cal.shipped_cuts(refitted, [], scanned)
     restart = cal.shipped_cuts(refitted, ["batchnorm"], scanned)["batchnorm"]
     assert restart == cal.BanCuts(0.3, 0.1, "noisy", 0.75)
+
+
+def test_refit_counts_the_spread_reading_last_where_the_family_runs_it(cal):
+    """A family with the spread reading: its stored verdicts include spread, but a refit
+    recomputes BAN's from the statistics, so spread is counted from each model's own score; an
+    all-to-all backdoor only spread sees is then not a miss that a lower BAN cut must buy."""
+    rows = [
+        {**_scored(None, 0.27, 0.10), "spread_score": 0.0},
+        {**_scored(None, 0.10, 0.08), "spread_score": 0.0},
+        {**_scored("badnets", 0.31, 0.10, target=3), "spread_score": 0.0},
+        {**_scored("blended", 0.12, 0.50, target=1), "spread_score": 0.0},
+        # all-to-all: BAN reads it at 0.25, under the clean model at 0.27; only spread sees it
+        {**_scored("badnets", 0.25, 0.07), "mode": "all-to-all", "spread_score": 0.8},
+    ]
+    shipped = cal.BanCuts(0.176, None, "noisy_masked", 0.5)
+    with_spread = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped, 0.4)
+    best = with_spread["chosen"]
+    assert best["all_to_one_threshold"] == pytest.approx((0.27 + 0.31) / 2) and best["errors"] == 0
+    assert best["reliability"]["detected"] == 3 and best["reliability"]["false_positives"] == 0
+    assert with_spread["spread_threshold"] == 0.4 and "spread reading at 0.400" in with_spread["reason"]
+    # BAN's own record (the BAN section's) leaves spread out
+    assert best["reliability_ban_alone"]["detected"] == 1
+    # the shipped cut (0.176) flags the clean model at 0.27: one error, spread counted
+    assert with_spread["before_refit"]["errors"] == 1
+    without = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped)["chosen"]
+    assert without["errors"] == 1  # the all-to-all model is missed without spread
+    # spread's own threshold is not refitted: a score at it does not fire
+    at = cal.record(rows[4:], None, ban=cal.BanCuts(0.29, None, "noisy_masked", 0.5), spread=0.8)
+    assert at["detected"] == 0
 
 
 def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
@@ -252,6 +278,14 @@ def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
     assert cal.check_family(rows, plain, "batchnorm")["detected"] == 1
     # no reach stage for the family: BAN alone
     assert cal.check_family(rows, {**calibration, "reach": {}}, "batchnorm")["detected"] == 1
+    # a refitted family that runs the spread reading: counted from each model's spread score
+    # (a missed all-to-all backdoor it sees), at the calibration's threshold
+    a2a = {**_scored("badnets", 0.10, 0.10), "mode": "all-to-all"}
+    spread = {**calibration, "spread": {"by_family": {"batchnorm": {"rho": 2.0, "threshold": 0.4}}}}
+    spread_rows = [{**r, "spread_score": 0.0} for r in rows] + [{**a2a, "spread_score": 0.6}]
+    assert cal.check_family(spread_rows, spread, "batchnorm")["detected"] == 3
+    assert cal.spread_setting(spread, "batchnorm") == {"rho": 2.0, "threshold": 0.4, "steps": 40}
+    assert cal.spread_setting(calibration, "batchnorm") is None
 
 
 def test_crossfold_fits_on_one_fold_and_counts_on_the_other(benchmark_script, tmp_path, monkeypatch):
@@ -301,3 +335,46 @@ def test_crossfold_fits_on_one_fold_and_counts_on_the_other(benchmark_script, tm
     assert ways[("a -> b", (0.5, 0.75))]["chosen_eps"] == 0.5
     assert ways[("a -> b", (0.5, 0.75))]["errors_on_test"] == 0
     assert ways[("b -> a", (0.5,))]["test"]["detected"] == 1
+
+
+def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp_path, monkeypatch):
+    """For a family that runs the spread reading, each fold's models carry the spread scores the
+    refit stored, and an all-to-all backdoor only spread sees counts as found on the other fold;
+    a model without a stored spread score is refused."""
+    cross = benchmark_script("refit_crossfold")
+    stored, folds = {}, {"a": [], "b": []}
+
+    def add(fold, name, attack, a2o, spread, *, mode="all-to-one", target=None, with_spread=True):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training.json").write_text("{}")
+        folds[fold].append(str(folder))
+        key = f"{name}|l2:1|steps20|n600|test|s0"
+        base = {**_scored(attack, a2o, 0.05, target=target), "norm_family": "other", "mode": mode}
+        stored[key] = {**base, "model": name, "ban_eps": 0.5, "acc": 0.9, "asr": 0.9 if attack else None}
+        if with_spread:
+            stored[f"{key}|spread-l2:2-steps40"] = {"spread_score": spread}
+
+    add("a", "a-clean", None, 0.10, 0.0)
+    add("a", "a-bad", "badnets", 0.40, 0.0, target=2)
+    add("b", "b-clean", None, 0.15, 0.0)
+    add("b", "b-a2a", "badnets", 0.05, 0.7, mode="all-to-all")
+    results = tmp_path / "stored.json"
+    results.write_text(json.dumps(stored))
+    calibration = {
+        "target_source_by_family": {"other": "noisy_masked"},
+        "refitted_by_family": {
+            "other": {"calibrate_scan_cuts": {"all_to_one": 0.2, "all_to_all": None, "eps": 0.5}}
+        },
+        "spread": {"by_family": {"other": {"rho": 2.0, "threshold": 0.4}}},
+    }
+    monkeypatch.setattr(cross, "load_calibration", lambda: calibration)
+    out = tmp_path / "out.json"
+    argv = ["--family", "other", "--eps", "0.5", "--results", str(results), "--out", str(out)]
+    cross.main(argv + ["--fold-a", *folds["a"], "--fold-b", *folds["b"]])
+    ways = {w["way"]: w for w in json.loads(out.read_text())["ways"]}
+    assert ways["a -> b"]["test"]["detected"] == 1 and ways["a -> b"]["errors_on_test"] == 0
+    add("b", "b-unread", "badnets", 0.30, 0.0, target=1, with_spread=False)
+    results.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="no spread score stored"):
+        cross.main(argv + ["--fold-a", *folds["a"], "--fold-b", *folds["b"]])
