@@ -24,8 +24,10 @@ normalisation family:
 The result goes into the ``reach`` section of ``--out`` (the shipped calibration by default;
 its other sections are left as they are): the enabled families' budgets and thresholds, both
 stages' record on these models (``reliability_by_family``, which ``scan`` quotes in its
-cautions), every model's scores, the command and the environment. Scans are stored in
-``--results`` so a re-run only scans new models or budgets.
+cautions), every model's scores, the command and the environment. A run over one family's
+models leaves the other families as an earlier run fitted them (``provenance_by_family`` names
+the run behind each), so a family can be refitted without rebuilding the other's models. Scans
+are stored in ``--results`` so a re-run only scans new models or budgets.
 
 With ``--refit-ban FAMILY`` BAN's own cuts for that family are refitted together with reach's
 (``refit_family``), and with ``--ban-eps FAMILY:EPS,...`` its noise budget too: each model of
@@ -123,8 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FAMILY",
         help="also refit BAN's all-to-one and all-to-all cuts of this normalisation family together "
         "with the reach stage, from the statistics the scans stored (see refit_family); written to "
-        "the BAN section of --out (repeatable; not for a family the spread reading is calibrated for, "
-        "whose stored verdicts include it)",
+        "the BAN section of --out (repeatable; where the spread reading is calibrated for the family, "
+        "each model's spread score is stored and counted last, as the scan does)",
     )
     p.add_argument(
         "--ban-eps",
@@ -864,10 +866,30 @@ def main(argv: list[str] | None = None) -> None:
                 .get("reliability_before", section["reliability_by_family"].get(fam)),
             }
             section["reliability_by_family"][fam] = best["reliability"]
+    # a run over some families' models leaves the others' entries as the run that fitted them wrote them
+    previous = calibration.get("reach") or {}
+    kept = [fam for fam in previous.get("families", {}) if fam not in families]
+    run = {
+        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
+        "date": datetime.date.today().isoformat(),
+        "timm_purify_version": __version__,
+        "environment": environment_info(),
+    }
+    provenance = previous.get("provenance_by_family") or {
+        # a section written before runs were recorded per family: one run fitted every family
+        fam: {key: previous.get(key) for key in run}
+        for fam in previous.get("families", {})
+    }
+
+    def merged(new: dict, name: str) -> dict:
+        """``new`` with the kept families' entries of the previous section's ``name``, in family order."""
+        old = {fam: previous[name][fam] for fam in kept if fam in previous.get(name, {})}
+        return dict(sorted({**old, **new}.items()))
+
     calibration["reach"] = {
-        "by_family": by_family,
-        "reliability_by_family": reliability,
-        "families": families,
+        "by_family": merged(by_family, "by_family"),
+        "reliability_by_family": merged(reliability, "reliability_by_family"),
+        "families": merged(families, "families"),
         "rule": (
             "per normalisation family and candidate budget, the candidate reach thresholds lie midway between the "
             "highest score of a clean model and each score above it of an implanted all-to-one backdoor BAN missed "
@@ -883,18 +905,22 @@ def main(argv: list[str] | None = None) -> None:
             "kept: the fewest errors, then the fewest false alarms, then the widest all-to-one margin, then "
             "calibrate_scan.py's budget, then the "
             "smaller), and written to the BAN section (all_to_one_thresholds, all_to_all_thresholds, "
-            "reliability_by_family, eps_by_family)."
+            "reliability_by_family, eps_by_family). A run over some families' models leaves the other "
+            "families' entries, models and provenance (provenance_by_family) as the run that fitted them wrote them."
         ),
         "min_acc": args.min_acc,
         "min_asr": args.min_asr,
-        "ban_refitted": sorted(refit),
-        # the usable models at the budget each family now scans at, then those not used as scanned
+        "ban_refitted": sorted(set(refit) | {fam for fam in previous.get("ban_refitted", []) if fam in kept}),
+        # the usable models at the budget each family now scans at, then those not used as scanned,
+        # then the kept families' as their run wrote them
         "models": [{**r, "used": True} for fam in present for r in shipped_rows[fam]]
-        + [{**row, "used": False} for *_, row in scanned if not usable(row, args)],
-        "date": datetime.date.today().isoformat(),
-        "timm_purify_version": __version__,
-        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
-        "environment": environment_info(),
+        + [{**row, "used": False} for *_, row in scanned if not usable(row, args)]
+        + [row for row in previous.get("models", []) if row["norm_family"] in kept],
+        # each family's fit: the run that wrote it (the top-level fields below: the latest run)
+        "provenance_by_family": dict(
+            sorted({**{fam: provenance[fam] for fam in kept}, **{fam: run for fam in families}}.items())
+        ),
+        **run,
     }
     out.write_text(json.dumps(calibration, indent=1) + "\n")
     print(f"wrote the reach section of {out}")

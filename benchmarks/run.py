@@ -427,11 +427,20 @@ def _reach_section() -> list[str]:
     section = calibration.get("reach")
     if not section:
         return []
+    # each family's fit names the run behind it (a run over one family's models keeps the others)
+    runs: dict[str, list[str]] = {}
+    for fam, run_ in (section.get("provenance_by_family") or {}).items():
+        runs.setdefault(f"`{run_['command']}` ({run_['date']})", []).append(fam)
+    regenerate = (
+        f"regenerate with `{section['command']}`"
+        if len(runs) < 2
+        else "regenerate " + "; ".join(f"{', '.join(fams)} with {command}" for command, fams in runs.items())
+    )
     lines = [
         "## Detection: the universal-reach stage",
         "",
         f"From the `reach` section of `timm_purify/detection/calibration.json` ({section['date']}); "
-        f"regenerate with `{section['command']}`. Rule: {section['rule']}",
+        f"{regenerate}. Rule: {section['rule']}",
         "",
         "| family | enabled | budget | threshold | target where both fire | errors, both stages / BAN alone "
         "| clean flagged | backdoors detected (BAN alone) | right targets (BAN alone) |",

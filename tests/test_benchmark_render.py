@@ -128,6 +128,12 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
             "groupnorm": {"enabled": False},
         },
         "ban_refitted": ["other"],
+        # the LayerNorm fit by a later run than the others'
+        "provenance_by_family": {
+            "batchnorm": {"command": "c-all", "date": "d0"},
+            "groupnorm": {"command": "c-all", "date": "d0"},
+            "other": {"command": "c", "date": "d"},
+        },
     }
     calibration = {
         "reach": section,
@@ -159,6 +165,9 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         for line in lines
     )
     assert sum(line.startswith("| m-clean |") for line in lines) == 1
+    assert any(
+        "regenerate batchnorm, groupnorm with `c-all` (d0); other with `c` (d)." in line for line in lines
+    )
 
 
 def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkeypatch):

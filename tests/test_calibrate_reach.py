@@ -378,3 +378,65 @@ def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp
     results.write_text(json.dumps(stored))
     with pytest.raises(SystemExit, match="no spread score stored"):
         cross.main(argv + ["--fold-a", *folds["a"], "--fold-b", *folds["b"]])
+
+
+def test_a_run_over_one_familys_models_keeps_the_other_familys_fit(cal, tmp_path):
+    """Refitting the LayerNorm family must not need (or drop) the BatchNorm models: their
+    entries, models and provenance stay as the earlier run wrote them, and each family names the
+    run behind its fit."""
+    stored, folders = {}, []
+    for name, attack, a2o, reach in [
+        ("ln-clean", None, 0.05, 0.10),
+        ("ln-bad", "badnets", 0.05, 0.60),
+        ("ln-blended", "blended", 0.40, 0.20),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training.json").write_text("{}")
+        folders.append(str(folder))
+        row = {**_scored(attack, a2o, reach, target=None if attack is None else 2), "ban_target": None}
+        if a2o > 0.3:
+            row.update(ban_verdict="backdoored", ban_target=2)
+        stored[f"{name}|l2:1|steps20|n600|test|s0"] = {
+            **row,
+            "model": name,
+            "norm_family": "other",
+            "ban_eps": 0.5,
+            "acc": 0.8,
+            "asr": None if attack is None else 0.9,
+            "scan_seconds": 1.0,
+        }
+    results = tmp_path / "stored.json"
+    results.write_text(json.dumps(stored))
+    bn_model = {"model": "bn-bad", "norm_family": "batchnorm", "used": True}
+    before = {
+        "by_family": {"batchnorm": {"norm": "l2", "rho": 1.0, "threshold": 0.65}},
+        "reliability_by_family": {"batchnorm": {"detected": 33}},
+        "families": {"batchnorm": {"enabled": True}, "other": {"enabled": False}},
+        "ban_refitted": ["batchnorm"],
+        "models": [bn_model, {"model": "ln-old", "norm_family": "other", "used": True}],
+        "command": "python benchmarks/calibrate_reach.py bn-and-ln-models",
+        "date": "2026-11-20",
+        "timm_purify_version": "0.0.9",
+        "environment": {"torch": "x"},
+    }
+    out = tmp_path / "calibration.json"
+    out.write_text(json.dumps({"eps_by_family": {"other": 0.5}, "reach": before}))
+    cal.main(["--budgets", "l2:1", "--steps", "20", "--results", str(results), "--out", str(out), *folders])
+    reach = json.loads(out.read_text())["reach"]
+    assert list(reach["families"]) == ["batchnorm", "other"]
+    assert reach["families"]["batchnorm"] == {"enabled": True}
+    assert reach["by_family"]["batchnorm"]["threshold"] == 0.65
+    assert reach["by_family"]["other"]["threshold"] == pytest.approx(0.35)  # midway 0.10 .. 0.60
+    assert reach["reliability_by_family"]["batchnorm"] == {"detected": 33}
+    assert reach["ban_refitted"] == ["batchnorm"]
+    # the LayerNorm rows are this run's, the BatchNorm ones the earlier run's
+    assert sorted(m["model"] for m in reach["models"]) == ["bn-bad", "ln-bad", "ln-blended", "ln-clean"]
+    provenance = reach["provenance_by_family"]
+    assert provenance["batchnorm"]["command"] == before["command"]
+    assert provenance["batchnorm"]["date"] == "2026-11-20"
+    assert (
+        "--steps 20" in provenance["other"]["command"] and provenance["other"]["command"] == reach["command"]
+    )
+    # a later run over the BatchNorm family alone would keep this LayerNorm provenance in turn
+    assert provenance["other"]["date"] == reach["date"]
