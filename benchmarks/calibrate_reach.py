@@ -614,10 +614,12 @@ def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
 def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> dict[str, BanCuts]:
     """The cuts calibrate_scan.py fitted for each ``--refit-ban`` family (also where an earlier
     refit replaced them, so refitting again starts from the same place), after checking the
-    family can be refitted here; and that no family refitted earlier is left out, since its
-    stored verdicts were taken at the cuts the refit replaced."""
+    family can be refitted here; and that no family refitted earlier whose models are given is
+    left out, since their stored verdicts were taken at the cuts the refit replaced (a family
+    without models here keeps its fit, see main)."""
     earlier = calibration.get("refitted_by_family") or {}
-    left_out = sorted(set(earlier) - set(families))
+    given = {r["norm_family"] for r in rows}
+    left_out = sorted((set(earlier) & given) - set(families))
     if left_out:
         raise SystemExit(
             f"BAN's cuts for {', '.join(left_out)} were refitted with the reach stage; pass "

@@ -218,6 +218,11 @@ def test_refit_is_refused_where_the_stored_verdicts_cannot_be_recomputed(cal):
     }
     with pytest.raises(SystemExit, match="--refit-ban batchnorm again"):
         cal.shipped_cuts(refitted, [], scanned)
+    # a run over another family's models leaves the refitted family as it is
+    layernorm = [{**old, "norm_family": "other", "ban_statistics": {}}]
+    assert cal.shipped_cuts(refitted, ["other"], layernorm) == {
+        "other": cal.BanCuts(0.2, 0.1, "noisy_masked", 0.5)
+    }
     restart = cal.shipped_cuts(refitted, ["batchnorm"], scanned)["batchnorm"]
     assert restart == cal.BanCuts(0.3, 0.1, "noisy", 0.75)
 
