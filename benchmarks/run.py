@@ -513,7 +513,9 @@ def _reach_section() -> list[str]:
                 stats, threshold=one, all_to_all_threshold=a2a, target_source=source
             )
             spread = section["families"][m["norm_family"]].get("spread_threshold")
-            if verdict == "clean" and spread is not None and m["spread_score"] > spread:
+            # the refit reads spread on the models it uses only (a backdoor that did not implant has none)
+            score = m.get("spread_score")
+            if verdict == "clean" and spread is not None and score is not None and score > spread:
                 verdict = "backdoored (spread)"
         ban = verdict + ("" if target is None else f" ({target})")
         ban_scores = (

@@ -77,6 +77,18 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         {**model, "model": "m-a2a", "attack": "badnets", "mode": "all-to-all", "target": None, "asr": 0.9}
         | {"reach_norm": "l2", "reach_rho": 1.0, "reach_score": 0.05, "reach_target": 3, "spread_score": 0.7}
         | {"ban_statistics": {"all_to_one": 0.12, "target": 3, "target_masked": 3, "all_to_all": 0.02}},
+        # a backdoor that did not implant: not used, so the refit read no spread score for it
+        {key: value for key, value in model.items() if key != "spread_score"}
+        | {
+            "model": "m-weak",
+            "attack": "blended",
+            "mode": "all-to-one",
+            "target": 2,
+            "asr": 0.2,
+            "used": False,
+        }
+        | {"reach_norm": "l2", "reach_rho": 1.0, "reach_score": 0.05, "reach_target": 3}
+        | {"ban_statistics": {"all_to_one": 0.12, "target": 3, "target_masked": 3, "all_to_all": 0.02}},
     ]
     record = {
         "false_positives": 0,
@@ -164,6 +176,7 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         line.startswith("| m-a2a | badnets all-to-all |") and "| backdoored (spread) |" in line
         for line in lines
     )
+    assert any(line.startswith("| m-weak | blended all-to-one |") and "| clean |" in line for line in lines)
     assert sum(line.startswith("| m-clean |") for line in lines) == 1
     assert any(
         "regenerate batchnorm, groupnorm with `c-all` (d0); other with `c` (d)." in line for line in lines

@@ -701,8 +701,12 @@ def test_the_reach_calibration_matches_its_recorded_scans():
 def test_the_spread_calibration_matches_its_recorded_scans():
     """Each enabled family's spread threshold sits above every clean model's score at its budget,
     and the record the reports quote is what the listed scans give with the reading added as
-    ``scan`` adds it (the earlier stages' verdict where it fired, else all-to-all)."""
-    section = load_calibration()["spread"]
+    ``scan`` adds it (the earlier stages' verdict where it fired, else all-to-all). Where a later
+    refit of BAN and reach recounted a family's record (``recounted_by_family``), calibrate_spread.py's
+    own record is kept beside it and checked here, and the recount against the refit's scans."""
+    cal = load_calibration()
+    section = cal["spread"]
+    recounted = section.get("recounted_by_family") or {}
     assert section["command"].startswith("python benchmarks/calibrate_spread.py")
     assert section["date"] and section["models"] and section["rule"]
     assert set(section["by_family"]) == set(section["reliability_by_family"])
@@ -727,7 +731,11 @@ def test_the_spread_calibration_matches_its_recorded_scans():
         clean = [m for m in rows if m["attack"] is None]
         bad = [m for m in rows if m["attack"] is not None]
         assert max(m["spread_score"] for m in clean) < cut
-        rel = section["reliability_by_family"][family]
+        rel = (
+            recounted[family]["reliability_before"]
+            if family in recounted
+            else section["reliability_by_family"][family]
+        )
         assert (rel["clean_models"], rel["false_positives"]) == (
             len(clean),
             sum(flagged(m, cut)[0] for m in clean),
@@ -737,6 +745,42 @@ def test_the_spread_calibration_matches_its_recorded_scans():
         assert rel["targets_correct"] == sum(flagged(m, cut) == (True, m["target"]) for m in one)
         chosen = section["families"][family]["chosen"]
         assert chosen["errors"] < chosen["errors_before"]
+    for family in recounted:
+        # the recount: every stage on the refit's scans (BAN at its refitted cuts, reach, then spread)
+        reach = cal["reach"]
+        assert family in reach["ban_refitted"]
+        fitted, cut = reach["by_family"][family], section["by_family"][family]["threshold"]
+        rows = [
+            m
+            for m in reach["models"]
+            if m["used"]
+            and m["norm_family"] == family
+            and (m["reach_norm"], m["reach_rho"]) == (fitted["norm"], fitted["rho"])
+        ]
+        ban_cuts = dict(
+            threshold=cal["all_to_one_thresholds"][family],
+            all_to_all_threshold=cal["all_to_all_thresholds"][family],
+            target_source=cal["target_source_by_family"][family],
+        )
+
+        found = []  # (model, flagged, target) with every stage
+        for m in rows:
+            verdict, _, target, _ = combine_stages(
+                decide(m["ban_statistics"], **ban_cuts)[:3],
+                reach_fired=m["reach_score"] > fitted["threshold"],
+                reach_target=m["reach_target"],
+                target_when_both=fitted["target_when_both"],
+                spread_fired=m["spread_score"] > cut,
+            )
+            found.append((m, verdict == "backdoored", target))
+        rel = section["reliability_by_family"][family]
+        clean = [hit for m, hit, _ in found if m["attack"] is None]
+        bad = [hit for m, hit, _ in found if m["attack"] is not None]
+        assert (rel["clean_models"], rel["false_positives"]) == (len(clean), sum(clean))
+        assert (rel["backdoored_models"], rel["detected"]) == (len(bad), sum(bad))
+        assert rel["targets_correct"] == sum(
+            hit and target == m["target"] for m, hit, target in found if m["mode"] == "all-to-one"
+        )
 
 
 def test_the_noise_budget_is_the_one_calibrated_for_the_models_family(clean_model, monkeypatch):
