@@ -785,6 +785,11 @@ def main(argv: list[str] | None = None) -> None:
         return rows
 
     present = sorted({row["norm_family"] for *_, row in used})
+    if not present:
+        raise SystemExit(
+            f"none of the {len(scanned)} scanned models is usable (clean ones need accuracy >= {args.min_acc}, "
+            f"backdoors ASR >= {args.min_asr}): nothing to fit or count"
+        )
     if args.check:
         for fam in present:
             # a refitted family's verdicts are recomputed from BAN's statistics, so its spread
@@ -871,17 +876,23 @@ def main(argv: list[str] | None = None) -> None:
     # a run over some families' models leaves the others' entries as the run that fitted them wrote them
     previous = calibration.get("reach") or {}
     kept = [fam for fam in previous.get("families", {}) if fam not in families]
+    print(
+        f"fitted here: {', '.join(families)}; kept as an earlier run fitted them: {', '.join(kept) or 'none'}"
+    )
     run = {
         "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
         "date": datetime.date.today().isoformat(),
         "timm_purify_version": __version__,
         "environment": environment_info(),
+        # the families the run fitted (a later run may refit some of them: see provenance_by_family)
+        "fitted_families": sorted(families),
     }
-    provenance = previous.get("provenance_by_family") or {
-        # a section written before runs were recorded per family: one run fitted every family
-        fam: {key: previous.get(key) for key in run}
-        for fam in previous.get("families", {})
+    # a section written before runs were recorded per family: one run fitted every family
+    single_run = {
+        **{key: previous.get(key) for key in run},
+        "fitted_families": sorted(previous.get("families", {})),
     }
+    provenance = previous.get("provenance_by_family") or {}
 
     def merged(new: dict, name: str) -> dict:
         """``new`` with the kept families' entries of the previous section's ``name``, in family order."""
@@ -916,11 +927,20 @@ def main(argv: list[str] | None = None) -> None:
         # the usable models at the budget each family now scans at, then those not used as scanned,
         # then the kept families' as their run wrote them
         "models": [{**r, "used": True} for fam in present for r in shipped_rows[fam]]
-        + [{**row, "used": False} for *_, row in scanned if not usable(row, args)]
+        + [
+            {**row, "used": False}
+            for *_, row in scanned
+            if not usable(row, args) and row["norm_family"] not in kept
+        ]
         + [row for row in previous.get("models", []) if row["norm_family"] in kept],
         # each family's fit: the run that wrote it (the top-level fields below: the latest run)
         "provenance_by_family": dict(
-            sorted({**{fam: provenance[fam] for fam in kept}, **{fam: run for fam in families}}.items())
+            sorted(
+                {
+                    **{fam: provenance.get(fam, single_run) for fam in kept},
+                    **{fam: run for fam in families},
+                }.items()
+            )
         ),
         **run,
     }

@@ -429,13 +429,22 @@ def _reach_section() -> list[str]:
         return []
     # each family's fit names the run behind it (a run over one family's models keeps the others)
     runs: dict[str, list[str]] = {}
+    replaced: dict[str, list[str]] = {}  # families a run fitted that a later run refitted
     for fam, run_ in (section.get("provenance_by_family") or {}).items():
-        runs.setdefault(f"`{run_['command']}` ({run_['date']})", []).append(fam)
-    regenerate = (
-        f"regenerate with `{section['command']}`"
-        if len(runs) < 2
-        else "regenerate " + "; ".join(f"{', '.join(fams)} with {command}" for command, fams in runs.items())
-    )
+        command = f"`{run_['command']}` ({run_['date']})"
+        runs.setdefault(command, []).append(fam)
+        replaced[command] = [f for f in run_.get("fitted_families", []) if f not in runs[command]]
+    parts = [
+        (f"{', '.join(fams)} with " if len(runs) > 1 else "with ")
+        + command
+        + (
+            f", given only its {', '.join(fams)} models (its {', '.join(replaced[command])} fit was replaced since)"
+            if replaced[command]
+            else ""
+        )
+        for command, fams in runs.items()
+    ]
+    regenerate = "regenerate " + ("; ".join(parts) if parts else f"with `{section['command']}`")
     lines = [
         "## Detection: the universal-reach stage",
         "",
@@ -454,8 +463,10 @@ def _reach_section() -> list[str]:
         both, alone = best["reliability"], best["reliability_ban_alone"]
         # a refit that found reach no help keeps BAN's cuts and no reach cut
         reach = f"{best['fit']['threshold']:.3f} | {best['target_when_both']}" if best["fit"] else "- | -"
+        # a family refitted with the spread reading counts it in every column but BAN alone's
+        label = fam if fit.get("spread_threshold") is None else f"{fam} (with spread)"
         lines.append(
-            f"| {fam} | {'yes' if fit['enabled'] else 'no'} | {best['norm']} {best['rho']:g} | "
+            f"| {label} | {'yes' if fit['enabled'] else 'no'} | {best['norm']} {best['rho']:g} | "
             f"{reach} | {best['errors']} / {best['errors_ban_alone']} | "
             f"{both['false_positives']}/{both['clean_models']} | {both['detected']}/{both['backdoored_models']} "
             f"({alone['detected']}) | {both['targets_correct']}/{both['all_to_one_models']} ({alone['targets_correct']}) |"
@@ -469,7 +480,9 @@ def _reach_section() -> list[str]:
             f"{before['eps']:g} -> {best['eps']:g}, all-to-one "
             f"{_cut(before['all_to_one_threshold'])} -> {_cut(best['all_to_one_threshold'])}, all-to-all "
             f"{_cut(before['all_to_all_threshold'])} -> {_cut(best['all_to_all_threshold'])}; errors of both stages "
-            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach: {best['errors_best_ban_alone']})"
+            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach"
+            + ("" if fit.get("spread_threshold") is None else ", spread counted")
+            + f": {best['errors_best_ban_alone']})"
             + (
                 ""
                 if fit.get("spread_threshold") is None
@@ -564,6 +577,15 @@ def _spread_section() -> list[str]:
             f"{after['detected']}/{after['backdoored_models']} ({before['detected']}) | "
             f"{after['targets_correct']}/{after['all_to_one_models']} ({before['targets_correct']}) |"
         )
+    for fam, recount in (section.get("recounted_by_family") or {}).items():
+        rel = section["reliability_by_family"][fam]
+        lines += [
+            "",
+            f"{fam}: the table above is calibrate_spread.py's fit behind the cuts before; the record the scan "
+            f"quotes was recounted behind the refitted BAN and reach cuts ({recount['note']}): "
+            f"{rel['false_positives']}/{rel['clean_models']} clean flagged, {rel['detected']}/{rel['backdoored_models']} "
+            f"backdoors detected, {rel['targets_correct']}/{rel['all_to_one_models']} targets right.",
+        ]
     rhos = sorted({m["spread_rho"] for m in section["models"]})
     lines += [
         "",

@@ -142,8 +142,16 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         "ban_refitted": ["other"],
         # the LayerNorm fit by a later run than the others'
         "provenance_by_family": {
-            "batchnorm": {"command": "c-all", "date": "d0"},
-            "groupnorm": {"command": "c-all", "date": "d0"},
+            "batchnorm": {
+                "command": "c-all",
+                "date": "d0",
+                "fitted_families": ["batchnorm", "groupnorm", "other"],
+            },
+            "groupnorm": {
+                "command": "c-all",
+                "date": "d0",
+                "fitted_families": ["batchnorm", "groupnorm", "other"],
+            },
             "other": {"command": "c", "date": "d"},
         },
     }
@@ -155,7 +163,7 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
     }
     monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: calibration)
     lines = bench._reach_section()
-    assert "| other | yes | l2 1 | 0.450 | ban | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
+    assert "| other (with spread) | yes | l2 1 | 0.450 | ban | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
     assert "| batchnorm | no | l2 1 | - | - | 0 / 1 | 0/1 | 1/1 (0) | 1/1 (0) |" in lines
     assert "| groupnorm | no | - | - | - | - | - | - | - |" in lines
     # BAN's verdict (of a refitted family: at the shipped cuts, not as scanned), its statistics
@@ -168,7 +176,7 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
     assert any(
         "BAN's other noise budget and cuts refitted" in line
         and "eps 0.75 -> 0.3, all-to-one 0.300 -> 0.350, all-to-all 0.100 -> not used" in line
-        and "errors of both stages 2 -> 0 (the best BAN cuts without reach: 1)" in line
+        and "errors of both stages 2 -> 0 (the best BAN cuts without reach, spread counted: 1)" in line
         and "includes the spread reading at 0.400" in line
         for line in lines
     )
@@ -179,7 +187,9 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
     assert any(line.startswith("| m-weak | blended all-to-one |") and "| clean |" in line for line in lines)
     assert sum(line.startswith("| m-clean |") for line in lines) == 1
     assert any(
-        "regenerate batchnorm, groupnorm with `c-all` (d0); other with `c` (d)." in line for line in lines
+        "regenerate batchnorm, groupnorm with `c-all` (d0), given only its batchnorm, groupnorm models (its other "
+        "fit was replaced since); other with `c` (d)." in line
+        for line in lines
     )
 
 
@@ -213,10 +223,20 @@ def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkey
         "rule": "r",
         "models": rows,
         "families": {"other": {"enabled": True, "chosen": chosen}, "batchnorm": {"enabled": False}},
+        # a later refit of BAN and reach recounted the record the scan quotes
+        "reliability_by_family": {
+            "other": {**record, "clean_models": 5, "detected": 4, "backdoored_models": 6}
+        },
+        "recounted_by_family": {"other": {"note": "n", "reliability_before": record}},
     }
     monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"spread": section})
     lines = bench._spread_section()
     assert "| other | yes | 2 | 0.413 | 0 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |" in lines
+    assert any(
+        line.startswith("other: the table above is calibrate_spread.py's fit")
+        and "(n): 0/5 clean flagged, 4/6 backdoors detected, 0/0 targets right." in line
+        for line in lines
+    )
     assert "| batchnorm | no | - | - | - | - | - | - |" in lines
     assert "| m-a2a | other | badnets all-to-all | 90.00 | 88.00 | clean | 0.826 | yes |" in lines
     assert sum(line.startswith("| m-clean |") for line in lines) == 1

@@ -387,32 +387,35 @@ def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp
 
 def test_a_run_over_one_familys_models_keeps_the_other_familys_fit(cal, tmp_path):
     """Refitting the LayerNorm family must not need (or drop) the BatchNorm models: their
-    entries, models and provenance stay as the earlier run wrote them, and each family names the
-    run behind its fit."""
-    stored, folders = {}, []
-    for name, attack, a2o, reach in [
-        ("ln-clean", None, 0.05, 0.10),
-        ("ln-bad", "badnets", 0.05, 0.60),
-        ("ln-blended", "blended", 0.40, 0.20),
-    ]:
+    entries, models and provenance stay as the earlier run wrote them, each family names the run
+    behind its fit, and a later run over the BatchNorm models keeps the LayerNorm fit in turn."""
+    stored = {}
+
+    def add(name, family, attack, a2o, reach, *, asr=0.9):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "training.json").write_text("{}")
-        folders.append(str(folder))
         row = {**_scored(attack, a2o, reach, target=None if attack is None else 2), "ban_target": None}
         if a2o > 0.3:
             row.update(ban_verdict="backdoored", ban_target=2)
         stored[f"{name}|l2:1|steps20|n600|test|s0"] = {
             **row,
             "model": name,
-            "norm_family": "other",
+            "norm_family": family,
             "ban_eps": 0.5,
             "acc": 0.8,
-            "asr": None if attack is None else 0.9,
+            "asr": None if attack is None else asr,
             "scan_seconds": 1.0,
         }
+        results.write_text(json.dumps(stored))
+        return str(folder)
+
     results = tmp_path / "stored.json"
-    results.write_text(json.dumps(stored))
+    ln = [
+        add("ln-clean", "other", None, 0.05, 0.10),
+        add("ln-bad", "other", "badnets", 0.05, 0.60),
+        add("ln-blended", "other", "blended", 0.40, 0.20),
+    ]
     bn_model = {"model": "bn-bad", "norm_family": "batchnorm", "used": True}
     before = {
         "by_family": {"batchnorm": {"norm": "l2", "rho": 1.0, "threshold": 0.65}},
@@ -426,8 +429,9 @@ def test_a_run_over_one_familys_models_keeps_the_other_familys_fit(cal, tmp_path
         "environment": {"torch": "x"},
     }
     out = tmp_path / "calibration.json"
-    out.write_text(json.dumps({"eps_by_family": {"other": 0.5}, "reach": before}))
-    cal.main(["--budgets", "l2:1", "--steps", "20", "--results", str(results), "--out", str(out), *folders])
+    out.write_text(json.dumps({"eps_by_family": {"batchnorm": 0.5, "other": 0.5}, "reach": before}))
+    argv = ["--budgets", "l2:1", "--steps", "20", "--results", str(results), "--out", str(out)]
+    cal.main([*argv, *ln])
     reach = json.loads(out.read_text())["reach"]
     assert list(reach["families"]) == ["batchnorm", "other"]
     assert reach["families"]["batchnorm"] == {"enabled": True}
@@ -438,10 +442,42 @@ def test_a_run_over_one_familys_models_keeps_the_other_familys_fit(cal, tmp_path
     # the LayerNorm rows are this run's, the BatchNorm ones the earlier run's
     assert sorted(m["model"] for m in reach["models"]) == ["bn-bad", "ln-bad", "ln-blended", "ln-clean"]
     provenance = reach["provenance_by_family"]
+    # the earlier section named one run for both families; that run fitted both
     assert provenance["batchnorm"]["command"] == before["command"]
     assert provenance["batchnorm"]["date"] == "2026-11-20"
+    assert provenance["batchnorm"]["fitted_families"] == ["batchnorm", "other"]
+    assert "--steps 20" in provenance["other"]["command"] and provenance["other"] == {
+        key: reach[key] for key in provenance["other"]
+    }
+    assert provenance["other"]["fitted_families"] == ["other"]
+    ln_fit = reach["families"]["other"]
+
+    # a later run over the BatchNorm models (and a LayerNorm backdoor that did not implant)
+    bn = [
+        add("bn-clean", "batchnorm", None, 0.05, 0.10),
+        add("bn-blended", "batchnorm", "blended", 0.05, 0.70),
+        add("ln-weak", "other", "badnets", 0.05, 0.05, asr=0.2),
+    ]
+    cal.main([*argv, *bn])
+    later = json.loads(out.read_text())["reach"]
+    assert later["families"]["other"] == ln_fit
+    assert later["provenance_by_family"]["other"] == provenance["other"]
+    assert later["provenance_by_family"]["batchnorm"]["fitted_families"] == ["batchnorm"]
     assert (
-        "--steps 20" in provenance["other"]["command"] and provenance["other"]["command"] == reach["command"]
+        later["provenance_by_family"]["batchnorm"]["command"]
+        == later["command"]
+        != provenance["other"]["command"]
     )
-    # a later run over the BatchNorm family alone would keep this LayerNorm provenance in turn
-    assert provenance["other"]["date"] == reach["date"]
+    assert later["ban_refitted"] == []  # the BatchNorm family was fitted again, without --refit-ban
+    # the kept family's models are the run's that fitted it: the stray LayerNorm row is not added
+    assert sorted(m["model"] for m in later["models"]) == [
+        "bn-blended",
+        "bn-clean",
+        "ln-bad",
+        "ln-blended",
+        "ln-clean",
+    ]
+    # nothing usable: nothing to fit, and nothing written
+    with pytest.raises(SystemExit, match="none of the 1 scanned models is usable"):
+        cal.main([*argv, str(tmp_path / "ln-weak")])
+    assert json.loads(out.read_text())["reach"] == later
