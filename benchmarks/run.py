@@ -30,6 +30,8 @@ from timm_purify.metrics import der, evaluate
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
+# below this no-defence ASR a backdoor did not implant (the calibration scripts' --min-asr default)
+MIN_ASR = 0.5
 
 
 @dataclass(frozen=True)
@@ -698,6 +700,15 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
         """Whether a scan row was decided by the shipped calibration (see :func:`_shipped_cuts`)."""
         return any(abs(r["threshold"] - c) < 1e-9 for c in cuts.get(r.get("eps"), []))
 
+    # a backdoor that did not implant (its model's no-defence ASR under MIN_ASR) is not a backdoor
+    # a scan should find: listed, not counted, as in the calibration (calibrate_scan.py's --min-asr)
+    asr = {
+        r["model"]: r["asr"] for r in latest.values() if r["method"] == "none" and r.get("asr") is not None
+    }
+
+    def implanted(r: dict) -> bool:
+        return r["truth"] == "clean" or asr.get(r["model"], 1.0) >= MIN_ASR
+
     for suite in sorted({k[0] for k in latest}):
         purif = [r for k, r in latest.items() if k[0] == suite and not r["method"].startswith("scan")]
         scans = [r for k, r in latest.items() if k[0] == suite and r["method"].startswith("scan")]
@@ -726,12 +737,13 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
             lines += [f"## Suite `{suite}`: detection", ""]
         for method in sorted({r["method"] for r in scans}, reverse=True):
             group = [r for r in scans if r["method"] == method]
-            current = [r for r in group if shipped(r)]
+            weak = [r for r in group if shipped(r) and not implanted(r)]
+            current = [r for r in group if shipped(r) and implanted(r)]
             correct = sum(r["verdict"] == r["truth"] for r in current)
             fp = sum(r["truth"] == "clean" and r["verdict"] != "clean" for r in current)
             a2o = [r for r in current if r.get("true_target") is not None]
             tgt = sum(r["suspected_target"] == r["true_target"] for r in a2o)
-            earlier = len(group) - len(current)
+            earlier = len(group) - len(current) - len(weak)
             lines += [
                 f"`{method}`, rows scanned with the shipped calibration: detection accuracy {correct}/{len(current)}; "
                 f"false positives on clean models: {fp}; target found for {tgt}/{len(a2o)} all-to-one models."
@@ -739,6 +751,12 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
                     f" {earlier} more rows were scanned with an earlier calibration (their threshold is none of "
                     "the shipped ones for the family scanned at that budget): listed, not counted."
                     if earlier
+                    else ""
+                )
+                + (
+                    f" {len(weak)} more rows are of backdoors that did not implant (no-defence ASR under "
+                    f"{MIN_ASR:.0%}): listed, not counted."
+                    if weak
                     else ""
                 ),
                 "",

@@ -264,3 +264,13 @@ def test_detection_rows_from_an_earlier_calibration_are_listed_not_counted(bench
     )
     assert "1 more rows were scanned with an earlier calibration" in text
     assert text.count("| shipped |") == 1 and text.count("| earlier |") == 1
+
+    # a backdoor that did not implant (its no-defence row's ASR under 50%) is listed, not counted
+    weak = {**row, "model": "w", "attack": "wanet", "truth": "backdoored", "verdict": "backdoored"}
+    none = {"suite": "full", "arch": "a", "attack": "wanet", "model": "w", "method": "none", "seed": 0}
+    none |= {"acc": 0.88, "asr": 0.05, "ra": 0.8, "der": None, "seconds": 0.0}
+    (tmp_path / "w.json").write_text(json.dumps({"suite": "full", "rows": [none, weak]}))
+    text = bench.render(results_dir=tmp_path, out=tmp_path / "RESULTS.md").read_text()
+    assert "detection accuracy 1/1;" in text
+    assert "1 more rows are of backdoors that did not implant (no-defence ASR under 50%)" in text
+    assert "| w | backdoored | backdoored |" in text
