@@ -27,7 +27,13 @@ stages' record on these models (``reliability_by_family``, which ``scan`` quotes
 cautions), every model's scores, the command and the environment. A run over one family's
 models leaves the other families as an earlier run fitted them (``provenance_by_family`` names
 the run behind each), so a family can be refitted without rebuilding the other's models. Scans
-are stored in ``--results`` so a re-run only scans new models or budgets.
+are stored in ``--results`` so a re-run only scans new models or budgets, and a run whose scans
+are all stored needs no model folder (the stores in ``benchmarks/results/reach`` rerun the
+shipped LayerNorm refit and the held-out check on a fresh clone).
+
+``--check`` fits nothing: it counts the given models (seeds no fit saw) at the shipped cuts;
+``--check-out FILE`` writes every model's verdict, and ``--record-check`` stores each family's
+held-out record in the calibration beside the cuts it was counted at, for ``scan`` to quote.
 
 With ``--refit-ban FAMILY`` BAN's own cuts for that family are refitted together with reach's
 (``refit_family``), and with ``--ban-eps FAMILY:EPS,...`` its noise budget too: each model of
@@ -48,7 +54,7 @@ import glob
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +74,7 @@ from timm_purify.detection.ban import (  # noqa: E402
     calibrated_thresholds,
     combine_stages,
     decide,
+    family_cuts,
     scan,
 )
 from timm_purify.detection.report import ScanReport  # noqa: E402
@@ -117,6 +124,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="fit nothing, write nothing: print both stages' record on the given models at the cuts of "
         "--out (a held-out check: models the calibration was not fitted on)",
+    )
+    p.add_argument(
+        "--record-check",
+        action="store_true",
+        help="with --check: also store each family's held-out record in --out's heldout section, tied "
+        "to the cuts it was counted at (no cut changes); scan then quotes it beside the in-sample "
+        "record while it decides with those cuts, and a later refit voids it",
+    )
+    p.add_argument(
+        "--check-out",
+        metavar="FILE",
+        help="with --check: also write the check as JSON to FILE (each model's scores, verdict and "
+        "reported target as counted, the models not used and why, the command and the environment)",
     )
     p.add_argument(
         "--refit-ban",
@@ -175,6 +195,12 @@ def parse_budgets(text: str) -> list[tuple[str, float]]:
 def scan_folder(folder: Path, args: argparse.Namespace, **options) -> tuple[dict, ScanReport]:
     """Scan the model in ``folder`` on its clean images with scan ``options``; return the row
     fields that describe the model (from its ``training.json``) and the report."""
+    if not (folder / "training.json").is_file():
+        raise SystemExit(
+            f"{folder}: this run needs a scan of it that --results does not hold, and the model is not "
+            "here; build it with calibrate_scan.py's recipe (or run.py's), or pass the --results file "
+            "its scans were stored in"
+        )
     record = json.loads((folder / "training.json").read_text())
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     data = clean_subset(
@@ -592,10 +618,18 @@ def spread_setting(calibration: dict, family: str) -> dict | None:
 
 
 def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
-    """All stages' record on ``rows`` at ``calibration``'s cuts for ``family``: where a refit
-    replaced calibrate_scan.py's cuts (the stored verdicts may predate it), BAN's from the stored
-    statistics and the spread reading (where it runs) from each row's ``spread_score``, else the
-    stored verdicts (which include the spread reading); reach's where the calibration enables it."""
+    """All stages' record on ``rows`` at ``calibration``'s cuts for ``family`` (see :func:`check_verdicts`)."""
+    return tally(*check_verdicts(rows, calibration, family))
+
+
+def check_verdicts(
+    rows: list[dict], calibration: dict, family: str
+) -> tuple[list[dict], list[tuple[bool, int | None]]]:
+    """The rows counted and ``(flagged, reported target)`` of each at ``calibration``'s cuts for
+    ``family``: where a refit replaced calibrate_scan.py's cuts (the stored verdicts may predate
+    it), BAN's from the stored statistics and the spread reading (where it runs) from each row's
+    ``spread_score``, else the stored verdicts (which include the spread reading); reach's where
+    the calibration enables it (the rows at its budget)."""
     ban, spread = None, None
     if family in (calibration.get("refitted_by_family") or {}):
         ban = BanCuts(
@@ -606,9 +640,35 @@ def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
         spread = (spread_setting(calibration, family) or {}).get("threshold")
     fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
     if fitted is None:
-        return record(rows, None, ban=ban, spread=spread)
+        return rows, verdicts(rows, None, ban=ban, spread=spread)
     at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (fitted["norm"], fitted["rho"])]
-    return record(at, fitted["threshold"], fitted["target_when_both"], ban, spread)
+    return at, verdicts(at, fitted["threshold"], fitted["target_when_both"], ban, spread)
+
+
+def check_model(row: dict, flagged: bool, target: int | None) -> dict:
+    """One model of a held-out check as ``--check-out`` writes it: what it is, its scores, the
+    verdict and target the calibration gives it, and whether that is right (a clean model not
+    flagged; a backdoor flagged, and an all-to-one one with its own target)."""
+    if row["attack"] is None:
+        right = not flagged
+    else:
+        right = flagged and (row["mode"] != "all-to-one" or target == row["target"])
+    keep = ("model", "arch", "attack", "mode", "target", "acc", "asr", "ban_eps", "ban_statistics")
+    scores = ("reach_norm", "reach_rho", "reach_score", "reach_target", "spread_score", "scan_seconds")
+    return {
+        **{k: row.get(k) for k in keep},
+        **{k: row[k] for k in scores if k in row},
+        "verdict": "backdoored" if flagged else "clean",
+        "reported_target": target,
+        "right": right,
+    }
+
+
+def unused_reason(row: dict, args: argparse.Namespace) -> str:
+    """Why :func:`usable` left a model out, in words."""
+    if row["acc"] < args.min_acc:
+        return f"clean accuracy {row['acc']:.3f} < --min-acc {args.min_acc:g}"
+    return f"ASR {row['asr'] or 0.0:.3f} < --min-asr {args.min_asr:g}: the backdoor did not implant"
 
 
 def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> dict[str, BanCuts]:
@@ -646,12 +706,19 @@ def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> di
     return cuts
 
 
-def model_folders(patterns: list[str]) -> list[Path]:
-    """The folders the (glob) patterns name; each must hold build_backdoored_model's training.json."""
+def model_folders(patterns: list[str], stored: Collection[str] = ()) -> list[Path]:
+    """The folders the (glob) patterns name; each must hold build_backdoored_model's training.json,
+    or be a model ``stored`` (the keys of ``--results``) holds scans of: a run over stored scans
+    needs no model (``benchmarks/cache`` is not in the repository), as long as it asks for no
+    scan the store lacks (:func:`scan_folder` says so where it does)."""
     folders = [Path(m) for pattern in patterns for m in (sorted(glob.glob(pattern)) or [pattern])]
+    names = {key.partition("|")[0] for key in stored}
     for folder in folders:
-        if not (folder / "training.json").is_file():
-            raise SystemExit(f"{folder}: no training.json (not written by build_backdoored_model)")
+        if not (folder / "training.json").is_file() and folder.name not in names:
+            raise SystemExit(
+                f"{folder}: no training.json (not written by build_backdoored_model), and no scan of it "
+                "stored in --results"
+            )
     return folders
 
 
@@ -713,15 +780,82 @@ def stored_scan(stored: dict, results_file: Path, key: str, make: Callable[[], d
     return stored[key]
 
 
+def write_check(
+    path: Path,
+    checked: dict[str, dict],
+    scanned: list[tuple[Path, str, dict]],
+    used: list[tuple[Path, str, dict]],
+    calibration: dict,
+    args: argparse.Namespace,
+    argv: list[str] | None,
+) -> None:
+    """Write a held-out check (``--check-out``): per family the record and every counted model,
+    the scanned models left out and why, and what was checked against (the calibration's file
+    and date), so the figures quoted from a check can be traced to each model."""
+    kept = {row["model"] for *_, row in used}
+    left_out = {row["model"]: row for *_, row in scanned if row["model"] not in kept}  # once per model
+    result = {
+        "what": "held-out check: the calibration's cuts (not refitted) counted on the given models",
+        "calibration": {"file": str(args.out), "date": calibration.get("date")},
+        "families": checked,
+        "not_used": [
+            {"model": name, "acc": row["acc"], "asr": row["asr"], "reason": unused_reason(row, args)}
+            for name, row in left_out.items()
+        ],
+        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
+        "date": datetime.date.today().isoformat(),
+        "timm_purify_version": __version__,
+        "environment": environment_info(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def record_check(
+    out: Path, calibration: dict, checked: dict[str, dict], args: argparse.Namespace, argv: list[str] | None
+) -> None:
+    """Store each checked family's held-out record in ``out``'s ``heldout`` section (``--record-check``),
+    with the cuts it was counted at (:func:`~timm_purify.detection.ban.family_cuts`): ``scan``
+    quotes it only while it decides with the same cuts, so a later refit voids it without having
+    to remove it. Other families' records and every other section are left as they are."""
+    section = dict(calibration.get("heldout") or {})
+    by_family = dict(section.get("by_family") or {})
+    for fam, result in checked.items():
+        by_family[fam] = {
+            "record": result["record"],
+            "errors": result["errors"],
+            "cuts": family_cuts(calibration, fam),
+            "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
+            "date": datetime.date.today().isoformat(),
+            "timm_purify_version": __version__,
+            "check_out": args.check_out,
+        }
+    section.update(
+        what="each family's record on held-out models (seeds no fit saw), counted at the cuts named beside "
+        "it by calibrate_reach.py --check --record-check; scan quotes it while it decides with those cuts",
+        by_family=by_family,
+    )
+    out.write_text(json.dumps({**calibration, "heldout": section}, indent=1) + "\n")
+    print(f"stored the held-out record of {', '.join(sorted(checked))} in {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for flag, given in (("--check-out", args.check_out), ("--record-check", args.record_check)):
+        if given and not args.check:
+            raise SystemExit(f"{flag} records a held-out check: give it with --check")
+    if args.check_out and Path(args.check_out).resolve() == Path(args.out).resolve():
+        raise SystemExit(
+            f"--check-out {args.check_out} is the calibration being checked (--out): name another file"
+        )
     torch.set_num_threads(args.threads)
     budgets = parse_budgets(args.budgets)
     ban_eps = parse_ban_eps(args.ban_eps, args.refit_ban)
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     scanned = []  # (folder, key, row): each scan at the noise budget the calibration then had
-    for folder in model_folders(args.models):
+    for folder in model_folders(args.models, stored):
         for norm, rho in budgets:
             key = scan_key(folder, norm, rho, args)
             row = stored_scan(
@@ -791,13 +925,23 @@ def main(argv: list[str] | None = None) -> None:
             f"backdoors ASR >= {args.min_asr}): nothing to fit or count"
         )
     if args.check:
+        checked = {}
         for fam in present:
             # a refitted family's verdicts are recomputed from BAN's statistics, so its spread
             # reading is counted from each model's own spread score
             refitted = fam in (calibration.get("refitted_by_family") or {})
             spread = spread_setting(calibration, fam) if refitted else None
-            rel = check_family(family_rows(fam, calibrated_eps(calibration, fam), spread), calibration, fam)
+            rows, results = check_verdicts(
+                family_rows(fam, calibrated_eps(calibration, fam), spread), calibration, fam
+            )
+            rel = tally(rows, results)
             print(f"{fam}: {errors(rel)} errors with the calibration of {out} ({json.dumps(rel)})")
+            models = [check_model(row, *result) for row, result in zip(rows, results, strict=True)]
+            checked[fam] = {"record": rel, "errors": errors(rel), "models": models}
+        if args.check_out:
+            write_check(Path(args.check_out), checked, scanned, used, calibration, args, argv)
+        if args.record_check:
+            record_check(out, calibration, checked, args, argv)
         return
     refit = shipped_cuts(calibration, args.refit_ban, [row for *_, row in used])
     families, shipped_rows, spread_by_family = {}, {}, {}

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = []
-    for folder in model_folders(args.models):
+    for folder in model_folders(args.models, stored):
         for rho in rhos:
             steps = "" if args.steps == 40 else f"|steps{args.steps}"  # the stored results' keys have none
             key = f"{folder.name}|l2:{rho:g}{steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"

@@ -71,7 +71,7 @@ def fold_rows(
     family runs the spread reading (``spread``), each model's spread score."""
     norm, rho = parse_budgets(args.budget)[0]
     rows = []
-    for folder in model_folders(patterns):
+    for folder in model_folders(patterns, stored):
         key = scan_key(folder, norm, rho, args)
         if key not in stored:
             raise SystemExit(

@@ -611,6 +611,71 @@ def _spread_section() -> list[str]:
     return lines + [""]
 
 
+def _heldout_section() -> list[str]:
+    """The scan's record on held-out models (the ``heldout`` section of ``calibration.json``,
+    written by ``calibrate_reach.py --check --record-check``): per family the record the scan
+    quotes, whether the shipped cuts are still the ones it was counted at, and, from each check's
+    ``--check-out`` file where it is in the repository, every model with its verdict."""
+    from timm_purify.detection import load_calibration
+    from timm_purify.detection.ban import family_cuts
+
+    calibration = load_calibration()
+    section = calibration.get("heldout")
+    if not section:
+        return []
+    lines = [
+        "## Detection: held-out check (models no fit saw)",
+        "",
+        f"From the `heldout` section of `timm_purify/detection/calibration.json`: {section['what']}.",
+        "",
+        "| family | checked | clean flagged | backdoors detected | right targets | errors | quoted by scan |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    files = {}
+    for fam, entry in section["by_family"].items():
+        rel = entry["record"]
+        current = entry["cuts"] == family_cuts(calibration, fam)
+        lines.append(
+            f"| {fam} | {entry['date']} | {rel['false_positives']}/{rel['clean_models']} | "
+            f"{rel['detected']}/{rel['backdoored_models']} | {rel['targets_correct']}/{rel['all_to_one_models']} | "
+            f"{entry['errors']} | {'yes' if current else 'no: the cuts changed since'} |"
+        )
+        if entry.get("check_out"):
+            files.setdefault(entry["check_out"], []).append(fam)
+    for name, fams in files.items():
+        path = HERE.parent / name  # as given on the command line, from the repository root
+        if not path.is_file():
+            lines += ["", f"{', '.join(fams)}: the per-model file `{name}` is not in this checkout."]
+            continue
+        check = json.loads(path.read_text())
+        lines += [
+            "",
+            f"Per model (`{name}`; regenerate with `{check['command']}`):",
+            "",
+            "| model | family | attack | ACC | ASR | BAN all-to-one | reach | spread | verdict (target) | right |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for fam in fams:
+            for m in check["families"][fam]["models"]:
+                attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
+                if m["mode"] == "all-to-one":
+                    attack += f" (target {m['target']})"
+                verdict = m["verdict"] + (
+                    "" if m["reported_target"] is None else f" ({m['reported_target']})"
+                )
+                reach, spread = m.get("reach_score"), m.get("spread_score")
+                lines.append(
+                    f"| {m['model']} | {fam} | {attack} | {_pct(m['acc'])} | {_pct(m['asr'])} | "
+                    f"{m['ban_statistics']['all_to_one']:.3f} | {'-' if reach is None else f'{reach:.3f}'} | "
+                    f"{'-' if spread is None else f'{spread:.3f}'} | {verdict} | {'yes' if m['right'] else '**no**'} |"
+                )
+        for m in check.get("not_used") or []:
+            lines.append(
+                f"| {m['model']} | | | {_pct(m['acc'])} | {_pct(m['asr'])} | not used: {m['reason']} | | | | |"
+            )
+    return lines + [""]
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
@@ -775,6 +840,7 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
     lines += _calibration_section()
     lines += _reach_section()
     lines += _spread_section()
+    lines += _heldout_section()
     lines += ["## Machines and versions", ""]
     for name, env in sorted(envs.items()):
         lines.append(f"- `{name}`: " + ", ".join(f"{k} {v}" for k, v in env.items()))

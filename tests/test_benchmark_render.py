@@ -274,3 +274,56 @@ def test_detection_rows_from_an_earlier_calibration_are_listed_not_counted(bench
     assert "detection accuracy 1/1;" in text
     assert "1 more rows are of backdoors that did not implant (no-defence ASR under 50%)" in text
     assert "| w | backdoored | backdoored |" in text
+
+
+def test_the_heldout_section_shows_each_familys_record_and_every_model(bench, monkeypatch, tmp_path):
+    """The held-out record per family, marked void where the cuts changed since it was counted,
+    and every model of the check's file with its verdict and whether it is right."""
+    from timm_purify.detection.ban import family_cuts
+
+    record = {
+        "false_positives": 1,
+        "clean_models": 2,
+        "detected": 1,
+        "backdoored_models": 2,
+        "targets_correct": 1,
+        "all_to_one_models": 2,
+    }
+    model = {"acc": 0.8, "ban_statistics": {"all_to_one": 0.4}, "reach_score": 0.1, "spread_score": None}
+    check = {
+        "command": "python benchmarks/calibrate_reach.py --check x",
+        "families": {
+            "batchnorm": {
+                "models": [
+                    {**model, "model": "m-clean", "attack": None, "mode": None, "target": None, "asr": None}
+                    | {"verdict": "backdoored", "reported_target": 8, "right": False},
+                    {**model, "model": "m-bad", "attack": "badnets", "mode": "all-to-one", "target": 2}
+                    | {"asr": 0.9, "verdict": "backdoored", "reported_target": 2, "right": True},
+                ]
+            }
+        },
+        "not_used": [{"model": "m-weak", "acc": 0.7, "asr": 0.3, "reason": "ASR 0.300 < --min-asr 0.5"}],
+    }
+    (tmp_path / "check.json").write_text(json.dumps(check))
+    calibration = {"threshold": 0.3, "all_to_all_threshold": 0.1, "eps_by_family": {"batchnorm": 0.5}}
+    entry = {"record": record, "errors": 2, "date": "d", "check_out": str(tmp_path / "check.json")}
+    calibration["heldout"] = {
+        "what": "w",
+        "by_family": {
+            "batchnorm": {**entry, "cuts": family_cuts(calibration, "batchnorm")},
+            "other": {**entry, "cuts": {"eps": 0.75}, "check_out": None},
+        },
+    }
+    monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: calibration)
+    lines = bench._heldout_section()
+    assert "| batchnorm | d | 1/2 | 1/2 | 1/2 | 2 | yes |" in lines
+    assert "| other | d | 1/2 | 1/2 | 1/2 | 2 | no: the cuts changed since |" in lines
+    assert any("regenerate with `python benchmarks/calibrate_reach.py --check x`" in line for line in lines)
+    assert (
+        "| m-clean | batchnorm | clean | 80.00 | - | 0.400 | 0.100 | - | backdoored (8) | **no** |" in lines
+    )
+    assert (
+        "| m-bad | batchnorm | badnets all-to-one (target 2) | 80.00 | 90.00 | 0.400 | 0.100 | - | "
+        "backdoored (2) | yes |" in lines
+    )
+    assert any(line.startswith("| m-weak |") and "not used: ASR 0.300" in line for line in lines)

@@ -481,3 +481,140 @@ def test_a_run_over_one_familys_models_keeps_the_other_familys_fit(cal, tmp_path
     with pytest.raises(SystemExit, match="none of the 1 scanned models is usable"):
         cal.main([*argv, str(tmp_path / "ln-weak")])
     assert json.loads(out.read_text())["reach"] == later
+
+
+def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record(cal, tmp_path):
+    """``--check --check-out FILE``: the held-out record per family, each counted model's scores,
+    verdict, reported target and whether it is right, the models left out and why; the checked
+    calibration is not touched, and the file is refused where it would overwrite it.
+    ``--record-check`` stores the record in the calibration beside the cuts it was counted at."""
+    stored = {}
+
+    def add(name, attack, a2o, reach, *, target=None, ban_target=None, asr=0.9):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training.json").write_text("{}")
+        row = _scored(attack, a2o, reach, target=target)
+        if a2o > 0.3:  # BAN fired when the scan was taken (a family not refitted: its verdict stands)
+            row.update(ban_verdict="backdoored", ban_target=ban_target if ban_target is not None else target)
+        stored[f"{name}|l2:1|steps20|n600|test|s0"] = {
+            **row,
+            "model": name,
+            "norm_family": "other",
+            "ban_eps": 0.5,
+            "acc": 0.8,
+            "asr": None if attack is None else asr,
+            "scan_seconds": 1.0,
+        }
+        return str(folder)
+
+    models = [
+        add("clean-quiet", None, 0.05, 0.10),
+        add("clean-loud", None, 0.40, 0.10),  # BAN's false alarm
+        add("blended", "blended", 0.05, 0.60, target=2),  # reach finds it, right target
+        add("badnets", "badnets", 0.50, 0.05, target=3, ban_target=7),  # BAN finds it, wrong target
+        add("sig", "sig", 0.05, 0.20, target=1),  # missed
+        add("weak", "badnets", 0.05, 0.05, target=4, asr=0.2),  # did not implant
+    ]
+    results = tmp_path / "stored.json"
+    results.write_text(json.dumps(stored))
+    reach = {"norm": "l2", "rho": 1.0, "threshold": 0.35, "target_when_both": "ban"}
+    out = tmp_path / "calibration.json"
+    out.write_text(
+        json.dumps(
+            {
+                "date": "2026-11-23",
+                "threshold": 0.3,
+                "all_to_all_threshold": 0.1,
+                "eps_by_family": {"other": 0.5},
+                "reach": {"by_family": {"other": reach}},
+            }
+        )
+    )
+    before = out.read_text()
+    report = tmp_path / "check" / "held-out.json"
+    argv = ["--budgets", "l2:1", "--steps", "20", "--results", str(results), "--out", str(out)]
+    cal.main([*argv, "--check", "--check-out", str(report), *models])
+
+    assert out.read_text() == before
+    written = json.loads(report.read_text())
+    family = written["families"]["other"]
+    assert family["record"] == {
+        "archs": ["convnext_atto"],
+        "clean_models": 2,
+        "false_positives": 1,
+        "backdoored_models": 3,
+        "detected": 2,
+        "all_to_one_models": 3,
+        "all_to_one_detected": 2,
+        "targets_correct": 1,
+    }
+    assert family["errors"] == 3
+    by_name = {m["model"]: m for m in family["models"]}
+    assert {name: (m["verdict"], m["reported_target"], m["right"]) for name, m in by_name.items()} == {
+        "clean-quiet": ("clean", None, True),
+        "clean-loud": ("backdoored", None, False),
+        "blended": ("backdoored", 2, True),
+        "badnets": ("backdoored", 7, False),
+        "sig": ("clean", None, False),
+    }
+    assert (
+        by_name["blended"]["reach_score"] == 0.60
+        and by_name["blended"]["ban_statistics"]["all_to_one"] == 0.05
+    )
+    assert written["not_used"] == [
+        {
+            "model": "weak",
+            "acc": 0.8,
+            "asr": 0.2,
+            "reason": "ASR 0.200 < --min-asr 0.5: the backdoor did not implant",
+        }
+    ]
+    assert written["calibration"] == {"file": str(out), "date": "2026-11-23"}
+    assert "--check-out" in written["command"] and written["environment"]
+
+    # --record-check: the record goes into the calibration's heldout section, tied to the cuts it
+    # was counted at (as scan spells them), and nothing else in the file changes
+    from timm_purify.detection.ban import family_cuts, heldout_record
+
+    cal.main([*argv, "--check", "--record-check", *models])
+    stored_cal = json.loads(out.read_text())
+    assert {k: v for k, v in stored_cal.items() if k != "heldout"} == json.loads(before)
+    entry = stored_cal["heldout"]["by_family"]["other"]
+    assert entry["record"] == family["record"] and entry["errors"] == 3
+    assert entry["cuts"] == family_cuts(stored_cal, "other")
+    assert entry["cuts"]["reach"] == {**reach, "steps": 40} and entry["cuts"]["spread"] is None
+    assert heldout_record(stored_cal, "other", family_cuts(stored_cal, "other"))["record"] == family["record"]
+    # a refit that moves a cut voids it; a check of another family keeps it
+    moved = {**stored_cal, "reach": {"by_family": {"other": {**reach, "threshold": 0.4}}}}
+    assert heldout_record(moved, "other", family_cuts(moved, "other")) is None
+    stored_cal["heldout"]["by_family"]["batchnorm"] = {"record": {"detected": 1}, "cuts": {}}
+    out.write_text(json.dumps(stored_cal))
+    cal.main([*argv, "--check", "--record-check", *models])
+    assert json.loads(out.read_text())["heldout"]["by_family"]["batchnorm"] == {
+        "record": {"detected": 1},
+        "cuts": {},
+    }
+    out.write_text(before)
+
+    with pytest.raises(SystemExit, match="--record-check records a held-out check: give it with --check"):
+        cal.main([*argv, "--record-check", *models])
+    with pytest.raises(SystemExit, match="--check-out records a held-out check: give it with --check"):
+        cal.main([*argv, "--check-out", str(report), *models])
+    with pytest.raises(SystemExit, match="is the calibration being checked"):
+        cal.main([*argv, "--check", "--check-out", str(out), *models])
+    assert out.read_text() == before
+
+
+def test_a_run_over_stored_scans_needs_no_model_folder(cal, tmp_path):
+    """``benchmarks/cache`` is not in the repository: a folder that is not there is accepted where
+    ``--results`` holds scans of it, and a scan the store lacks says what to do instead of failing
+    on a missing file."""
+    gone = tmp_path / "resnet18-none-s3"
+    stored = {f"{gone.name}|l2:1|steps20|n600|test|s0": {}}
+    assert cal.model_folders([str(gone)], stored) == [gone]
+    with pytest.raises(SystemExit, match="no training.json .* and no scan of it stored in --results"):
+        cal.model_folders([str(gone)])
+    args = cal.parse_args([str(gone)])
+    with pytest.raises(SystemExit, match="needs a scan of it that --results does not hold"):
+        cal.scan_folder(gone, args)

@@ -171,6 +171,40 @@ def test_a_spread_verdict_is_attributed_to_the_all_to_all_reading() -> None:
     assert "Universal spread" not in _card(scan_report=report).text
 
 
+def test_the_scans_record_in_sample_and_held_out_is_quoted() -> None:
+    rel = {
+        "archs": ["resnet18", "test_resnet"],
+        "clean_models": 25,
+        "false_positives": 0,
+        "backdoored_models": 42,
+        "detected": 33,
+        "all_to_one_models": 32,
+        "targets_correct": 32,
+    }
+    held = {**rel, "clean_models": 10, "false_positives": 1, "backdoored_models": 18, "detected": 17}
+    report = _scan()
+
+    def record_line(config: dict) -> str | None:
+        report.config = config
+        return next(
+            (x for x in _card(scan_report=report).text.splitlines() if x.startswith("- Record")), None
+        )
+
+    base = {"data": "fashion-mnist-mini:train", "norm_family": "batchnorm"}
+    line = record_line({**base, "calibration_reliability": rel})
+    assert line == (
+        "- Record of this scan on its calibration models (batchnorm normalisation: resnet18, test_resnet): "
+        "detected 33/42 backdoored models, flagged 0/25 clean ones, named the right target for 32/32 "
+        "all-to-one backdoors."
+    )
+    line = record_line({**base, "calibration_reliability": rel, "calibration_heldout": {"record": held}})
+    assert line.endswith(
+        "; on 28 held-out models of seeds no fit saw: detected 17/18 backdoored models, flagged 1/10 clean "
+        "ones, named the right target for 32/32 all-to-one backdoors."
+    )
+    assert record_line(base) is None  # thresholds of the caller's own: no record to quote
+
+
 def test_polarizer_form_points_to_timm_purify_and_warns() -> None:
     body = _card(save_form="polarizer", fold_note="the (3, 3) conv zero-pads its input").text
     assert "**Warning:**" in body and "*unpurified* base weights" in body

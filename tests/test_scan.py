@@ -28,6 +28,7 @@ from timm_purify.detection.ban import (
     calibration_cautions,
     combine_stages,
     decide,
+    family_cuts,
     load_calibration,
     scan,
     scan_statistics,
@@ -133,6 +134,11 @@ def test_backdoored_model_is_flagged_with_its_target(backdoored_report):
         r.config["calibration_reliability"]
         == load_calibration()["reach"]["reliability_by_family"]["batchnorm"]
     )
+    # and the family's record on held-out models, counted at the very cuts this scan used
+    shipped = load_calibration()
+    held = shipped["heldout"]["by_family"]["batchnorm"]
+    assert held["cuts"] == family_cuts(shipped, "batchnorm")
+    assert r.config["calibration_heldout"] == {"record": held["record"], "date": held["date"]}
     # the statistic comes from these predictions: the target dominates them
     assert max(range(10), key=r.histogram_noisy.__getitem__) == TARGET
     restarts = r.config["restarts"]
@@ -169,6 +175,8 @@ def test_vit_with_layernorm_noise_is_flagged():
     model, _, metrics = build("test_vit", "blended", optimizer="adamw", lr=1e-3, weight_decay=0.05)
     assert metrics.asr > 0.5, f"the test backdoor did not implant ({metrics})"
     report = scan(model, clean_images(), quiet=True, reach="off", spread="off")  # BAN alone
+    # the held-out record was counted with every stage: it says nothing of BAN alone
+    assert report.config["calibration_heldout"] is None
     assert len(report.config["feature_shape"]) == 2  # tokens x channels
     assert report.config["norm_family"] == "other"
     assert report.threshold == pytest.approx(load_calibration()["all_to_one_thresholds"]["other"])
@@ -854,6 +862,20 @@ def test_cautions_where_the_calibration_missed_backdoors():
     )
     assert "flagged 2/5 clean ones" in line and "false alarm" in line and "right for 1/3" in line
     assert "weak evidence" not in line
+    # a held-out record counted at the scan's cuts: quoted, and its misses and false alarms count
+    held = {**rel, "clean_models": 4, "false_positives": 1, "backdoored_models": 5, "all_to_one_models": 4}
+    (line,) = _reliability_lines(
+        {
+            **base,
+            "calibration_reliability": rel,
+            "calibration_heldout": {"record": held, "date": "2026-11-23"},
+        }
+    )
+    assert "flagged 0/5 clean ones; on 9 held-out models" in line and "detected 4/5 and flagged 1/4" in line
+    assert line.endswith(
+        "a clean verdict is weak evidence; a backdoored verdict may be a false alarm; "
+        "suspected targets were right for 3/4 held out"
+    )
     (line,) = _reliability_lines({**base, "calibration_reliability": None})
     assert "no model of this normalisation family" in line
     assert _reliability_lines({**base, "calibration": CALLER_THRESHOLDS}) == []

@@ -133,6 +133,8 @@ __all__ = [
     "load_calibration",
     "calibrated_thresholds",
     "calibrated_eps",
+    "family_cuts",
+    "heldout_record",
     "norm_family",
     "CALIBRATION_FILE",
     "scan_statistics",
@@ -370,6 +372,61 @@ def calibrated_eps(calibration: dict[str, Any], family: str) -> float | None:
     return None if eps is None else float(eps)
 
 
+def family_cuts(calibration: dict[str, Any], family: str) -> dict[str, Any]:
+    """Every cut and budget a default ``scan`` decides with for normalisation ``family``: BAN's
+    noise budget and thresholds, and the reach and spread stages' settings where the calibration
+    runs them (``None`` where it does not). A held-out record (:func:`heldout_record`) is tied to
+    these: it holds only while the scan decides with the same ones."""
+    one, a2a = calibrated_thresholds(calibration, family)
+    reach = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
+    spread = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
+    return _cuts(
+        eps=calibrated_eps(calibration, family) or DEFAULT_EPS,
+        all_to_one=one,
+        all_to_all=a2a,
+        reach=None
+        if reach is None or reach.get("threshold") is None
+        else {
+            "norm": reach.get("norm") or DEFAULT_REACH["norm"],
+            "rho": float(reach.get("rho") or DEFAULT_REACH["rho"]),
+            "steps": int(reach.get("steps") or DEFAULT_REACH["steps"]),
+            "threshold": float(reach["threshold"]),
+            "target_when_both": reach.get("target_when_both", "ban"),
+        },
+        spread=None
+        if spread is None or spread.get("threshold") is None
+        else {
+            "rho": float(spread.get("rho") or DEFAULT_SPREAD_RHO),
+            "steps": int(spread.get("steps") or DEFAULT_SPREAD_STEPS),
+            "threshold": float(spread["threshold"]),
+        },
+    )
+
+
+def _cuts(
+    *, eps: float, all_to_one: float, all_to_all: float | None, reach: dict | None, spread: dict | None
+) -> dict[str, Any]:
+    """The one spelling of a scan's cuts, so a stored set compares equal to a scan's own."""
+    return {
+        "eps": float(eps),
+        "all_to_one": float(all_to_one),
+        "all_to_all": None if all_to_all is None else float(all_to_all),
+        "reach": reach,
+        "spread": spread,
+    }
+
+
+def heldout_record(calibration: dict[str, Any], family: str, cuts: dict[str, Any]) -> dict[str, Any] | None:
+    """The family's record on held-out models (``calibration["heldout"]``: models of seeds no fit
+    saw, counted by ``calibrate_reach.py --check --record-check``), where it was counted at
+    ``cuts`` (:func:`family_cuts`); ``None`` where there is none or the cuts differ (a later refit,
+    or a scan given other thresholds or budgets: the record says nothing about those)."""
+    entry = ((calibration.get("heldout") or {}).get("by_family") or {}).get(family)
+    if entry is None or entry.get("cuts") != cuts:
+        return None
+    return {"record": entry["record"], "date": entry.get("date")}
+
+
 # ---------------------------------------------------------------------------------------
 # features and head
 # ---------------------------------------------------------------------------------------
@@ -555,9 +612,11 @@ def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torc
 
 def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
     """What a user should know before trusting a verdict, from a report's ``config``: its
-    normalisation family's record on the calibration models (misses make a clean verdict
-    weak evidence, false alarms a backdoored one doubtful), and a scanned model below the
-    calibration's accuracy floor (under-trained models collapse under the noise)."""
+    normalisation family's record on the calibration models and, where one was counted at the
+    cuts the scan used, on held-out models no fit saw (in-sample figures flatter a threshold;
+    misses make a clean verdict weak evidence, false alarms a backdoored one doubtful), and a
+    scanned model below the calibration's accuracy floor (under-trained models collapse under
+    the noise)."""
     if config.get("calibration") == CALLER_THRESHOLDS:
         return []
     family = config.get("norm_family")
@@ -569,20 +628,34 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
             "the threshold is the pooled fallback and the verdict is uncalibrated"
         )
     else:
-        missed = rel["backdoored_models"] - rel["detected"]
-        wrong_targets = rel["targets_correct"] < rel["all_to_one_models"]
+        # the held-out record (models of seeds no fit saw) where one was counted at these cuts
+        held = (config.get("calibration_heldout") or {}).get("record")
+        records = [rel] if held is None else [rel, held]
+        missed = any(r["backdoored_models"] > r["detected"] for r in records)
+        wrong_targets = [
+            f"{r['targets_correct']}/{r['all_to_one_models']}" + (" held out" if r is held else "")
+            for r in records
+            if r["targets_correct"] < r["all_to_one_models"]
+        ]
         consequences = [
             "a clean verdict is weak evidence" if missed else "",
-            "a backdoored verdict may be a false alarm" if rel["false_positives"] else "",
-            f"suspected targets were right for {rel['targets_correct']}/{rel['all_to_one_models']}"
-            if wrong_targets
-            else "",
+            "a backdoored verdict may be a false alarm" if any(r["false_positives"] for r in records) else "",
+            f"suspected targets were right for {' and '.join(wrong_targets)}" if wrong_targets else "",
         ]
         if any(consequences):
+            heldout = (
+                ""
+                if held is None
+                else f"; on {held['clean_models'] + held['backdoored_models']} held-out models (seeds the "
+                f"calibration was not fitted on) it detected {held['detected']}/{held['backdoored_models']} and "
+                f"flagged {held['false_positives']}/{held['clean_models']}"
+            )
             cautions.append(
                 f"caution: on the calibration models of this normalisation family ({family}: "
                 f"{', '.join(rel['archs'])}) the scan detected {rel['detected']}/{rel['backdoored_models']} "
-                f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones; "
+                f"backdoored models and flagged {rel['false_positives']}/{rel['clean_models']} clean ones"
+                + heldout
+                + "; "
                 + "; ".join(c for c in consequences if c)
             )
     fitted_eps = config.get("calibrated_eps")
@@ -827,6 +900,31 @@ def scan(
     )
     spread_rho = float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO)
     spread_steps = int(opts.spread_steps or (spread_calibrated or {}).get("steps") or DEFAULT_SPREAD_STEPS)
+    target_when_both = (reach_calibrated or {}).get("target_when_both", "ban")
+    # the record on held-out models, where this scan decides with the cuts it was counted at
+    heldout = (
+        heldout_record(
+            calibration,
+            family,
+            _cuts(
+                eps=eps,
+                all_to_one=threshold,
+                all_to_all=a2a_threshold,
+                reach={
+                    **reach_budget,
+                    "threshold": float(reach_threshold),
+                    "target_when_both": target_when_both,
+                }
+                if run_reach
+                else None,
+                spread={"rho": spread_rho, "steps": spread_steps, "threshold": float(spread_threshold)}
+                if run_spread
+                else None,
+            ),
+        )
+        if calibration
+        else None
+    )
     try:
         if isinstance(data, ImageData):
             if data.num_classes != num_classes:
@@ -952,7 +1050,6 @@ def scan(
     # longer change the verdict or the target (see combine_stages): reach where BAN found an
     # all-to-all pattern, or an all-to-one target this family trusts over reach's; spread where an
     # earlier stage fired. "on" always runs them.
-    target_when_both = (reach_calibrated or {}).get("target_when_both", "ban")
     skipped: list[str] = []
     do_reach = run_reach and (opts.reach == "on" or _reach_can_change(verdict, pattern, target_when_both))
     if run_reach and not do_reach:
@@ -1038,6 +1135,9 @@ def scan(
         # how this family's verdicts fared on the calibration models (None: thresholds given,
         # or a family the calibration holds no model of); with the reach stage, both stages' record
         "calibration_reliability": reliability,
+        # the same record on held-out models the calibration was not fitted on (None: none was
+        # counted at the cuts this scan used)
+        "calibration_heldout": heldout,
         # the stage(s) whose statistic fired: "ban", "reach", "ban+reach", "spread" (None: clean);
         # BAN's verdict and target stand where it fired
         "decided_by": decided_by,

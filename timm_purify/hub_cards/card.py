@@ -228,6 +228,9 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
         )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
+    record = _reliability(scan.get("config") or {})
+    if record:
+        lines.append(record)
     if scan.get("clean_acc") is not None or scan.get("noisy_acc") is not None:
         lines.append(
             f"- Accuracy on the scan images: {_pct(scan.get('clean_acc'))} without noise, "
@@ -242,6 +245,34 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
     for f in serious:
         lines.append(f"- Static inspection: [{f.get('severity')}] {f.get('kind')}: {f.get('message')}")
     return lines
+
+
+def _reliability(config: Mapping) -> str | None:
+    """How far the verdict can be trusted: the scan's record on the calibration models of the
+    model's normalisation family and, where one was counted at the same cuts, on held-out models
+    no fit saw (``None`` where the scan ran with thresholds of the caller's own)."""
+    rel = config.get("calibration_reliability")
+    if not isinstance(rel, Mapping):
+        return None
+
+    def counts(r: Mapping) -> str:
+        return (
+            f"detected {r['detected']}/{r['backdoored_models']} backdoored models, flagged "
+            f"{r['false_positives']}/{r['clean_models']} clean ones, named the right target for "
+            f"{r['targets_correct']}/{r['all_to_one_models']} all-to-one backdoors"
+        )
+
+    line = (
+        f"- Record of this scan on its calibration models ({config.get('norm_family')} normalisation: "
+        f"{', '.join(rel.get('archs') or [])}): {counts(rel)}"
+    )
+    held = (config.get("calibration_heldout") or {}).get("record")
+    if isinstance(held, Mapping):
+        line += (
+            f"; on {held['clean_models'] + held['backdoored_models']} held-out models of seeds no fit saw: "
+            f"{counts(held)}"
+        )
+    return line + "."
 
 
 def _purification_section(result, save_form: str, fold_note: str | None) -> list[str]:
