@@ -69,12 +69,14 @@ from timm_purify._version import __version__  # noqa: E402
 from timm_purify.data import clean_subset, load_data  # noqa: E402
 from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
+    DEFAULT_REACH,
     DEFAULT_SPREAD_STEPS,
     calibrated_eps,
     calibrated_thresholds,
     combine_stages,
     decide,
     family_cuts,
+    family_fit,
     scan,
 )
 from timm_purify.detection.report import ScanReport  # noqa: E402
@@ -617,11 +619,6 @@ def spread_setting(calibration: dict, family: str) -> dict | None:
     return {**fitted, "steps": fitted.get("steps") or DEFAULT_SPREAD_STEPS}
 
 
-def check_family(rows: list[dict], calibration: dict, family: str) -> dict:
-    """All stages' record on ``rows`` at ``calibration``'s cuts for ``family`` (see :func:`check_verdicts`)."""
-    return tally(*check_verdicts(rows, calibration, family))
-
-
 def check_verdicts(
     rows: list[dict], calibration: dict, family: str
 ) -> tuple[list[dict], list[tuple[bool, int | None]]]:
@@ -780,6 +777,15 @@ def stored_scan(stored: dict, results_file: Path, key: str, make: Callable[[], d
     return stored[key]
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies in it (a file meant to be committed
+    should not name one machine's checkout)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def write_check(
     path: Path,
     checked: dict[str, dict],
@@ -796,7 +802,11 @@ def write_check(
     left_out = {row["model"]: row for *_, row in scanned if row["model"] not in kept}  # once per model
     result = {
         "what": "held-out check: the calibration's cuts (not refitted) counted on the given models",
-        "calibration": {"file": str(args.out), "date": calibration.get("date")},
+        "calibration": {
+            "file": _shown(Path(args.out)),
+            "cuts": {fam: family_cuts(calibration, fam) for fam in checked},
+            "fit": {fam: family_fit(calibration, fam) for fam in checked},
+        },
         "families": checked,
         "not_used": [
             {"model": name, "acc": row["acc"], "asr": row["asr"], "reason": unused_reason(row, args)}
@@ -810,6 +820,35 @@ def write_check(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def refuse_to_record(calibration: dict, families: list[str]) -> None:
+    """``--record-check`` stores a record as counted at the cuts ``scan`` now uses: refuse a family
+    whose BAN cuts were not refitted here, as the check counts the verdicts its scans stored
+    (taken at the calibration of their day, not necessarily this one)."""
+    for fam in families:
+        if fam not in (calibration.get("refitted_by_family") or {}):
+            raise SystemExit(
+                f"--record-check: the {fam} family's BAN cuts were not refitted by calibrate_reach.py, so the "
+                "check counts the verdicts its scans stored, which need not be this calibration's; refit it "
+                "(--refit-ban) first, or check without recording"
+            )
+
+
+def refuse_other_reach(calibration: dict, budgets: list[tuple[str, float]], args: argparse.Namespace) -> None:
+    """Before any scan: ``--record-check`` must take reach's scores at the budget and steps the
+    calibration runs it with for every family (the record is quoted as counted at them)."""
+    for fam, reach in ((calibration.get("reach") or {}).get("by_family") or {}).items():
+        if (reach["norm"], reach["rho"]) not in budgets:
+            raise SystemExit(
+                f"--record-check: give the {fam} family's reach budget, {reach['norm']}:{reach['rho']:g}"
+            )
+        steps = reach.get("steps") or DEFAULT_REACH["steps"]
+        if steps != args.steps:
+            raise SystemExit(
+                f"--record-check: the {fam} family's reach runs {steps} steps and the check's scores would be "
+                f"taken at --steps {args.steps}; give --steps {steps}"
+            )
 
 
 def record_check(
@@ -826,6 +865,7 @@ def record_check(
             "record": result["record"],
             "errors": result["errors"],
             "cuts": family_cuts(calibration, fam),
+            "fit": family_fit(calibration, fam),
             "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
             "date": datetime.date.today().isoformat(),
             "timm_purify_version": __version__,
@@ -853,6 +893,9 @@ def main(argv: list[str] | None = None) -> None:
     budgets = parse_budgets(args.budgets)
     ban_eps = parse_ban_eps(args.ban_eps, args.refit_ban)
     results_file = Path(args.results)
+    if args.record_check:
+        out = Path(args.out)
+        refuse_other_reach(json.loads(out.read_text()) if out.is_file() else {}, budgets, args)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     scanned = []  # (folder, key, row): each scan at the noise budget the calibration then had
     for folder in model_folders(args.models, stored):
@@ -925,6 +968,8 @@ def main(argv: list[str] | None = None) -> None:
             f"backdoors ASR >= {args.min_asr}): nothing to fit or count"
         )
     if args.check:
+        if args.record_check:
+            refuse_to_record(calibration, present)
         checked = {}
         for fam in present:
             # a refitted family's verdicts are recomputed from BAN's statistics, so its spread
@@ -936,6 +981,10 @@ def main(argv: list[str] | None = None) -> None:
             )
             rel = tally(rows, results)
             print(f"{fam}: {errors(rel)} errors with the calibration of {out} ({json.dumps(rel)})")
+            if args.record_check and not rows:
+                raise SystemExit(
+                    f"{fam}: no model counted at the calibration's reach budget; nothing to record"
+                )
             models = [check_model(row, *result) for row, result in zip(rows, results, strict=True)]
             checked[fam] = {"record": rel, "errors": errors(rel), "models": models}
         if args.check_out:

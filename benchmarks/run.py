@@ -617,7 +617,7 @@ def _heldout_section() -> list[str]:
     quotes, whether the shipped cuts are still the ones it was counted at, and, from each check's
     ``--check-out`` file where it is in the repository, every model with its verdict."""
     from timm_purify.detection import load_calibration
-    from timm_purify.detection.ban import family_cuts
+    from timm_purify.detection.ban import family_cuts, heldout_record
 
     calibration = load_calibration()
     section = calibration.get("heldout")
@@ -628,17 +628,18 @@ def _heldout_section() -> list[str]:
         "",
         f"From the `heldout` section of `timm_purify/detection/calibration.json`: {section['what']}.",
         "",
-        "| family | checked | clean flagged | backdoors detected | right targets | errors | quoted by scan |",
+        "| family | checked | clean flagged | backdoors detected | right targets (of all-to-one found) | errors "
+        "| quoted by scan |",
         "|---|---|---|---|---|---|---|",
     ]
     files = {}
     for fam, entry in section["by_family"].items():
         rel = entry["record"]
-        current = entry["cuts"] == family_cuts(calibration, fam)
+        current = heldout_record(calibration, fam, family_cuts(calibration, fam)) is not None
         lines.append(
             f"| {fam} | {entry['date']} | {rel['false_positives']}/{rel['clean_models']} | "
-            f"{rel['detected']}/{rel['backdoored_models']} | {rel['targets_correct']}/{rel['all_to_one_models']} | "
-            f"{entry['errors']} | {'yes' if current else 'no: the cuts changed since'} |"
+            f"{rel['detected']}/{rel['backdoored_models']} | {rel['targets_correct']}/{rel['all_to_one_detected']} | "
+            f"{entry['errors']} | {'yes' if current else 'no: the cuts or their fit changed since'} |"
         )
         if entry.get("check_out"):
             files.setdefault(entry["check_out"], []).append(fam)

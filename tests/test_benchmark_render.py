@@ -279,7 +279,7 @@ def test_detection_rows_from_an_earlier_calibration_are_listed_not_counted(bench
 def test_the_heldout_section_shows_each_familys_record_and_every_model(bench, monkeypatch, tmp_path):
     """The held-out record per family, marked void where the cuts changed since it was counted,
     and every model of the check's file with its verdict and whether it is right."""
-    from timm_purify.detection.ban import family_cuts
+    from timm_purify.detection.ban import family_cuts, family_fit
 
     record = {
         "false_positives": 1,
@@ -288,6 +288,7 @@ def test_the_heldout_section_shows_each_familys_record_and_every_model(bench, mo
         "backdoored_models": 2,
         "targets_correct": 1,
         "all_to_one_models": 2,
+        "all_to_one_detected": 2,
     }
     model = {"acc": 0.8, "ban_statistics": {"all_to_one": 0.4}, "reach_score": 0.1, "spread_score": None}
     check = {
@@ -310,14 +311,18 @@ def test_the_heldout_section_shows_each_familys_record_and_every_model(bench, mo
     calibration["heldout"] = {
         "what": "w",
         "by_family": {
-            "batchnorm": {**entry, "cuts": family_cuts(calibration, "batchnorm")},
+            "batchnorm": {
+                **entry,
+                "cuts": family_cuts(calibration, "batchnorm"),
+                "fit": family_fit(calibration, "batchnorm"),
+            },
             "other": {**entry, "cuts": {"eps": 0.75}, "check_out": None},
         },
     }
     monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: calibration)
     lines = bench._heldout_section()
     assert "| batchnorm | d | 1/2 | 1/2 | 1/2 | 2 | yes |" in lines
-    assert "| other | d | 1/2 | 1/2 | 1/2 | 2 | no: the cuts changed since |" in lines
+    assert "| other | d | 1/2 | 1/2 | 1/2 | 2 | no: the cuts or their fit changed since |" in lines
     assert any("regenerate with `python benchmarks/calibrate_reach.py --check x`" in line for line in lines)
     assert (
         "| m-clean | batchnorm | clean | 80.00 | - | 0.400 | 0.100 | - | backdoored (8) | **no** |" in lines

@@ -256,6 +256,11 @@ def test_refit_counts_the_spread_reading_last_where_the_family_runs_it(cal):
     assert at["detected"] == 0
 
 
+def _checked(cal, rows, calibration, family):
+    """A check's record of ``rows`` (as ``--check`` counts them)."""
+    return cal.tally(*cal.check_verdicts(rows, calibration, family))
+
+
 def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
     """``--check``: both stages' record at the calibration's cuts, BAN's from the stored
     statistics where a refit replaced the cuts the scans were taken at."""
@@ -276,19 +281,19 @@ def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
         },
         "reach": {"by_family": {"batchnorm": reach}},
     }
-    rel = cal.check_family(rows, calibration, "batchnorm")
+    rel = _checked(cal, rows, calibration, "batchnorm")
     assert (rel["false_positives"], rel["detected"], rel["targets_correct"]) == (0, 2, 2)
     # not refitted: the verdicts the scans stored stand (here BAN found nothing), reach adds its one
     plain = {k: v for k, v in calibration.items() if k != "refitted_by_family"}
-    assert cal.check_family(rows, plain, "batchnorm")["detected"] == 1
+    assert _checked(cal, rows, plain, "batchnorm")["detected"] == 1
     # no reach stage for the family: BAN alone
-    assert cal.check_family(rows, {**calibration, "reach": {}}, "batchnorm")["detected"] == 1
+    assert _checked(cal, rows, {**calibration, "reach": {}}, "batchnorm")["detected"] == 1
     # a refitted family that runs the spread reading: counted from each model's spread score
     # (a missed all-to-all backdoor it sees), at the calibration's threshold
     a2a = {**_scored("badnets", 0.10, 0.10), "mode": "all-to-all"}
     spread = {**calibration, "spread": {"by_family": {"batchnorm": {"rho": 2.0, "threshold": 0.4}}}}
     spread_rows = [{**r, "spread_score": 0.0} for r in rows] + [{**a2a, "spread_score": 0.6}]
-    assert cal.check_family(spread_rows, spread, "batchnorm")["detected"] == 3
+    assert _checked(cal, spread_rows, spread, "batchnorm")["detected"] == 3
     assert cal.spread_setting(spread, "batchnorm") == {"rho": 2.0, "threshold": 0.4, "steps": 40}
     assert cal.spread_setting(calibration, "batchnorm") is None
 
@@ -487,18 +492,18 @@ def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record
     """``--check --check-out FILE``: the held-out record per family, each counted model's scores,
     verdict, reported target and whether it is right, the models left out and why; the checked
     calibration is not touched, and the file is refused where it would overwrite it.
-    ``--record-check`` stores the record in the calibration beside the cuts it was counted at."""
+    ``--record-check`` stores the record in the calibration beside the cuts it was counted at,
+    and refuses where the check would count other cuts than the scan uses."""
+    from timm_purify.detection.ban import family_cuts, heldout_record
+
     stored = {}
 
     def add(name, attack, a2o, reach, *, target=None, ban_target=None, asr=0.9):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "training.json").write_text("{}")
-        row = _scored(attack, a2o, reach, target=target)
-        if a2o > 0.3:  # BAN fired when the scan was taken (a family not refitted: its verdict stands)
-            row.update(ban_verdict="backdoored", ban_target=ban_target if ban_target is not None else target)
         stored[f"{name}|l2:1|steps20|n600|test|s0"] = {
-            **row,
+            **_scored(attack, a2o, reach, target=target, ban_target=ban_target),
             "model": name,
             "norm_family": "other",
             "ban_eps": 0.5,
@@ -510,7 +515,7 @@ def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record
 
     models = [
         add("clean-quiet", None, 0.05, 0.10),
-        add("clean-loud", None, 0.40, 0.10),  # BAN's false alarm
+        add("clean-loud", None, 0.40, 0.10),  # BAN's false alarm (its noise names class 0)
         add("blended", "blended", 0.05, 0.60, target=2),  # reach finds it, right target
         add("badnets", "badnets", 0.50, 0.05, target=3, ban_target=7),  # BAN finds it, wrong target
         add("sig", "sig", 0.05, 0.20, target=1),  # missed
@@ -518,19 +523,20 @@ def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record
     ]
     results = tmp_path / "stored.json"
     results.write_text(json.dumps(stored))
-    reach = {"norm": "l2", "rho": 1.0, "threshold": 0.35, "target_when_both": "ban"}
+    reach = {"norm": "l2", "rho": 1.0, "steps": 20, "threshold": 0.35, "target_when_both": "ban"}
+    calibration = {
+        "date": "2026-11-23",
+        "threshold": 0.3,
+        "all_to_all_threshold": 0.1,
+        "all_to_one_thresholds": {"other": 0.3},
+        "all_to_all_thresholds": {"other": None},
+        "target_source_by_family": {"other": "noisy"},
+        "eps_by_family": {"other": 0.5},
+        "refitted_by_family": {"other": {"calibrate_scan_cuts": {"all_to_one": 0.2, "all_to_all": 0.1}}},
+        "reach": {"by_family": {"other": reach}, "command": "refit", "date": "2026-11-23"},
+    }
     out = tmp_path / "calibration.json"
-    out.write_text(
-        json.dumps(
-            {
-                "date": "2026-11-23",
-                "threshold": 0.3,
-                "all_to_all_threshold": 0.1,
-                "eps_by_family": {"other": 0.5},
-                "reach": {"by_family": {"other": reach}},
-            }
-        )
-    )
+    out.write_text(json.dumps(calibration))
     before = out.read_text()
     report = tmp_path / "check" / "held-out.json"
     argv = ["--budgets", "l2:1", "--steps", "20", "--results", str(results), "--out", str(out)]
@@ -553,7 +559,7 @@ def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record
     by_name = {m["model"]: m for m in family["models"]}
     assert {name: (m["verdict"], m["reported_target"], m["right"]) for name, m in by_name.items()} == {
         "clean-quiet": ("clean", None, True),
-        "clean-loud": ("backdoored", None, False),
+        "clean-loud": ("backdoored", 0, False),
         "blended": ("backdoored", 2, True),
         "badnets": ("backdoored", 7, False),
         "sig": ("clean", None, False),
@@ -570,24 +576,29 @@ def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record
             "reason": "ASR 0.200 < --min-asr 0.5: the backdoor did not implant",
         }
     ]
-    assert written["calibration"] == {"file": str(out), "date": "2026-11-23"}
+    assert written["calibration"]["cuts"] == {"other": family_cuts(calibration, "other")}
+    assert written["calibration"]["fit"] == {"other": {"command": "refit", "date": "2026-11-23"}}
     assert "--check-out" in written["command"] and written["environment"]
 
     # --record-check: the record goes into the calibration's heldout section, tied to the cuts it
-    # was counted at (as scan spells them), and nothing else in the file changes
-    from timm_purify.detection.ban import family_cuts, heldout_record
-
+    # was counted at (as scan spells them) and the fit behind them, and nothing else changes
     cal.main([*argv, "--check", "--record-check", *models])
     stored_cal = json.loads(out.read_text())
-    assert {k: v for k, v in stored_cal.items() if k != "heldout"} == json.loads(before)
+    assert {k: v for k, v in stored_cal.items() if k != "heldout"} == calibration
     entry = stored_cal["heldout"]["by_family"]["other"]
     assert entry["record"] == family["record"] and entry["errors"] == 3
-    assert entry["cuts"] == family_cuts(stored_cal, "other")
-    assert entry["cuts"]["reach"] == {**reach, "steps": 40} and entry["cuts"]["spread"] is None
+    assert entry["cuts"] == family_cuts(stored_cal, "other") and entry["cuts"]["reach"] == reach
+    assert entry["cuts"]["spread"] is None and entry["cuts"]["target_source"] == "noisy"
     assert heldout_record(stored_cal, "other", family_cuts(stored_cal, "other"))["record"] == family["record"]
-    # a refit that moves a cut voids it; a check of another family keeps it
-    moved = {**stored_cal, "reach": {"by_family": {"other": {**reach, "threshold": 0.4}}}}
+    # a refit voids it, whether it moves a cut or lands on the same ones (its models may include these)
+    moved = {
+        **stored_cal,
+        "reach": {**stored_cal["reach"], "by_family": {"other": {**reach, "threshold": 0.4}}},
+    }
     assert heldout_record(moved, "other", family_cuts(moved, "other")) is None
+    again = {**stored_cal, "reach": {**stored_cal["reach"], "command": "refit with the held-out models"}}
+    assert heldout_record(again, "other", family_cuts(again, "other")) is None
+    # a check of one family keeps another family's record
     stored_cal["heldout"]["by_family"]["batchnorm"] = {"record": {"detected": 1}, "cuts": {}}
     out.write_text(json.dumps(stored_cal))
     cal.main([*argv, "--check", "--record-check", *models])
@@ -595,8 +606,18 @@ def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record
         "record": {"detected": 1},
         "cuts": {},
     }
-    out.write_text(before)
 
+    # refused: reach scores taken at other steps than the scan's; a family counted from stored verdicts
+    out.write_text(before)
+    steps40 = [a if a != "20" else "40" for a in argv]
+    with pytest.raises(SystemExit, match="reach runs 20 steps .* give --steps 20"):
+        cal.main([*steps40, "--check", "--record-check", *models])
+    plain = {k: v for k, v in calibration.items() if k != "refitted_by_family"}
+    out.write_text(json.dumps(plain))
+    with pytest.raises(SystemExit, match="were not refitted by calibrate_reach.py"):
+        cal.main([*argv, "--check", "--record-check", *models])
+    assert json.loads(out.read_text()) == plain
+    out.write_text(before)
     with pytest.raises(SystemExit, match="--record-check records a held-out check: give it with --check"):
         cal.main([*argv, "--record-check", *models])
     with pytest.raises(SystemExit, match="--check-out records a held-out check: give it with --check"):

@@ -181,7 +181,16 @@ def test_the_scans_record_in_sample_and_held_out_is_quoted() -> None:
         "all_to_one_models": 32,
         "targets_correct": 32,
     }
-    held = {**rel, "clean_models": 10, "false_positives": 1, "backdoored_models": 18, "detected": 17}
+    held = {
+        **rel,
+        "clean_models": 10,
+        "false_positives": 1,
+        "backdoored_models": 18,
+        "detected": 17,
+        "all_to_one_models": 17,
+        "all_to_one_detected": 16,
+        "targets_correct": 16,
+    }
     report = _scan()
 
     def record_line(config: dict) -> str | None:
@@ -194,13 +203,13 @@ def test_the_scans_record_in_sample_and_held_out_is_quoted() -> None:
     line = record_line({**base, "calibration_reliability": rel})
     assert line == (
         "- Record of this scan on its calibration models (batchnorm normalisation: resnet18, test_resnet): "
-        "detected 33/42 backdoored models, flagged 0/25 clean ones, named the right target for 32/32 "
-        "all-to-one backdoors."
+        "detected 33/42 backdoored models, flagged 0/25 clean ones, named the right target for 32 of the 32 "
+        "all-to-one backdoors found."
     )
     line = record_line({**base, "calibration_reliability": rel, "calibration_heldout": {"record": held}})
     assert line.endswith(
         "; on 28 held-out models of seeds no fit saw: detected 17/18 backdoored models, flagged 1/10 clean "
-        "ones, named the right target for 32/32 all-to-one backdoors."
+        "ones, named the right target for 16 of the 16 all-to-one backdoors found."
     )
     assert record_line(base) is None  # thresholds of the caller's own: no record to quote
 

@@ -63,3 +63,12 @@ def test_auto_method_follows_the_scan():
     assert options["layer"] == "last-stage" and options["rho"] == 6.0
     assert choose_method("auto", fake_report(verdict="clean", target=None)) == ("npd", AUTO_OPTIONS["npd"])
     assert choose_method("nft", fake_report(verdict="backdoored", target=4)) == ("nft", {})
+    # a backdoored LayerNorm model: the attention polarizer, which needs no target
+    layernorm = fake_report(verdict="backdoored", target=4)
+    layernorm.config = {**(layernorm.config or {}), "norm_family": "other"}
+    assert choose_method("auto", layernorm, {"epochs": 2}) == (
+        "cnpd-a",
+        {**AUTO_OPTIONS["cnpd-a"], "epochs": 2},
+    )
+    layernorm.verdict, layernorm.suspected_target = "clean", None
+    assert choose_method("auto", layernorm) == ("npd", AUTO_OPTIONS["npd"])

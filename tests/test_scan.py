@@ -839,6 +839,43 @@ def test_cautions_on_an_under_trained_model_reach_the_report_and_the_cli(backdoo
     assert f"caution: the model gets only {floor / 2:.1%} of the held-out clean images right" in weak[-1]
 
 
+def test_the_held_out_record_is_quoted_only_at_the_cuts_it_was_counted_at():
+    """``scan`` quotes the held-out record only where it decides exactly as the check counted:
+    the calibration's budgets, thresholds, stages and search options (no model is scanned here:
+    the settings are resolved the way ``scan`` resolves them)."""
+    from timm_purify.detection.ban import ScanOptions, _settings, heldout_record
+
+    shipped = load_calibration()
+
+    def quoted(family: str, **options) -> bool:
+        opts = ScanOptions(**options)
+        return heldout_record(shipped, family, _settings(opts, shipped, family).cuts(opts)) is not None
+
+    for family in ("batchnorm", "other"):
+        assert quoted(family)
+        reach = shipped["reach"]["by_family"][family]
+        # the calibrated values given explicitly change nothing
+        assert quoted(
+            family, eps=shipped["eps_by_family"][family], reach_steps=reach["steps"], reach_rho=reach["rho"]
+        )
+        assert quoted(family, threshold=shipped["all_to_one_thresholds"][family])
+        # anything else voids it
+        for options in (
+            {"eps": 0.75},
+            {"reach": "off"},
+            {"reach_steps": 40},
+            {"reach_threshold": 0.5},
+            {"threshold": 0.5},
+            {"steps": 5},
+            {"restarts": 1},
+            {"bn_mode": "running"},
+        ):
+            assert not quoted(family, **options), options
+    # the spread reading: calibrated (and run) for LayerNorm only
+    assert not quoted("other", spread="off")
+    assert not quoted("batchnorm", spread="on", spread_threshold=0.5)
+
+
 def test_cautions_where_the_calibration_missed_backdoors():
     def _reliability_lines(cfg: dict) -> list[str]:  # the family record only: accuracy above any floor
         return calibration_cautions(cfg, clean_acc=1.0)
@@ -874,8 +911,13 @@ def test_cautions_where_the_calibration_missed_backdoors():
     assert "flagged 0/5 clean ones; on 9 held-out models" in line and "detected 4/5 and flagged 1/4" in line
     assert line.endswith(
         "a clean verdict is weak evidence; a backdoored verdict may be a false alarm; "
-        "suspected targets were right for 3/4 held out"
+        "suspected targets were right for 3/4 found held out"
     )
+    # targets are counted of the all-to-one backdoors found, where the record says how many
+    found = {**rel, "all_to_one_models": 5, "all_to_one_detected": 3, "targets_correct": 3, "detected": 4}
+    assert _reliability_lines({**base, "calibration_reliability": found}) == []
+    (line,) = _reliability_lines({**base, "calibration_reliability": {**found, "targets_correct": 2}})
+    assert line.endswith("suspected targets were right for 2/3 found")
     (line,) = _reliability_lines({**base, "calibration_reliability": None})
     assert "no model of this normalisation family" in line
     assert _reliability_lines({**base, "calibration": CALLER_THRESHOLDS}) == []

@@ -83,8 +83,8 @@ def _summary(result, report, out: Path, form: str, fold_reason: str) -> str:
 
 def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, num_clean: int) -> None:
     """Refuse bad method options before any work (the scan included), and what ``--method auto``
-    cannot honour: it reads the target from the scan, and its options must suit both methods it
-    may pick (npd and npd-tp). ``num_clean`` is the size of the clean set the method will get."""
+    cannot honour: it reads the target from the scan, and its options must suit every method it
+    may pick (npd, npd-tp, cnpd-a). ``num_clean`` is the size of the clean set the method will get."""
     from ..defenses import PurifyOptionError
     from ..defenses._base import _build_config
 
@@ -103,6 +103,7 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, 
         candidates = [
             ("npd", auto_options("npd", options)),
             ("npd-tp", {**auto_options("npd-tp", options), "target": 0}),
+            ("cnpd-a", auto_options("cnpd-a", options)),
         ]
     for name, opts in candidates:
         try:

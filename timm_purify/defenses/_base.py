@@ -222,7 +222,7 @@ def purify(
             ``train`` split is used).
         method: a registered method (``timm_purify.defenses.DEFENSES``), or ``"auto"``: the
             finding of ``scan_report`` picks it (npd-tp towards a suspected all-to-one target,
-            else npd) with the options measured best (``timm_purify._auto.AUTO_OPTIONS``;
+            cnpd-a for a backdoored LayerNorm model, else npd) with the options measured best (``timm_purify._auto.AUTO_OPTIONS``;
             ``**options`` override them, except the target, which is the scan's).
         scan_report: the :func:`timm_purify.scan` report of ``model``, for ``method="auto"``.
         clean_count, clean_fraction: take a class-balanced, seeded subset of ``data``

@@ -134,6 +134,7 @@ __all__ = [
     "calibrated_thresholds",
     "calibrated_eps",
     "family_cuts",
+    "family_fit",
     "heldout_record",
     "norm_family",
     "CALIBRATION_FILE",
@@ -373,44 +374,38 @@ def calibrated_eps(calibration: dict[str, Any], family: str) -> float | None:
 
 
 def family_cuts(calibration: dict[str, Any], family: str) -> dict[str, Any]:
-    """Every cut and budget a default ``scan`` decides with for normalisation ``family``: BAN's
-    noise budget and thresholds, and the reach and spread stages' settings where the calibration
-    runs them (``None`` where it does not). A held-out record (:func:`heldout_record`) is tied to
-    these: it holds only while the scan decides with the same ones."""
-    one, a2a = calibrated_thresholds(calibration, family)
-    reach = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
-    spread = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
-    return _cuts(
-        eps=calibrated_eps(calibration, family) or DEFAULT_EPS,
-        all_to_one=one,
-        all_to_all=a2a,
-        reach=None
-        if reach is None or reach.get("threshold") is None
-        else {
-            "norm": reach.get("norm") or DEFAULT_REACH["norm"],
-            "rho": float(reach.get("rho") or DEFAULT_REACH["rho"]),
-            "steps": int(reach.get("steps") or DEFAULT_REACH["steps"]),
-            "threshold": float(reach["threshold"]),
-            "target_when_both": reach.get("target_when_both", "ban"),
-        },
-        spread=None
-        if spread is None or spread.get("threshold") is None
-        else {
-            "rho": float(spread.get("rho") or DEFAULT_SPREAD_RHO),
-            "steps": int(spread.get("steps") or DEFAULT_SPREAD_STEPS),
-            "threshold": float(spread["threshold"]),
-        },
-    )
+    """Every cut and setting a default ``scan`` decides with for normalisation ``family``: BAN's
+    noise budget, thresholds, target source and search options, and the reach and spread stages'
+    settings where the calibration runs them (``None`` where it does not). A held-out record
+    (:func:`heldout_record`) is tied to these: it holds only while a scan decides with the same."""
+    return _settings(ScanOptions(), calibration, family).cuts(ScanOptions())
+
+
+def family_fit(calibration: dict[str, Any], family: str) -> dict[str, Any]:
+    """The run behind ``family``'s cuts (command and date): a refit that took held-out models in
+    may land on the same cuts, and their record would then no longer be held out."""
+    reach = calibration.get("reach") or {}
+    run = (reach.get("provenance_by_family") or {}).get(family) or reach or calibration
+    return {"command": run.get("command"), "date": run.get("date")}
 
 
 def _cuts(
-    *, eps: float, all_to_one: float, all_to_all: float | None, reach: dict | None, spread: dict | None
+    *,
+    eps: float,
+    all_to_one: float,
+    all_to_all: float | None,
+    target_source: str,
+    search: ScanOptions,
+    reach: dict | None,
+    spread: dict | None,
 ) -> dict[str, Any]:
     """The one spelling of a scan's cuts, so a stored set compares equal to a scan's own."""
     return {
         "eps": float(eps),
         "all_to_one": float(all_to_one),
         "all_to_all": None if all_to_all is None else float(all_to_all),
+        "target_source": target_source,
+        "search": {name: getattr(search, name) for name in _SEARCH_FIELDS},
         "reach": reach,
         "spread": spread,
     }
@@ -419,10 +414,11 @@ def _cuts(
 def heldout_record(calibration: dict[str, Any], family: str, cuts: dict[str, Any]) -> dict[str, Any] | None:
     """The family's record on held-out models (``calibration["heldout"]``: models of seeds no fit
     saw, counted by ``calibrate_reach.py --check --record-check``), where it was counted at
-    ``cuts`` (:func:`family_cuts`); ``None`` where there is none or the cuts differ (a later refit,
-    or a scan given other thresholds or budgets: the record says nothing about those)."""
+    ``cuts`` (:func:`family_cuts`) of the fit that still stands (:func:`family_fit`); ``None``
+    where there is none, the cuts differ (a scan given other thresholds, budgets or search
+    options: the record says nothing about those) or a later run refitted the family."""
     entry = ((calibration.get("heldout") or {}).get("by_family") or {}).get(family)
-    if entry is None or entry.get("cuts") != cuts:
+    if entry is None or entry.get("cuts") != cuts or entry.get("fit") != family_fit(calibration, family):
         return None
     return {"record": entry["record"], "date": entry.get("date")}
 
@@ -610,6 +606,12 @@ def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torc
     }
 
 
+def _found(record: dict[str, Any]) -> int:
+    """The all-to-one backdoors a record's scans found (records written before this count was
+    kept: all of them, as they were worded then)."""
+    return record.get("all_to_one_detected", record["all_to_one_models"])
+
+
 def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
     """What a user should know before trusting a verdict, from a report's ``config``: its
     normalisation family's record on the calibration models and, where one was counted at the
@@ -632,10 +634,11 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
         held = (config.get("calibration_heldout") or {}).get("record")
         records = [rel] if held is None else [rel, held]
         missed = any(r["backdoored_models"] > r["detected"] for r in records)
+        # of the all-to-one backdoors found (a missed one has no target to be right about)
         wrong_targets = [
-            f"{r['targets_correct']}/{r['all_to_one_models']}" + (" held out" if r is held else "")
+            f"{r['targets_correct']}/{_found(r)} found" + (" held out" if r is held else "")
             for r in records
-            if r["targets_correct"] < r["all_to_one_models"]
+            if r["targets_correct"] < _found(r)
         ]
         consequences = [
             "a clean verdict is weak evidence" if missed else "",
@@ -834,6 +837,107 @@ def _predict(
     return torch.cat(out)
 
 
+# the options of the noise and mask searches: a held-out record holds only for the ones it was
+# counted with (the calibration's scans ran with the defaults)
+_SEARCH_FIELDS = (
+    "steps",
+    "mask_epochs",
+    "mask_steps_per_epoch",
+    "mask_lr",
+    "mask_lambda",
+    "batch_size",
+    "holdout",
+    "restarts",
+    "bn_mode",
+)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Every threshold, budget and stage a scan decides with, resolved from its options over the
+    calibration (:func:`_settings`)."""
+
+    threshold: float
+    a2a_threshold: float | None
+    fitted_eps: float | None
+    eps: float
+    target_source: str
+    reach_calibrated: dict | None
+    reach_threshold: float | None
+    run_reach: bool
+    reach_budget: dict[str, Any]
+    target_when_both: str
+    spread_calibrated: dict | None
+    spread_threshold: float | None
+    run_spread: bool
+    spread_rho: float
+    spread_steps: int
+
+    def cuts(self, opts: ScanOptions) -> dict[str, Any]:
+        """The cuts in :func:`family_cuts`' spelling, as this scan uses them."""
+        return _cuts(
+            eps=self.eps,
+            all_to_one=self.threshold,
+            all_to_all=self.a2a_threshold,
+            target_source=self.target_source,
+            search=opts,
+            reach={
+                **self.reach_budget,
+                "threshold": float(self.reach_threshold),
+                "target_when_both": self.target_when_both,
+            }
+            if self.run_reach
+            else None,
+            spread={
+                "rho": self.spread_rho,
+                "steps": self.spread_steps,
+                "threshold": float(self.spread_threshold),
+            }
+            if self.run_spread
+            else None,
+        )
+
+
+def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _Settings:
+    """The caller's options where given, else what ``calibration`` fitted for ``family`` (an empty
+    calibration: the caller gave both thresholds), else the defaults."""
+    fitted_one, fitted_a2a = calibrated_thresholds(calibration, family) if calibration else (None, None)
+    # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
+    fitted_eps = calibrated_eps(calibration, family) if calibration else None
+    # the universal-reach stage and the spread reading: where the calibration fitted them for
+    # this family, or where asked
+    reach_calibrated, reach_threshold, run_reach = _later_stage(
+        calibration, "reach", family, opts.reach, opts.reach_threshold
+    )
+    spread_calibrated, spread_threshold, run_spread = _later_stage(
+        calibration, "spread", family, opts.spread, opts.spread_threshold
+    )
+    return _Settings(
+        threshold=float(opts.threshold if opts.threshold is not None else fitted_one),
+        a2a_threshold=float(opts.all_to_all_threshold)
+        if opts.all_to_all_threshold is not None
+        else fitted_a2a,
+        fitted_eps=fitted_eps,
+        eps=float(opts.eps if opts.eps is not None else fitted_eps or DEFAULT_EPS),
+        # whose predictions name the suspected target (calibrated per family; see TARGET_SOURCES)
+        target_source=(calibration.get("target_source_by_family") or {}).get(family, "noisy"),
+        reach_calibrated=reach_calibrated,
+        reach_threshold=reach_threshold,
+        run_reach=run_reach,
+        reach_budget={
+            "norm": opts.reach_norm or (reach_calibrated or {}).get("norm") or DEFAULT_REACH["norm"],
+            "rho": float(opts.reach_rho or (reach_calibrated or {}).get("rho") or DEFAULT_REACH["rho"]),
+            "steps": int(opts.reach_steps or (reach_calibrated or {}).get("steps") or DEFAULT_REACH["steps"]),
+        },
+        target_when_both=(reach_calibrated or {}).get("target_when_both", "ban"),
+        spread_calibrated=spread_calibrated,
+        spread_threshold=spread_threshold,
+        run_spread=run_spread,
+        spread_rho=float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO),
+        spread_steps=int(opts.spread_steps or (spread_calibrated or {}).get("steps") or DEFAULT_SPREAD_STEPS),
+    )
+
+
 def scan(
     model: nn.Module,
     data: ImageData | str | os.PathLike,
@@ -879,52 +983,14 @@ def scan(
     if opts.threshold is None or opts.all_to_all_threshold is None:
         calibration = load_calibration()
     family = norm_family(model)
-    fitted_one, fitted_a2a = calibrated_thresholds(calibration, family) if calibration else (None, None)
-    threshold = float(opts.threshold if opts.threshold is not None else fitted_one)
-    a2a_threshold = float(opts.all_to_all_threshold) if opts.all_to_all_threshold is not None else fitted_a2a
-    # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
-    fitted_eps = calibrated_eps(calibration, family) if calibration else None
-    eps = float(opts.eps if opts.eps is not None else fitted_eps or DEFAULT_EPS)
-    # the universal-reach stage and the spread reading: where the calibration fitted them for
-    # this family, or where asked
-    reach_calibrated, reach_threshold, run_reach = _later_stage(
-        calibration, "reach", family, opts.reach, opts.reach_threshold
-    )
-    reach_budget = {
-        "norm": opts.reach_norm or (reach_calibrated or {}).get("norm") or DEFAULT_REACH["norm"],
-        "rho": float(opts.reach_rho or (reach_calibrated or {}).get("rho") or DEFAULT_REACH["rho"]),
-        "steps": int(opts.reach_steps or (reach_calibrated or {}).get("steps") or DEFAULT_REACH["steps"]),
-    }
-    spread_calibrated, spread_threshold, run_spread = _later_stage(
-        calibration, "spread", family, opts.spread, opts.spread_threshold
-    )
-    spread_rho = float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO)
-    spread_steps = int(opts.spread_steps or (spread_calibrated or {}).get("steps") or DEFAULT_SPREAD_STEPS)
-    target_when_both = (reach_calibrated or {}).get("target_when_both", "ban")
+    st = _settings(opts, calibration, family)
+    threshold, a2a_threshold, fitted_eps, eps = st.threshold, st.a2a_threshold, st.fitted_eps, st.eps
+    reach_calibrated, reach_threshold, run_reach = st.reach_calibrated, st.reach_threshold, st.run_reach
+    reach_budget, target_when_both = st.reach_budget, st.target_when_both
+    spread_calibrated, spread_threshold, run_spread = st.spread_calibrated, st.spread_threshold, st.run_spread
+    spread_rho, spread_steps = st.spread_rho, st.spread_steps
     # the record on held-out models, where this scan decides with the cuts it was counted at
-    heldout = (
-        heldout_record(
-            calibration,
-            family,
-            _cuts(
-                eps=eps,
-                all_to_one=threshold,
-                all_to_all=a2a_threshold,
-                reach={
-                    **reach_budget,
-                    "threshold": float(reach_threshold),
-                    "target_when_both": target_when_both,
-                }
-                if run_reach
-                else None,
-                spread={"rho": spread_rho, "steps": spread_steps, "threshold": float(spread_threshold)}
-                if run_spread
-                else None,
-            ),
-        )
-        if calibration
-        else None
-    )
+    heldout = heldout_record(calibration, family, st.cuts(opts)) if calibration else None
     try:
         if isinstance(data, ImageData):
             if data.num_classes != num_classes:
@@ -1040,7 +1106,7 @@ def scan(
     }
     stats = scan_statistics(confusions["noisy"], confusions["noisy_masked"], confusions["clean"])
 
-    target_source = (calibration.get("target_source_by_family") or {}).get(family, "noisy")
+    target_source = st.target_source
     verdict, pattern, target, score, used = decide(
         stats, threshold=threshold, all_to_all_threshold=a2a_threshold, target_source=target_source
     )

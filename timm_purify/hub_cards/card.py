@@ -259,7 +259,8 @@ def _reliability(config: Mapping) -> str | None:
         return (
             f"detected {r['detected']}/{r['backdoored_models']} backdoored models, flagged "
             f"{r['false_positives']}/{r['clean_models']} clean ones, named the right target for "
-            f"{r['targets_correct']}/{r['all_to_one_models']} all-to-one backdoors"
+            f"{r['targets_correct']} of the {r.get('all_to_one_detected', r['all_to_one_models'])} "
+            "all-to-one backdoors found"
         )
 
     line = (
