@@ -130,8 +130,8 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     default="npd",
     show_default=True,
     help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
-    "suspected target when it names one, else npd; both with the options measured best on fully "
-    "trained models (see README), unless given.",
+    "suspected target when it names one (cnpd-a for a backdoored LayerNorm model), else npd; with "
+    "the options measured best on fully trained models (see README), unless given.",
 )
 @click.option(
     "--out",
