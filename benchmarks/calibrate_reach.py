@@ -786,6 +786,17 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def this_run(argv: list[str] | None) -> dict:
+    """What every file this script writes records of the run that wrote it: the command line,
+    the date, the package version and the environment."""
+    return {
+        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
+        "date": datetime.date.today().isoformat(),
+        "timm_purify_version": __version__,
+        "environment": environment_info(),
+    }
+
+
 def write_check(
     path: Path,
     checked: dict[str, dict],
@@ -812,10 +823,7 @@ def write_check(
             {"model": name, "acc": row["acc"], "asr": row["asr"], "reason": unused_reason(row, args)}
             for name, row in left_out.items()
         ],
-        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
-        "date": datetime.date.today().isoformat(),
-        "timm_purify_version": __version__,
-        "environment": environment_info(),
+        **this_run(argv),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -866,9 +874,7 @@ def record_check(
             "errors": result["errors"],
             "cuts": family_cuts(calibration, fam),
             "fit": family_fit(calibration, fam),
-            "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
-            "date": datetime.date.today().isoformat(),
-            "timm_purify_version": __version__,
+            **{key: value for key, value in this_run(argv).items() if key != "environment"},
             "check_out": args.check_out,
         }
     section.update(
@@ -1073,10 +1079,7 @@ def main(argv: list[str] | None = None) -> None:
         f"fitted here: {', '.join(families)}; kept as an earlier run fitted them: {', '.join(kept) or 'none'}"
     )
     run = {
-        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_reach.py"),
-        "date": datetime.date.today().isoformat(),
-        "timm_purify_version": __version__,
-        "environment": environment_info(),
+        **this_run(argv),
         # the families the run fitted (a later run may refit some of them: see provenance_by_family)
         "fitted_families": sorted(families),
     }

@@ -119,7 +119,7 @@ from .._progress import progress
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
 from ..defenses._common import _NORM_TYPES, NormNoise, PixelModel
 from .reach import REACH_NORMS, universal_reach, universal_spread
-from .report import ScanReport
+from .report import ScanReport, all_to_one_found
 
 __all__ = [
     "scan",
@@ -606,12 +606,6 @@ def scan_statistics(noisy: torch.Tensor, noisy_masked: torch.Tensor, clean: torc
     }
 
 
-def _found(record: dict[str, Any]) -> int:
-    """The all-to-one backdoors a record's scans found (records written before this count was
-    kept: all of them, as they were worded then)."""
-    return record.get("all_to_one_detected", record["all_to_one_models"])
-
-
 def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
     """What a user should know before trusting a verdict, from a report's ``config``: its
     normalisation family's record on the calibration models and, where one was counted at the
@@ -636,9 +630,9 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
         missed = any(r["backdoored_models"] > r["detected"] for r in records)
         # of the all-to-one backdoors found (a missed one has no target to be right about)
         wrong_targets = [
-            f"{r['targets_correct']}/{_found(r)} found" + (" held out" if r is held else "")
+            f"{r['targets_correct']}/{all_to_one_found(r)} found" + (" held out" if r is held else "")
             for r in records
-            if r["targets_correct"] < _found(r)
+            if r["targets_correct"] < all_to_one_found(r)
         ]
         consequences = [
             "a clean verdict is weak evidence" if missed else "",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ScanReport", "REPORT_KEYS", "VERDICTS", "PATTERNS"]
+__all__ = ["ScanReport", "REPORT_KEYS", "VERDICTS", "PATTERNS", "all_to_one_found"]
 
 VERDICTS = ("backdoored", "clean")
 PATTERNS = ("all-to-one", "all-to-all")
@@ -134,3 +134,9 @@ class ScanReport:
 
 
 REPORT_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ScanReport))
+
+
+def all_to_one_found(record: dict[str, Any]) -> int:
+    """The all-to-one backdoors a reliability record's scans found, which its right targets are
+    counted of (records written before this count was kept: all of them, as they were worded)."""
+    return record.get("all_to_one_detected", record["all_to_one_models"])

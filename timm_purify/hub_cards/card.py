@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCard, ModelCardData
 
 from .._version import __version__
+from ..detection.report import all_to_one_found
 from ..metrics import EvalResult, der
 from .plots import PLOT_CAPTIONS
 
@@ -259,7 +260,7 @@ def _reliability(config: Mapping) -> str | None:
         return (
             f"detected {r['detected']}/{r['backdoored_models']} backdoored models, flagged "
             f"{r['false_positives']}/{r['clean_models']} clean ones, named the right target for "
-            f"{r['targets_correct']} of the {r.get('all_to_one_detected', r['all_to_one_models'])} "
+            f"{r['targets_correct']} of the {all_to_one_found(r)} "
             "all-to-one backdoors found"
         )
 
