@@ -71,6 +71,7 @@ from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
     DEFAULT_REACH,
     DEFAULT_SPREAD_STEPS,
+    calibrated_decision,
     calibrated_eps,
     calibrated_thresholds,
     combine_stages,
@@ -91,12 +92,15 @@ class BanCuts:
     """BAN's setting for one family, as ``--refit-ban`` tries it: the all-to-one cut, the
     all-to-all cut (``None``: that statistic does not decide), whose predictions name the target
     (the family's calibrated ``target_source``) and the noise budget the statistics the cuts
-    apply to are taken at."""
+    apply to are taken at, and whether the all-to-one verdict needs both noisy readings to name
+    the same class (``--agreement``)."""
 
     all_to_one: float
     all_to_all: float | None
     target_source: str
     eps: float
+    # the all-to-one statistic decides only where the noise and the masked noise agree (ban.agrees)
+    agreement: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,7 +165,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "family's eps_by_family (ties: fewer false alarms, the wider all-to-one margin, the one "
         "calibrate_scan.py chose, then the smaller)",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--agreement",
+        action="append",
+        default=[],
+        metavar="FAMILY",
+        help="make a --refit-ban family's BAN all-to-one verdict conditional on the noise and the noise "
+        "with the negative mask naming the same class (timm_purify.detection.ban.agrees; written as "
+        "all_to_one_agreement_by_family). The cuts are fitted without the condition, which then only "
+        "withdraws BAN verdicts; the record is counted with it, beside the record without it "
+        "(repeatable; a refit without it writes the family without the condition)",
+    )
+    args = p.parse_args(argv)
+    for family in args.agreement:
+        if family not in args.refit_ban:
+            raise SystemExit(
+                f"--agreement {family}: the condition changes which cuts fit, so it is set by a refit; "
+                f"add --refit-ban {family}"
+            )
+    return args
 
 
 def parse_ban_eps(items: list[str], refit: list[str]) -> dict[str, list[float]]:
@@ -288,6 +310,7 @@ def ban_stage(row: dict, ban: BanCuts | None = None) -> tuple[str, str | None, i
             threshold=ban.all_to_one,
             all_to_all_threshold=ban.all_to_all,
             target_source=ban.target_source,
+            agreement=ban.agreement,
         )
         return verdict, pattern, target
     if row["ban_verdict"] != "backdoored":
@@ -519,6 +542,28 @@ def refit_cuts(
     return {"chosen": chosen, "without_reach": without}
 
 
+def with_agreement(
+    chosen: dict, rows: list[dict], target_source: str, eps: float, spread: float | None = None
+) -> dict:
+    """``chosen`` (a :func:`refit_cuts` setting) recounted on ``rows`` with BAN's all-to-one verdict
+    under the agreement condition (``--agreement``; ``timm_purify.detection.ban.agrees``).
+
+    The cuts stay the ones fitted without it, so the condition can only withdraw BAN verdicts. Fitted
+    under it, the LayerNorm refit on 47 models tied two unlike settings (eps 0.5 with an all-to-one
+    cut of 0.150, eps 0.75 with 0.295, reach cuts 0.190 / 0.146) on one error fewer in sample; at the
+    lower cut two of twenty fresh clean test_vits would have been flagged: too few models to fit the
+    extra freedom (``benchmarks/DETECTION.md``)."""
+    gated = BanCuts(chosen["all_to_one_threshold"], chosen["all_to_all_threshold"], target_source, eps, True)
+    at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (chosen["norm"], chosen["rho"])]
+    both = record(at, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], gated, spread)
+    return {
+        **chosen,
+        "errors": errors(both),
+        "reliability": both,
+        "reliability_ban_alone": record(at, None, ban=gated),
+    }
+
+
 def refit_family(
     rows_by_eps: dict[float, list[dict]],
     budgets: list[tuple[str, float]],
@@ -552,6 +597,9 @@ def refit_family(
         ),
     )
     chosen, without = fits[eps]["chosen"], fits[eps]["without_reach"]
+    plain = None  # with the agreement condition: the chosen setting's record without it
+    if shipped.agreement:
+        plain, chosen = chosen, with_agreement(chosen, rows_by_eps[eps], shipped.target_source, eps, spread)
     rows = rows_by_eps[shipped.eps]
     before = fit_family(
         rows, budgets, shipped, spread
@@ -578,6 +626,12 @@ def refit_family(
             else " and no reach stage"
         )
         + ("" if spread is None else f", with the spread reading at {spread:.3f} last")
+        + (
+            ""
+            if plain is None
+            else f", BAN's all-to-one verdict needing its noisy and masked targets to agree (the cuts fitted "
+            f"without that condition: {plain['errors']} errors without it)"
+        )
         + f", refitted together; {without['errors']} with the best BAN cuts alone; "
         + f"{before_errors} with calibrate_scan.py's cuts (eps {shipped.eps:g})",
         "chosen": {
@@ -588,6 +642,10 @@ def refit_family(
             "errors_best_ban_alone": without["errors"],
         },
         "without_reach": without,
+        "agreement": shipped.agreement,
+        # with --agreement: the chosen setting's record without the condition
+        "without_agreement": plain
+        and {key: plain[key] for key in ("errors", "reliability", "reliability_ban_alone")},
         "spread_threshold": spread,
         # the best setting at each budget, both stages together
         "by_eps": {
@@ -629,10 +687,13 @@ def check_verdicts(
     the calibration enables it (the rows at its budget)."""
     ban, spread = None, None
     if family in (calibration.get("refitted_by_family") or {}):
+        decision = calibrated_decision(calibration, family)
         ban = BanCuts(
-            *calibrated_thresholds(calibration, family),
-            calibration["target_source_by_family"][family],
+            decision["threshold"],
+            decision["all_to_all_threshold"],
+            decision["target_source"],
             calibrated_eps(calibration, family),
+            decision["agreement"],
         )
         spread = (spread_setting(calibration, family) or {}).get("threshold")
     fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
@@ -668,9 +729,12 @@ def unused_reason(row: dict, args: argparse.Namespace) -> str:
     return f"ASR {row['asr'] or 0.0:.3f} < --min-asr {args.min_asr:g}: the backdoor did not implant"
 
 
-def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> dict[str, BanCuts]:
+def shipped_cuts(
+    calibration: dict, families: list[str], rows: list[dict], agreement: Collection[str] = ()
+) -> dict[str, BanCuts]:
     """The cuts calibrate_scan.py fitted for each ``--refit-ban`` family (also where an earlier
-    refit replaced them, so refitting again starts from the same place), after checking the
+    refit replaced them, so refitting again starts from the same place), under the agreement
+    condition where the family is in ``agreement`` (``--agreement``), after checking the
     family can be refitted here; and that no family refitted earlier whose models are given is
     left out, since their stored verdicts were taken at the cuts the refit replaced (a family
     without models here keeps its fit, see main)."""
@@ -699,7 +763,7 @@ def shipped_cuts(calibration: dict, families: list[str], rows: list[dict]) -> di
             one, a2a, eps = before["all_to_one"], before["all_to_all"], before["eps"]
         else:
             (one, a2a), eps = calibrated_thresholds(calibration, fam), calibrated_eps(calibration, fam)
-        cuts[fam] = BanCuts(one, a2a, calibration["target_source_by_family"][fam], eps)
+        cuts[fam] = BanCuts(one, a2a, calibration["target_source_by_family"][fam], eps, fam in agreement)
     return cuts
 
 
@@ -998,7 +1062,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.record_check:
             record_check(out, calibration, checked, args, argv)
         return
-    refit = shipped_cuts(calibration, args.refit_ban, [row for *_, row in used])
+    refit = shipped_cuts(calibration, args.refit_ban, [row for *_, row in used], args.agreement)
     families, shipped_rows, spread_by_family = {}, {}, {}
     for fam in present:
         if fam in refit:
@@ -1037,6 +1101,7 @@ def main(argv: list[str] | None = None) -> None:
                     best["all_to_all_threshold"],
                     refit[fam].target_source,
                     best["eps"],
+                    refit[fam].agreement,
                 )
                 reliability[fam] = record(at, best["fit"]["threshold"], best["target_when_both"], cuts)
     for fam in refit:
@@ -1045,6 +1110,7 @@ def main(argv: list[str] | None = None) -> None:
         calibration.setdefault("all_to_all_thresholds", {})[fam] = best["all_to_all_threshold"]
         calibration["reliability_by_family"][fam] = best["reliability_ban_alone"]
         calibration["eps_by_family"][fam] = best["eps"]
+        calibration.setdefault("all_to_one_agreement_by_family", {})[fam] = refit[fam].agreement
         calibration.setdefault("refitted_by_family", {})[fam] = {
             "note": f"noise budget, cuts and reliability refitted with the reach stage by calibrate_reach.py "
             f"--refit-ban on "
@@ -1114,7 +1180,10 @@ def main(argv: list[str] | None = None) -> None:
             "kept: the fewest errors, then the fewest false alarms, then the widest all-to-one margin, then "
             "calibrate_scan.py's budget, then the "
             "smaller), and written to the BAN section (all_to_one_thresholds, all_to_all_thresholds, "
-            "reliability_by_family, eps_by_family). A run over some families' models leaves the other "
+            "reliability_by_family, eps_by_family, all_to_one_agreement_by_family: for a family given with "
+            "--agreement, BAN's all-to-one verdict needs its noisy and masked targets to agree, on top of the cuts "
+            "fitted without that condition, and the records are counted with it). A run over some families' "
+            "models leaves the other "
             "families' entries, models and provenance (provenance_by_family) as the run that fitted them wrote them."
         ),
         "min_acc": args.min_acc,

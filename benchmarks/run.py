@@ -423,7 +423,7 @@ def _reach_section() -> list[str]:
     ``benchmarks/calibrate_reach.py``): where it runs, both stages' record against BAN's alone,
     and every model's reach score at each candidate budget."""
     from timm_purify.detection import load_calibration
-    from timm_purify.detection.ban import calibrated_thresholds, decide
+    from timm_purify.detection.ban import calibrated_decision, decide
 
     calibration = load_calibration()
     section = calibration.get("reach")
@@ -522,11 +522,7 @@ def _reach_section() -> list[str]:
         verdict, target = m["ban_verdict"], m["ban_target"]
         stats = m.get("ban_statistics")
         if m["norm_family"] in section.get("ban_refitted", []):
-            one, a2a = calibrated_thresholds(calibration, m["norm_family"])
-            source = calibration["target_source_by_family"][m["norm_family"]]
-            verdict, _, target, _, _ = decide(
-                stats, threshold=one, all_to_all_threshold=a2a, target_source=source
-            )
+            verdict, _, target, _, _ = decide(stats, **calibrated_decision(calibration, m["norm_family"]))
             spread = section["families"][m["norm_family"]].get("spread_threshold")
             # the refit reads spread on the models it uses only (a backdoor that did not implant has none)
             score = m.get("spread_score")

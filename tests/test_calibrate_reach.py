@@ -179,6 +179,45 @@ def test_refit_keeps_the_noise_budget_whose_cuts_make_the_fewest_errors(cal):
     assert tie["chosen"]["eps"] == 0.5 and tie["chosen"]["all_to_one_margin"] == pytest.approx(0.10)
 
 
+def test_the_agreement_condition_only_withdraws_ban_verdicts_at_the_cuts_fitted_without_it(cal):
+    """``--agreement``: a clean model whose noisy and masked readings name different classes sits
+    above a BadNets backdoor that reads one class both ways. The cuts are still the ones fitted
+    without the condition (the clean model costs an error there), then the condition is applied:
+    the clean model is no longer flagged, and the record without it is kept beside."""
+    odd = _scored(None, 0.50, 0.10)
+    odd["ban_statistics"] = {**odd["ban_statistics"], "target": 2, "target_masked": 7}
+    rows = [odd, _scored(None, 0.20, 0.12), _scored("badnets", 0.45, 0.05, target=3)]
+    plain = cal.refit_family({0.5: rows}, [("l2", 1.0)], cal.BanCuts(0.3, None, "noisy", 0.5))
+    gated = cal.refit_family({0.5: rows}, [("l2", 1.0)], cal.BanCuts(0.3, None, "noisy", 0.5, True))
+    for key in ("all_to_one_threshold", "all_to_all_threshold", "eps"):
+        assert gated["chosen"][key] == plain["chosen"][key]
+    assert plain["chosen"]["errors"] == 1 and plain["chosen"]["reliability"]["false_positives"] == 1
+    assert gated["chosen"]["errors"] == 0 and gated["chosen"]["reliability"]["false_positives"] == 0
+    assert gated["chosen"]["reliability_ban_alone"]["false_positives"] == 0
+    assert gated["agreement"] and not plain["agreement"] and plain["without_agreement"] is None
+    assert gated["without_agreement"]["errors"] == 1
+    assert "noisy and masked targets to agree" in gated["reason"]
+    # the condition never adds a verdict: a backdoor below the cut stays missed
+    low = cal.BanCuts(0.6, None, "noisy", 0.5, True)
+    assert cal.record(rows, None, ban=low)["detected"] == 0
+
+
+def test_agreement_is_set_by_a_refit_of_the_family(cal):
+    with pytest.raises(SystemExit, match="add --refit-ban other"):
+        cal.parse_args(["--agreement", "other", "m"])
+    args = cal.parse_args(["--refit-ban", "other", "--agreement", "other", "m"])
+    assert args.agreement == ["other"]
+    calibration = {
+        "all_to_one_thresholds": {"other": 0.2},
+        "all_to_all_threshold": 0.1,
+        "target_source_by_family": {"other": "noisy_masked"},
+        "eps_by_family": {"other": 0.5},
+    }
+    rows = [{**_row(None, 0.1), "norm_family": "other", "ban_statistics": {}}]
+    assert cal.shipped_cuts(calibration, ["other"], rows, ["other"])["other"].agreement
+    assert not cal.shipped_cuts(calibration, ["other"], rows)["other"].agreement
+
+
 def test_ban_eps_needs_a_refitted_family_and_budgets_below_one(cal):
     assert cal.parse_ban_eps(["batchnorm:0.5,0.3,0.5"], ["batchnorm"]) == {"batchnorm": [0.3, 0.5]}
     with pytest.raises(SystemExit, match="add --refit-ban batchnorm"):

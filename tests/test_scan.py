@@ -25,10 +25,14 @@ from timm_purify.detection.ban import (
     TARGET_SOURCES,
     ScanOptionError,
     _split_model,
+    agrees,
+    calibrated_decision,
+    calibrated_thresholds,
     calibration_cautions,
     combine_stages,
     decide,
     family_cuts,
+    heldout_record,
     load_calibration,
     scan,
     scan_statistics,
@@ -519,6 +523,70 @@ def test_decide_takes_the_target_from_the_calibrated_source():
         decide(stats, threshold=0.5, all_to_all_threshold=2.0, target_source="mask")
 
 
+def test_decide_with_agreement_lets_only_a_coherent_reading_decide():
+    """Under the agreement condition BAN's all-to-one verdict stands only where the noise alone and
+    the noise with the negative mask name the same class; otherwise the model goes on as if the
+    statistic had not fired (the all-to-all one, and the later stages, may still find it)."""
+    split = {"all_to_one": 0.9, "target": 2, "target_masked": 7, "all_to_all": 0.1}
+    assert not agrees(split)
+    assert decide(split, threshold=0.5, all_to_all_threshold=0.3)[0] == "backdoored"
+    assert decide(split, threshold=0.5, all_to_all_threshold=0.3, agreement=True) == (
+        "clean",
+        None,
+        None,
+        0.9,
+        0.5,
+    )
+    assert decide({**split, "all_to_all": 0.6}, threshold=0.5, all_to_all_threshold=0.3, agreement=True)[
+        :2
+    ] == ("backdoored", "all-to-all")
+    same = {**split, "target_masked": 2}
+    assert agrees(same)
+    assert decide(same, threshold=0.5, all_to_all_threshold=0.3, agreement=True)[:3] == (
+        "backdoored",
+        "all-to-one",
+        2,
+    )
+
+
+def test_the_agreement_condition_is_read_per_family_and_ties_the_heldout_record():
+    """``all_to_one_agreement_by_family`` reaches ``decide`` through the calibration, the scan's cuts
+    carry it, and a held-out record counted with the other setting is not quoted."""
+    shipped = load_calibration()
+    for family in ("batchnorm", "other"):
+        decision = calibrated_decision(shipped, family)
+        assert decision["agreement"] == shipped.get("all_to_one_agreement_by_family", {}).get(family, False)
+        assert decision["threshold"] == calibrated_thresholds(shipped, family)[0]
+        assert family_cuts(shipped, family)["agreement"] == decision["agreement"]
+    flipped = {
+        **shipped,
+        "all_to_one_agreement_by_family": {
+            fam: not calibrated_decision(shipped, fam)["agreement"] for fam in ("batchnorm", "other")
+        },
+    }
+    for family in ("batchnorm", "other"):
+        if heldout_record(shipped, family, family_cuts(shipped, family)) is not None:
+            assert heldout_record(flipped, family, family_cuts(flipped, family)) is None
+    assert calibrated_decision({"threshold": 0.3, "all_to_all_threshold": 0.1}, "other")["agreement"] is False
+
+
+def test_a_withdrawn_ban_verdict_is_explained():
+    config = {
+        "norm_family": "other",
+        "calibration_reliability": None,
+        "all_to_one_agreement": True,
+        "threshold": 0.305,
+        "statistics": {"all_to_one": 0.367, "target": 9, "target_masked": 1},
+    }
+    notes = [c for c in calibration_cautions(config, 0.9) if c.startswith("note:")]
+    assert len(notes) == 1 and "0.367" in notes[0] and "class 9" in notes[0] and "class 1" in notes[0]
+    for quiet in (
+        {"all_to_one_agreement": False},
+        {"statistics": {**config["statistics"], "target_masked": 9}},
+    ):
+        assert not [c for c in calibration_cautions({**config, **quiet}, 0.9) if c.startswith("note:")]
+
+
 def test_calibration_chooses_each_familys_target_source_from_its_models():
     cal = load_calibration()
     used = [m for m in cal["models"] if m["used"] and m["mode"] == "all-to-one"]
@@ -639,9 +707,14 @@ def test_the_reach_calibration_matches_its_recorded_scans():
             a2a = cal["all_to_all_thresholds"][family]
             source = cal["target_source_by_family"][family]
             cut = cal["all_to_one_thresholds"][family]
-            return decide(m["ban_statistics"], threshold=cut, all_to_all_threshold=a2a, target_source=source)[
-                :3
-            ]
+            agreement = cal.get("all_to_one_agreement_by_family", {}).get(family, False)
+            return decide(
+                m["ban_statistics"],
+                threshold=cut,
+                all_to_all_threshold=a2a,
+                target_source=source,
+                agreement=agreement,
+            )[:3]
         # BAN's stored verdict: an all-to-one one names a target, an all-to-all one does not
         pattern = (
             None if m["ban_verdict"] == "clean" else "all-to-all" if m["ban_target"] is None else "all-to-one"
@@ -773,6 +846,7 @@ def test_the_spread_calibration_matches_its_recorded_scans():
             threshold=cal["all_to_one_thresholds"][family],
             all_to_all_threshold=cal["all_to_all_thresholds"][family],
             target_source=cal["target_source_by_family"][family],
+            agreement=cal.get("all_to_one_agreement_by_family", {}).get(family, False),
         )
 
         found = []  # (model, flagged, target) with every stage

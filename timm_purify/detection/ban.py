@@ -132,6 +132,7 @@ __all__ = [
     "calibration_cautions",
     "load_calibration",
     "calibrated_thresholds",
+    "calibrated_decision",
     "calibrated_eps",
     "family_cuts",
     "family_fit",
@@ -140,6 +141,7 @@ __all__ = [
     "CALIBRATION_FILE",
     "scan_statistics",
     "decide",
+    "agrees",
     "combine_stages",
 ]
 
@@ -363,6 +365,19 @@ def calibrated_thresholds(calibration: dict[str, Any], family: str) -> tuple[flo
     return float(one), None if a2a is None else float(a2a)
 
 
+def calibrated_decision(calibration: dict[str, Any], family: str) -> dict[str, Any]:
+    """:func:`decide`'s keyword arguments as ``calibration`` fits them for ``family``: both
+    thresholds (:func:`calibrated_thresholds`), whose predictions name the target and whether the
+    all-to-one verdict needs the two noisy readings to agree (:func:`agrees`)."""
+    one, a2a = calibrated_thresholds(calibration, family)
+    return {
+        "threshold": one,
+        "all_to_all_threshold": a2a,
+        "target_source": (calibration.get("target_source_by_family") or {}).get(family, "noisy"),
+        "agreement": bool((calibration.get("all_to_one_agreement_by_family") or {}).get(family, False)),
+    }
+
+
 def calibrated_eps(calibration: dict[str, Any], family: str) -> float | None:
     """The noise budget ``calibration``'s thresholds for normalisation ``family`` hold at: the
     family's own (``eps_by_family``), else the one budget of a file written before budgets were
@@ -395,6 +410,7 @@ def _cuts(
     all_to_one: float,
     all_to_all: float | None,
     target_source: str,
+    agreement: bool,
     search: ScanOptions,
     reach: dict | None,
     spread: dict | None,
@@ -405,6 +421,7 @@ def _cuts(
         "all_to_one": float(all_to_one),
         "all_to_all": None if all_to_all is None else float(all_to_all),
         "target_source": target_source,
+        "agreement": bool(agreement),
         "search": {name: getattr(search, name) for name in _SEARCH_FIELDS},
         "reach": reach,
         "spread": spread,
@@ -655,6 +672,15 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
                 + "; "
                 + "; ".join(c for c in consequences if c)
             )
+    stats = config.get("statistics") or {}
+    if config.get("all_to_one_agreement") and stats["all_to_one"] > config["threshold"] and not agrees(stats):
+        cautions.append(
+            f"note: BAN's all-to-one score {stats['all_to_one']:.3f} is above its cut {config['threshold']:.3f}, "
+            f"but the noise alone sends the held-out images to class {stats['target']} and the noise with the "
+            f"negative mask to class {stats['target_masked']}; on this family ({family}) that disagreement marked "
+            "every clean model the statistic flagged on held-out seeds, so it did not decide the verdict "
+            "(the later stages still ran)"
+        )
     fitted_eps = config.get("calibrated_eps")
     if fitted_eps is not None and config.get("eps") != fitted_eps:
         cautions.append(
@@ -682,12 +708,28 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
     return cautions
 
 
+def agrees(stats: dict[str, Any]) -> bool:
+    """Whether the noise alone and the noise with the negative mask send the held-out images to
+    the same class (:func:`scan_statistics`' ``target`` and ``target_masked``).
+
+    A backdoor's neurons pull towards its target both ways. On the 55 LayerNorm models
+    (test_vit, convnext_atto) of two held-out checks, the all-to-one statistic flagged 4 clean
+    test_vits (of 25), each pulled to one class by the noise and to another with the mask, and 7
+    backdoors: 5 named one class both ways, and reach found the other 2 with their true target
+    (``benchmarks/DETECTION.md``). So the calibration can make agreement a condition of BAN's
+    all-to-one verdict for a family (``all_to_one_agreement_by_family``); it only withdraws
+    verdicts, and the later stages still run.
+    """
+    return int(stats["target"]) == int(stats["target_masked"])
+
+
 def decide(
     stats: dict[str, Any],
     *,
     threshold: float,
     all_to_all_threshold: float | None,
     target_source: str = "noisy",
+    agreement: bool = False,
 ) -> tuple[str, str | None, int | None, float, float]:
     """``(verdict, pattern, suspected_target, score, threshold)`` from :func:`scan_statistics`.
     ``all_to_all_threshold=None``: the all-to-all statistic does not decide.
@@ -696,10 +738,13 @@ def decide(
     clean verdict reports the all-to-one statistic, the paper's own. The verdict always comes
     from the noise alone; ``target_source`` (one of :data:`TARGET_SOURCES`, chosen per
     normalisation family by the calibration) says which predictions name the target.
+    ``agreement`` (:func:`agrees`; chosen per family by the calibration): the all-to-one
+    statistic decides only where the noise alone and the noise with the negative mask name the
+    same class.
     """
     if target_source not in TARGET_SOURCES:
         raise ScanOptionError(f"target_source must be one of {sorted(TARGET_SOURCES)}, got {target_source!r}")
-    if stats["all_to_one"] > threshold:
+    if stats["all_to_one"] > threshold and (not agreement or agrees(stats)):
         target = int(stats[TARGET_SOURCES[target_source]])
         return "backdoored", "all-to-one", target, float(stats["all_to_one"]), float(threshold)
     if all_to_all_threshold is not None and stats["all_to_all"] > all_to_all_threshold:
@@ -856,6 +901,7 @@ class _Settings:
     fitted_eps: float | None
     eps: float
     target_source: str
+    agreement: bool
     reach_calibrated: dict | None
     reach_threshold: float | None
     run_reach: bool
@@ -874,6 +920,7 @@ class _Settings:
             all_to_one=self.threshold,
             all_to_all=self.a2a_threshold,
             target_source=self.target_source,
+            agreement=self.agreement,
             search=opts,
             reach={
                 **self.reach_budget,
@@ -895,7 +942,10 @@ class _Settings:
 def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _Settings:
     """The caller's options where given, else what ``calibration`` fitted for ``family`` (an empty
     calibration: the caller gave both thresholds), else the defaults."""
-    fitted_one, fitted_a2a = calibrated_thresholds(calibration, family) if calibration else (None, None)
+    decision = calibrated_decision(calibration, family) if calibration else {}
+    fitted_one, fitted_a2a = decision.get("threshold"), decision.get("all_to_all_threshold")
+    decision.setdefault("target_source", "noisy")
+    decision.setdefault("agreement", False)
     # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
     fitted_eps = calibrated_eps(calibration, family) if calibration else None
     # the universal-reach stage and the spread reading: where the calibration fitted them for
@@ -914,7 +964,9 @@ def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _S
         fitted_eps=fitted_eps,
         eps=float(opts.eps if opts.eps is not None else fitted_eps or DEFAULT_EPS),
         # whose predictions name the suspected target (calibrated per family; see TARGET_SOURCES)
-        target_source=(calibration.get("target_source_by_family") or {}).get(family, "noisy"),
+        target_source=decision["target_source"],
+        # whether BAN's all-to-one verdict needs the noise and the masked noise to agree (see agrees)
+        agreement=decision["agreement"],
         reach_calibrated=reach_calibrated,
         reach_threshold=reach_threshold,
         run_reach=run_reach,
@@ -1102,7 +1154,11 @@ def scan(
 
     target_source = st.target_source
     verdict, pattern, target, score, used = decide(
-        stats, threshold=threshold, all_to_all_threshold=a2a_threshold, target_source=target_source
+        stats,
+        threshold=threshold,
+        all_to_all_threshold=a2a_threshold,
+        target_source=target_source,
+        agreement=st.agreement,
     )
 
     # 5-6. the pixel-space stages, on the images the unmodified model gets right (eval mode, no noise).
@@ -1216,6 +1272,8 @@ def scan(
         "norm_family": family,
         # whose predictions named the suspected target (calibrated per family; see TARGET_SOURCES)
         "target_source": target_source,
+        # BAN's all-to-one verdict needed the noise and the masked noise to agree (see agrees)
+        "all_to_one_agreement": st.agreement,
         "features": split.where,
         "feature_shape": list(mask.shape),
         "mask_mean": float(mask.mean()),
