@@ -55,7 +55,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import timm
@@ -71,6 +71,7 @@ from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
     DEFAULT_REACH,
     DEFAULT_SPREAD_STEPS,
+    calibrated_agreement,
     calibrated_decision,
     calibrated_eps,
     calibrated_thresholds,
@@ -601,14 +602,14 @@ def refit_family(
     if shipped.agreement:
         plain, chosen = chosen, with_agreement(chosen, rows_by_eps[eps], shipped.target_source, eps, spread)
     rows = rows_by_eps[shipped.eps]
-    before = fit_family(
-        rows, budgets, shipped, spread
-    )  # reach behind BAN's shipped cuts, as without --refit-ban
+    # reach behind calibrate_scan.py's cuts, as without --refit-ban (they never had the condition)
+    original = replace(shipped, agreement=False)
+    before = fit_family(rows, budgets, original, spread)
     first = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == budgets[0]]
     before_errors = (
         before["chosen"]["errors"]
         if before["enabled"]
-        else errors(record(first, None, ban=shipped, spread=spread))
+        else errors(record(first, None, ban=original, spread=spread))
     )
     return {
         "enabled": chosen["fit"] is not None,
@@ -632,7 +633,9 @@ def refit_family(
             else f", BAN's all-to-one verdict needing its noisy and masked targets to agree (the cuts fitted "
             f"without that condition: {plain['errors']} errors without it)"
         )
-        + f", refitted together; {without['errors']} with the best BAN cuts alone; "
+        + f", refitted together; {without['errors']} with the best BAN cuts alone"
+        + ("" if plain is None else " (without the condition, as the refit fits)")
+        + "; "
         + f"{before_errors} with calibrate_scan.py's cuts (eps {shipped.eps:g})",
         "chosen": {
             **chosen,
@@ -746,6 +749,17 @@ def shipped_cuts(
             f"BAN's cuts for {', '.join(left_out)} were refitted with the reach stage; pass "
             + " ".join(f"--refit-ban {fam}" for fam in left_out)
             + " again (or regenerate the BAN section with calibrate_scan.py first)"
+        )
+    dropped = sorted(
+        fam for fam in families if calibrated_agreement(calibration, fam) and fam not in agreement
+    )
+    if dropped:
+        raise SystemExit(
+            f"BAN's all-to-one verdict for {', '.join(dropped)} needs its two readings to agree "
+            "(all_to_one_agreement_by_family); a refit without "
+            + " ".join(f"--agreement {fam}" for fam in dropped)
+            + " would drop that condition: pass it to keep it (to drop it on purpose, remove the family "
+            "from all_to_one_agreement_by_family first)"
         )
     cuts = {}
     for fam in families:

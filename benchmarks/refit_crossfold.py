@@ -40,7 +40,7 @@ from calibrate_reach import (  # noqa: E402
 )
 from calibrate_scan import recorded_command  # noqa: E402
 
-from timm_purify.detection.ban import load_calibration  # noqa: E402
+from timm_purify.detection.ban import calibrated_agreement, load_calibration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,8 +117,11 @@ def one_way(
         {e: fold_rows(fit_on, e, stored, args, spread) for e in budgets}, reach_budget, start, cut
     )
     chosen = fit["chosen"]
-    ban = BanCuts(
-        chosen["all_to_one_threshold"], chosen["all_to_all_threshold"], start.target_source, chosen["eps"]
+    ban = replace(
+        start,
+        all_to_one=chosen["all_to_one_threshold"],
+        all_to_all=chosen["all_to_all_threshold"],
+        eps=chosen["eps"],
     )
     test = fold_rows(test_on, chosen["eps"], stored, args, spread)
     rel = record(test, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], ban, cut)
@@ -140,11 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     budgets = sorted({float(e) for e in args.eps.split(",") if e})
     calibration = load_calibration()
     before = calibration["refitted_by_family"][args.family]["calibrate_scan_cuts"]
+    # the refit it checks: calibrate_scan.py's cuts to start from, under the family's agreement condition
     shipped = BanCuts(
         before["all_to_one"],
         before["all_to_all"],
         calibration["target_source_by_family"][args.family],
         before["eps"],
+        calibrated_agreement(calibration, args.family),
     )
     spread = spread_setting(calibration, args.family)
     offers = [budgets, *([e] for e in budgets)] if len(budgets) > 1 else [budgets]

@@ -292,6 +292,8 @@ def _scan_row(model, train, suite: Suite, seed: int, *, backdoored: bool, target
         "suspected_target": report.suspected_target,
         "true_target": truth,
         "pattern": report.pattern,
+        # whether BAN's all-to-one verdict needed its two readings to agree (see _shipped_cuts)
+        "all_to_one_agreement": report.config.get("all_to_one_agreement", False),
         "num_clean": len(clean),
         "seconds": report.seconds,
         "ft_epoch_seconds": yardstick,
@@ -304,22 +306,24 @@ def _cut(value: float | None) -> str:
     return "not used" if value is None else f"{value:.3f}"
 
 
-def _shipped_cuts() -> dict[float, list[float]]:
+def _shipped_cuts() -> dict[float, list[tuple[float, bool]]]:
     """Per noise budget, the thresholds the shipped calibration decides a verdict with for the
-    family scanned at that budget (BAN's, reach's, spread's), to tell a scan row taken with it
-    from one taken with an earlier calibration."""
+    family scanned at that budget (BAN's, reach's, spread's), each with whether that family's BAN
+    verdict needs its two readings to agree, to tell a scan row taken with it from one taken with
+    an earlier calibration (a row recorded before the condition existed had none)."""
     from timm_purify.detection import load_calibration
-    from timm_purify.detection.ban import calibrated_thresholds
+    from timm_purify.detection.ban import calibrated_decision
 
     cal = load_calibration()
-    out: dict[float, list[float]] = {}
+    out: dict[float, list[tuple[float, bool]]] = {}
     for fam, eps in cal.get("eps_by_family", {}).items():
-        cuts = list(calibrated_thresholds(cal, fam))
+        decision = calibrated_decision(cal, fam)
+        cuts = [decision["threshold"], decision["all_to_all_threshold"]]
         cuts += [
             ((cal.get(stage) or {}).get("by_family", {}).get(fam) or {}).get("threshold")
             for stage in ("reach", "spread")
         ]
-        out.setdefault(float(eps), []).extend(c for c in cuts if c is not None)
+        out.setdefault(float(eps), []).extend((c, decision["agreement"]) for c in cuts if c is not None)
     return out
 
 
@@ -760,7 +764,10 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
 
     def shipped(r: dict) -> bool:
         """Whether a scan row was decided by the shipped calibration (see :func:`_shipped_cuts`)."""
-        return any(abs(r["threshold"] - c) < 1e-9 for c in cuts.get(r.get("eps"), []))
+        return any(
+            abs(r["threshold"] - c) < 1e-9 and r.get("all_to_one_agreement", False) == agreement
+            for c, agreement in cuts.get(r.get("eps"), [])
+        )
 
     # a backdoor that did not implant (its model's no-defence ASR under MIN_ASR) is not a backdoor
     # a scan should find: listed, not counted, as in the calibration (calibrate_scan.py's --min-asr)

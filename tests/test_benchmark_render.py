@@ -265,6 +265,19 @@ def test_detection_rows_from_an_earlier_calibration_are_listed_not_counted(bench
     assert "1 more rows were scanned with an earlier calibration" in text
     assert text.count("| shipped |") == 1 and text.count("| earlier |") == 1
 
+    # a family whose BAN verdict needs its two readings to agree: a row at its cut counts only
+    # when it was scanned under that condition (rows recorded before it existed carry no flag)
+    conditioned = [f for f, on in cal.get("all_to_one_agreement_by_family", {}).items() if on]
+    assert conditioned, "the shipped calibration conditions no family"
+    fam = conditioned[0]
+    at = {**row, "eps": cal["eps_by_family"][fam], "threshold": cal["all_to_one_thresholds"][fam]}
+    rows = [at, {**at, "seed": 2, "all_to_one_agreement": True}]
+    (tmp_path / "r.json").write_text(json.dumps({"suite": "full", "rows": rows}))
+    text = bench.render(results_dir=tmp_path, out=tmp_path / "RESULTS.md").read_text()
+    assert (
+        "detection accuracy 1/1;" in text and "1 more rows were scanned with an earlier calibration" in text
+    )
+
     # a backdoor that did not implant (its no-defence row's ASR under 50%) is listed, not counted
     weak = {**row, "model": "w", "attack": "wanet", "truth": "backdoored", "verdict": "backdoored"}
     none = {"suite": "full", "arch": "a", "attack": "wanet", "model": "w", "method": "none", "seed": 0}

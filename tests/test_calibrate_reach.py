@@ -197,9 +197,26 @@ def test_the_agreement_condition_only_withdraws_ban_verdicts_at_the_cuts_fitted_
     assert gated["agreement"] and not plain["agreement"] and plain["without_agreement"] is None
     assert gated["without_agreement"]["errors"] == 1
     assert "noisy and masked targets to agree" in gated["reason"]
-    # the condition never adds a verdict: a backdoor below the cut stays missed
-    low = cal.BanCuts(0.6, None, "noisy", 0.5, True)
-    assert cal.record(rows, None, ban=low)["detected"] == 0
+    # the condition withdraws a backdoor's verdict too where its readings split (reach may still
+    # find it), and never adds one: below the cut, agreeing readings stay unflagged
+    split = _scored("badnets", 0.45, 0.05, target=3)
+    split["ban_statistics"] = {**split["ban_statistics"], "target_masked": 4}
+    cut = cal.BanCuts(0.4, None, "noisy", 0.5)
+    assert cal.record([split], None, ban=cut)["detected"] == 1
+    assert cal.record([split], None, ban=cal.BanCuts(0.4, None, "noisy", 0.5, True))["detected"] == 0
+    assert cal.record([rows[2]], None, ban=cal.BanCuts(0.5, None, "noisy", 0.5, True))["detected"] == 0
+    # a refit that would drop a family's condition is refused
+    calibration = {
+        "all_to_one_thresholds": {"other": 0.2},
+        "all_to_all_threshold": 0.1,
+        "target_source_by_family": {"other": "noisy"},
+        "eps_by_family": {"other": 0.5},
+        "all_to_one_agreement_by_family": {"other": True},
+    }
+    given = [{**odd, "norm_family": "other"}]
+    with pytest.raises(SystemExit, match="--agreement other"):
+        cal.shipped_cuts(calibration, ["other"], given)
+    assert cal.shipped_cuts(calibration, ["other"], given, ["other"])["other"].agreement
 
 
 def test_agreement_is_set_by_a_refit_of_the_family(cal):

@@ -565,8 +565,8 @@ def test_the_agreement_condition_is_read_per_family_and_ties_the_heldout_record(
         },
     }
     for family in ("batchnorm", "other"):
-        if heldout_record(shipped, family, family_cuts(shipped, family)) is not None:
-            assert heldout_record(flipped, family, family_cuts(flipped, family)) is None
+        assert heldout_record(shipped, family, family_cuts(shipped, family)) is not None
+        assert heldout_record(flipped, family, family_cuts(flipped, family)) is None
     assert calibrated_decision({"threshold": 0.3, "all_to_all_threshold": 0.1}, "other")["agreement"] is False
 
 
@@ -704,17 +704,7 @@ def test_the_reach_calibration_matches_its_recorded_scans():
     def ban_stage(m: dict) -> tuple[str, str | None, int | None]:
         family = m["norm_family"]
         if family in section.get("ban_refitted", []):  # BAN's refitted cuts on its stored statistics
-            a2a = cal["all_to_all_thresholds"][family]
-            source = cal["target_source_by_family"][family]
-            cut = cal["all_to_one_thresholds"][family]
-            agreement = cal.get("all_to_one_agreement_by_family", {}).get(family, False)
-            return decide(
-                m["ban_statistics"],
-                threshold=cut,
-                all_to_all_threshold=a2a,
-                target_source=source,
-                agreement=agreement,
-            )[:3]
+            return decide(m["ban_statistics"], **calibrated_decision(cal, family))[:3]
         # BAN's stored verdict: an all-to-one one names a target, an all-to-all one does not
         pattern = (
             None if m["ban_verdict"] == "clean" else "all-to-all" if m["ban_target"] is None else "all-to-one"
@@ -842,12 +832,7 @@ def test_the_spread_calibration_matches_its_recorded_scans():
             and m["norm_family"] == family
             and (m["reach_norm"], m["reach_rho"]) == (fitted["norm"], fitted["rho"])
         ]
-        ban_cuts = dict(
-            threshold=cal["all_to_one_thresholds"][family],
-            all_to_all_threshold=cal["all_to_all_thresholds"][family],
-            target_source=cal["target_source_by_family"][family],
-            agreement=cal.get("all_to_one_agreement_by_family", {}).get(family, False),
-        )
+        ban_cuts = calibrated_decision(cal, family)
 
         found = []  # (model, flagged, target) with every stage
         for m in rows:

@@ -133,6 +133,7 @@ __all__ = [
     "load_calibration",
     "calibrated_thresholds",
     "calibrated_decision",
+    "calibrated_agreement",
     "calibrated_eps",
     "family_cuts",
     "family_fit",
@@ -365,6 +366,12 @@ def calibrated_thresholds(calibration: dict[str, Any], family: str) -> tuple[flo
     return float(one), None if a2a is None else float(a2a)
 
 
+def calibrated_agreement(calibration: dict[str, Any], family: str) -> bool:
+    """Whether ``calibration`` makes ``family``'s BAN all-to-one verdict need its two readings to
+    agree (:func:`agrees`; ``all_to_one_agreement_by_family``, absent: no)."""
+    return bool((calibration.get("all_to_one_agreement_by_family") or {}).get(family, False))
+
+
 def calibrated_decision(calibration: dict[str, Any], family: str) -> dict[str, Any]:
     """:func:`decide`'s keyword arguments as ``calibration`` fits them for ``family``: both
     thresholds (:func:`calibrated_thresholds`), whose predictions name the target and whether the
@@ -374,7 +381,7 @@ def calibrated_decision(calibration: dict[str, Any], family: str) -> dict[str, A
         "threshold": one,
         "all_to_all_threshold": a2a,
         "target_source": (calibration.get("target_source_by_family") or {}).get(family, "noisy"),
-        "agreement": bool((calibration.get("all_to_one_agreement_by_family") or {}).get(family, False)),
+        "agreement": calibrated_agreement(calibration, family),
     }
 
 
@@ -673,13 +680,18 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
                 + "; ".join(c for c in consequences if c)
             )
     stats = config.get("statistics") or {}
-    if config.get("all_to_one_agreement") and stats["all_to_one"] > config["threshold"] and not agrees(stats):
+    if (
+        config.get("all_to_one_agreement")
+        and "all_to_one" in stats
+        and stats["all_to_one"] > config["threshold"]
+        and not agrees(stats)
+    ):
         cautions.append(
             f"note: BAN's all-to-one score {stats['all_to_one']:.3f} is above its cut {config['threshold']:.3f}, "
             f"but the noise alone sends the held-out images to class {stats['target']} and the noise with the "
-            f"negative mask to class {stats['target_masked']}; on this family ({family}) that disagreement marked "
-            "every clean model the statistic flagged on held-out seeds, so it did not decide the verdict "
-            "(the later stages still ran)"
+            f"negative mask to class {stats['target_masked']}; on this family ({family}) that split marked every "
+            "clean model the statistic flagged on held-out seeds, so it did not decide the verdict (the "
+            "verdict is the other statistics' and stages')"
         )
     fitted_eps = config.get("calibrated_eps")
     if fitted_eps is not None and config.get("eps") != fitted_eps:
@@ -942,10 +954,13 @@ class _Settings:
 def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _Settings:
     """The caller's options where given, else what ``calibration`` fitted for ``family`` (an empty
     calibration: the caller gave both thresholds), else the defaults."""
-    decision = calibrated_decision(calibration, family) if calibration else {}
-    fitted_one, fitted_a2a = decision.get("threshold"), decision.get("all_to_all_threshold")
-    decision.setdefault("target_source", "noisy")
-    decision.setdefault("agreement", False)
+    # no calibration (the caller gave both thresholds): the paper's reading, no condition
+    decision = (
+        calibrated_decision(calibration, family)
+        if calibration
+        else {"threshold": None, "all_to_all_threshold": None, "target_source": "noisy", "agreement": False}
+    )
+    fitted_one, fitted_a2a = decision["threshold"], decision["all_to_all_threshold"]
     # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
     fitted_eps = calibrated_eps(calibration, family) if calibration else None
     # the universal-reach stage and the spread reading: where the calibration fitted them for
