@@ -63,12 +63,13 @@ def test_auto_method_follows_the_scan():
     assert options["layer"] == "last-stage" and options["rho"] == 6.0
     assert choose_method("auto", fake_report(verdict="clean", target=None)) == ("npd", AUTO_OPTIONS["npd"])
     assert choose_method("nft", fake_report(verdict="backdoored", target=4)) == ("nft", {})
-    # a backdoored LayerNorm model: the attention polarizer, which needs no target
+    # a backdoored LayerNorm model: the per-class polarizer with the larger budget, no target needed
     layernorm = fake_report(verdict="backdoored", target=4)
     layernorm.config = {**(layernorm.config or {}), "norm_family": "other"}
     assert choose_method("auto", layernorm, {"epochs": 2}) == (
-        "cnpd-a",
-        {**AUTO_OPTIONS["cnpd-a"], "epochs": 2},
+        "cnpd-r",
+        {**AUTO_OPTIONS["cnpd-r"], "epochs": 2},
     )
+    assert AUTO_OPTIONS["cnpd-r"]["rho"] == 10.0 and "target" not in AUTO_OPTIONS["cnpd-r"]
     layernorm.verdict, layernorm.suspected_target = "clean", None
     assert choose_method("auto", layernorm) == ("npd", AUTO_OPTIONS["npd"])

@@ -28,6 +28,7 @@ AUTO = "auto"
 # paper's budget left 7.6%. Plain NPD keeps the paper's budget over 30 epochs (what the full
 # suite measured it with). Measurements: benchmarks/PURIFICATION.md.
 AUTO_OPTIONS: dict[str, dict] = {
+    "npd": {"layer": "last-stage", "lr": 0.1, "epochs": 30},
     "npd-tp": {
         "layer": "last-stage",
         "lr": 0.1,
@@ -36,14 +37,24 @@ AUTO_OPTIONS: dict[str, dict] = {
         "stop_fraction": 1.0,
         "epochs": 10,
     },
-    "npd": {"layer": "last-stage", "lr": 0.1, "epochs": 30},
-    # LayerNorm models (ConvNeXt, ViT): the class-guided attention polarizer, with the options it
-    # was measured with on the fully trained convnext_atto suite (last stage, lr 0.1, 30 epochs).
-    # There NPD-TP towards the scan's (right) target left the BadNets patch at 46% and Blended at
-    # 51%; cnpd-a took BadNets to 0.80% at 2.5 points (DER 98.3), SIG to 0.00%, Blended to 49% and
-    # the all-to-all backdoor to 32% (NPD: 47%). On vit_tiny every polarizer, both included,
-    # left the patch in (99.6-99.8%).
-    "cnpd-a": {"layer": "last-stage", "lr": 0.1, "epochs": 30},
+    # LayerNorm models (ConvNeXt, ViT): the per-class replica polarizer (no target needed) on the
+    # last stage, lr 0.1, 30 epochs, with the larger attack budget that removed the resnet18 suite's
+    # backdoors when NPD was told the target (radius 10, 5 steps, not stopped early). On the fully
+    # trained convnext_atto suite it took BadNets to 0.12% at 3.8
+    # points (DER 98.1) and Blended to 3.2% at 1.2 (DER 97.8), where NPD-TP towards the scan's
+    # (right) target left 46% / 51% and the attention polarizer (cnpd-a, the paper's budget) 0.80% /
+    # 49%; the all-to-all backdoor stays at 33% (cnpd-a 32%). It leaves SIG at 81% (cnpd-a: 0.00%),
+    # which the scan reads as clean on that suite, so auto's plain npd removes it (0.00%); a SIG
+    # ConvNeXt the scan does flag would keep its backdoor. On vit_tiny every polarizer tried left
+    # the patch in (99.6-99.8%; this budget not tried there).
+    "cnpd-r": {
+        "layer": "last-stage",
+        "lr": 0.1,
+        "epochs": 30,
+        "rho": 10.0,
+        "pgd_steps": 5,
+        "stop_fraction": 1.0,
+    },
 }
 
 
@@ -64,14 +75,15 @@ def choose_method(
     runner-up class, misses a patch trigger whose target is not the images' natural neighbour:
     ``benchmarks/PURIFICATION.md``); otherwise (a clean verdict, or an all-to-all pattern with
     no single target) plain npd estimates a target per image. A backdoored LayerNorm model
-    (the scan's ``norm_family`` "other": ConvNeXt, ViT) gets the class-guided attention
-    polarizer (cnpd-a) instead, which needs no target: on the fully trained ConvNeXt it removed
-    what npd-tp left (:data:`AUTO_OPTIONS`). Any other method runs with the caller's options alone."""
+    (the scan's ``norm_family`` "other": ConvNeXt, ViT) gets the per-class replica polarizer
+    (cnpd-r, with the larger attack budget) instead, which needs no target: on the fully trained
+    ConvNeXt it removed the BadNets and Blended backdoors npd-tp left (:data:`AUTO_OPTIONS`). Any
+    other method runs with the caller's options alone."""
     given = dict(given or {})
     if method != AUTO:
         return method, given
     if report.verdict == "backdoored" and (report.config or {}).get("norm_family") == "other":
-        return "cnpd-a", auto_options("cnpd-a", given)
+        return "cnpd-r", auto_options("cnpd-r", given)
     if report.verdict == "backdoored" and report.suspected_target is not None:
         return "npd-tp", {**auto_options("npd-tp", given), "target": int(report.suspected_target)}
     return "npd", auto_options("npd", given)

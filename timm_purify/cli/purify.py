@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .._auto import AUTO, auto_options, choose_method
+from .._auto import AUTO, AUTO_OPTIONS, auto_options, choose_method
 from ._common import open_model
 
 __all__ = ["purify", "reproduce_command"]
@@ -84,7 +84,7 @@ def _summary(result, report, out: Path, form: str, fold_reason: str) -> str:
 def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, num_clean: int) -> None:
     """Refuse bad method options before any work (the scan included), and what ``--method auto``
     cannot honour: it reads the target from the scan, and its options must suit every method it
-    may pick (npd, npd-tp, cnpd-a). ``num_clean`` is the size of the clean set the method will get."""
+    may pick (those of :data:`AUTO_OPTIONS`). ``num_clean`` is the size of the clean set the method will get."""
     from ..defenses import PurifyOptionError
     from ..defenses._base import _build_config
 
@@ -100,10 +100,10 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, 
                 "--method npd-tp --option target=N",
                 param_hint="--option",
             )
+        # npd-tp is checked with a target the scan will supply
         candidates = [
-            ("npd", auto_options("npd", options)),
-            ("npd-tp", {**auto_options("npd-tp", options), "target": 0}),
-            ("cnpd-a", auto_options("cnpd-a", options)),
+            (name, {**auto_options(name, options), **({"target": 0} if name == "npd-tp" else {})})
+            for name in AUTO_OPTIONS
         ]
     for name, opts in candidates:
         try:
@@ -130,7 +130,7 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     default="npd",
     show_default=True,
     help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
-    "suspected target when it names one (cnpd-a for a backdoored LayerNorm model), else npd; with "
+    "suspected target when it names one (cnpd-r for a backdoored LayerNorm model), else npd; with "
     "the options measured best on fully trained models (see README), unless given.",
 )
 @click.option(

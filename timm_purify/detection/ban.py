@@ -729,8 +729,9 @@ def agrees(stats: dict[str, Any]) -> bool:
     test_vits (of 25), each pulled to one class by the noise and to another with the mask, and 7
     backdoors: 5 named one class both ways, and reach found the other 2 with their true target
     (``benchmarks/DETECTION.md``). So the calibration can make agreement a condition of BAN's
-    all-to-one verdict for a family (``all_to_one_agreement_by_family``); it only withdraws
-    verdicts, and the later stages still run.
+    all-to-one verdict for a family (``all_to_one_agreement_by_family``; a scan given only
+    ``threshold=`` keeps the family's condition). It only withdraws verdicts: the all-to-all
+    statistic and the later stages, where they run, decide such a model.
     """
     return int(stats["target"]) == int(stats["target_masked"])
 
