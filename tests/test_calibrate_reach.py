@@ -205,18 +205,6 @@ def test_the_agreement_condition_only_withdraws_ban_verdicts_at_the_cuts_fitted_
     assert cal.record([split], None, ban=cut)["detected"] == 1
     assert cal.record([split], None, ban=cal.BanCuts(0.4, None, "noisy", 0.5, True))["detected"] == 0
     assert cal.record([rows[2]], None, ban=cal.BanCuts(0.5, None, "noisy", 0.5, True))["detected"] == 0
-    # a refit that would drop a family's condition is refused
-    calibration = {
-        "all_to_one_thresholds": {"other": 0.2},
-        "all_to_all_threshold": 0.1,
-        "target_source_by_family": {"other": "noisy"},
-        "eps_by_family": {"other": 0.5},
-        "all_to_one_agreement_by_family": {"other": True},
-    }
-    given = [{**odd, "norm_family": "other"}]
-    with pytest.raises(SystemExit, match="--agreement other"):
-        cal.shipped_cuts(calibration, ["other"], given)
-    assert cal.shipped_cuts(calibration, ["other"], given, ["other"])["other"].agreement
 
 
 def test_agreement_is_set_by_a_refit_of_the_family(cal):
@@ -233,6 +221,11 @@ def test_agreement_is_set_by_a_refit_of_the_family(cal):
     rows = [{**_row(None, 0.1), "norm_family": "other", "ban_statistics": {}}]
     assert cal.shipped_cuts(calibration, ["other"], rows, ["other"])["other"].agreement
     assert not cal.shipped_cuts(calibration, ["other"], rows)["other"].agreement
+    # once a family has the condition, a refit that would drop it is refused
+    conditioned = {**calibration, "all_to_one_agreement_by_family": {"other": True}}
+    with pytest.raises(SystemExit, match="--agreement other"):
+        cal.shipped_cuts(conditioned, ["other"], rows)
+    assert cal.shipped_cuts(conditioned, ["other"], rows, ["other"])["other"].agreement
 
 
 def test_ban_eps_needs_a_refitted_family_and_budgets_below_one(cal):
