@@ -174,8 +174,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="make a --refit-ban family's BAN all-to-one verdict conditional on the noise and the noise "
         "with the negative mask naming the same class (timm_purify.detection.ban.agrees; written as "
         "all_to_one_agreement_by_family). The cuts are fitted without the condition, which then only "
-        "withdraws BAN verdicts; the record is counted with it, beside the record without it "
-        "(repeatable; a refit without it writes the family without the condition)",
+        "withdraws BAN verdicts (see --fit-under-agreement); the record is counted with it, beside the "
+        "record without it (repeatable; a refit without it writes the family without the condition)",
+    )
+    p.add_argument(
+        "--fit-under-agreement",
+        action="store_true",
+        help="with --agreement: fit the families' cuts with the condition applied in every trial, so a "
+        "lower all-to-one cut can stand where only clean models with split readings lay above it (more "
+        "freedom: check it with refit_crossfold.py --fit-under-agreement before shipping)",
     )
     args = p.parse_args(argv)
     for family in args.agreement:
@@ -184,6 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--agreement {family}: the condition changes which cuts fit, so it is set by a refit; "
                 f"add --refit-ban {family}"
             )
+    if args.fit_under_agreement and not args.agreement:
+        raise SystemExit(
+            "--fit-under-agreement fits the cuts under --agreement's condition: give --agreement FAMILY"
+        )
     return args
 
 
@@ -471,6 +482,7 @@ def refit_cuts(
     target_source: str,
     eps: float,
     spread: float | None = None,
+    agreement: bool = False,
 ) -> dict:
     """BAN's cuts fitted together with the reach stage on ``rows`` (the models' scans at noise
     budget ``eps``), from the statistics each scan stored: every all-to-one cut midway between
@@ -482,7 +494,8 @@ def refit_cuts(
     Reach is kept only when the best trial with it makes fewer errors than the best without it.
     Returns the kept trial (``chosen``) and the best without reach (``without_reach``).
     ``spread``: the spread reading's threshold where the family runs it, counted last in every
-    trial (its cut is calibrate_spread.py's; the rows carry ``spread_score``).
+    trial (its cut is calibrate_spread.py's; the rows carry ``spread_score``). ``agreement``: every
+    trial counts BAN's all-to-one verdict under the agreement condition (``--fit-under-agreement``).
 
     The all-to-all statistic is held to the rule of the later readings (reach, spread): it may
     add detections, never false alarms. Fitted for fewest errors like the all-to-one one, it
@@ -509,7 +522,7 @@ def refit_cuts(
             margin_one = gap(cut_one, one)
             for cut_a2a in a2a_cuts:
                 margin_a2a = gap(cut_a2a, a2a)
-                ban = BanCuts(cut_one, cut_a2a, target_source, eps)
+                ban = BanCuts(cut_one, cut_a2a, target_source, eps, agreement)
                 for fit in reach_fits:
                     for when_both in WHEN_BOTH if fit else WHEN_BOTH[:1]:
                         rel = record(at, fit and fit["threshold"], when_both, ban, spread)
@@ -543,25 +556,34 @@ def refit_cuts(
     return {"chosen": chosen, "without_reach": without}
 
 
-def with_agreement(
-    chosen: dict, rows: list[dict], target_source: str, eps: float, spread: float | None = None
+def recounted(
+    chosen: dict,
+    rows: list[dict],
+    target_source: str,
+    eps: float,
+    spread: float | None = None,
+    *,
+    agreement: bool,
 ) -> dict:
     """``chosen`` (a :func:`refit_cuts` setting) recounted on ``rows`` with BAN's all-to-one verdict
-    under the agreement condition (``--agreement``; ``timm_purify.detection.ban.agrees``).
+    under the agreement condition (``agreement=True``; ``timm_purify.detection.ban.agrees``) or
+    without it: the same cuts, so applying the condition can only withdraw BAN verdicts.
 
-    The cuts stay the ones fitted without it, so the condition can only withdraw BAN verdicts. Fitted
-    under it, the LayerNorm refit on 47 models tied two unlike settings (eps 0.5 with an all-to-one
-    cut of 0.150, eps 0.75 with 0.295, reach cuts 0.190 / 0.146) on one error fewer in sample; at the
-    lower cut two of twenty fresh clean test_vits would have been flagged: too few models to fit the
-    extra freedom (``benchmarks/DETECTION.md``)."""
-    gated = BanCuts(chosen["all_to_one_threshold"], chosen["all_to_all_threshold"], target_source, eps, True)
+    Which cuts the condition is applied to is ``--fit-under-agreement``'s choice. Fitted under it,
+    the LayerNorm refit on 47 models tied two unlike settings on one error fewer in sample, and at
+    the lower cut two of twenty fresh clean test_vits would have been flagged, so the cuts fitted
+    without it shipped; on 102 models the fit under it made fewer errors on the folds it did not
+    see (14 against 21, refit_crossfold.py) and shipped (``benchmarks/DETECTION.md``)."""
+    cuts = BanCuts(
+        chosen["all_to_one_threshold"], chosen["all_to_all_threshold"], target_source, eps, agreement
+    )
     at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (chosen["norm"], chosen["rho"])]
-    both = record(at, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], gated, spread)
+    both = record(at, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], cuts, spread)
     return {
         **chosen,
         "errors": errors(both),
         "reliability": both,
-        "reliability_ban_alone": record(at, None, ban=gated),
+        "reliability_ban_alone": record(at, None, ban=cuts),
     }
 
 
@@ -570,6 +592,8 @@ def refit_family(
     budgets: list[tuple[str, float]],
     shipped: BanCuts,
     spread: float | None = None,
+    *,
+    fit_under_agreement: bool = False,
 ) -> dict:
     """BAN's noise budget and cuts refitted together with the reach stage (``--refit-ban``):
     :func:`refit_cuts` at each budget of ``rows_by_eps`` (the family's scans at that budget;
@@ -578,13 +602,17 @@ def refit_family(
     calibrate_scan.py's ``choose_budgets`` breaks ties), then ``shipped.eps`` (calibrate_scan.py's
     choice, for BAN alone), then the smaller. ``spread``: the spread reading's threshold where the
     family runs it, counted last throughout (every count here is of all the family's stages).
+    Where ``shipped.agreement`` holds, the cuts are fitted without the agreement condition and the
+    chosen setting is then counted with it, or, with ``fit_under_agreement``, every trial is counted
+    with it; either way the record without it is kept beside (``without_agreement``).
 
     BAN's cuts and budget were fitted for BAN alone (``calibrate_scan.py``), before a second stage
     existed: there, a lower all-to-one cut (or a larger budget) buys the backdoors only BAN sees
     with clean models flagged. With reach behind it, some of those backdoors are reach's to find,
     so the setting that makes the fewest errors of both stages together can differ."""
+    under = shipped.agreement and fit_under_agreement
     fits = {
-        eps: refit_cuts(rows, budgets, shipped.target_source, eps, spread)
+        eps: refit_cuts(rows, budgets, shipped.target_source, eps, spread, under)
         for eps, rows in rows_by_eps.items()
     }
     eps = min(
@@ -600,7 +628,9 @@ def refit_family(
     chosen, without = fits[eps]["chosen"], fits[eps]["without_reach"]
     plain = None  # with the agreement condition: the chosen setting's record without it
     if shipped.agreement:
-        plain, chosen = chosen, with_agreement(chosen, rows_by_eps[eps], shipped.target_source, eps, spread)
+        recount = [chosen, rows_by_eps[eps], shipped.target_source, eps, spread]
+        plain = recounted(*recount, agreement=False)
+        chosen = chosen if under else recounted(*recount, agreement=True)
     rows = rows_by_eps[shipped.eps]
     # reach behind calibrate_scan.py's cuts, as without --refit-ban (they never had the condition)
     original = replace(shipped, agreement=False)
@@ -631,10 +661,10 @@ def refit_family(
             ""
             if plain is None
             else f", BAN's all-to-one verdict needing its noisy and masked targets to agree (the cuts fitted "
-            f"without that condition: {plain['errors']} errors without it)"
+            f"{'under' if under else 'without'} that condition: {plain['errors']} errors without it)"
         )
         + f", refitted together; {without['errors']} with the best BAN cuts alone"
-        + ("" if plain is None else " (without the condition, as the refit fits)")
+        + ("" if plain is None else f" ({'under' if under else 'without'} the condition, as the refit fits)")
         + "; "
         + f"{before_errors} with calibrate_scan.py's cuts (eps {shipped.eps:g})",
         "chosen": {
@@ -646,6 +676,8 @@ def refit_family(
         },
         "without_reach": without,
         "agreement": shipped.agreement,
+        # whether the cuts were fitted under the condition (--fit-under-agreement) or without it
+        "fitted_under_agreement": under,
         # with --agreement: the chosen setting's record without the condition
         "without_agreement": plain
         and {key: plain[key] for key in ("errors", "reliability", "reliability_ban_alone")},
@@ -1086,7 +1118,13 @@ def main(argv: list[str] | None = None) -> None:
             by_eps = {
                 eps: family_rows(fam, eps, spread) for eps in sorted({refit[fam].eps, *ban_eps.get(fam, [])})
             }
-            families[fam] = refit_family(by_eps, budgets, refit[fam], spread and spread["threshold"])
+            families[fam] = refit_family(
+                by_eps,
+                budgets,
+                refit[fam],
+                spread and spread["threshold"],
+                fit_under_agreement=args.fit_under_agreement,
+            )
             shipped_rows[fam] = by_eps[families[fam]["chosen"]["eps"]]
         else:
             shipped_rows[fam] = family_rows(fam, calibrated_eps(calibration, fam))
@@ -1196,7 +1234,8 @@ def main(argv: list[str] | None = None) -> None:
             "smaller), and written to the BAN section (all_to_one_thresholds, all_to_all_thresholds, "
             "reliability_by_family, eps_by_family, all_to_one_agreement_by_family: for a family given with "
             "--agreement, BAN's all-to-one verdict needs its noisy and masked targets to agree, on top of the cuts "
-            "fitted without that condition, and the records are counted with it). A run over some families' "
+            "fitted without that condition or, with --fit-under-agreement, fitted under it "
+            "(families.FAMILY.fitted_under_agreement), and the records are counted with it). A run over some families' "
             "models leaves the other "
             "families' entries, models and provenance (provenance_by_family) as the run that fitted them wrote them."
         ),

@@ -8,7 +8,9 @@ each fold with the candidate budgets and counted on the other, from the scans
 refit with ``--ban-eps`` over both folds leaves it). Each way is run with every budget offered
 together, and with each budget alone, so the choice of budget is checked too. Where the
 family runs the spread reading, it is counted last on both folds, from the spread scores the
-refit stored. Nothing is written to the calibration; the result goes to ``--out``.
+refit stored. Where the family has the agreement condition, ``--fit-under-agreement`` checks the
+refit that fits the cuts under it (``calibrate_reach.py --fit-under-agreement``) instead of the one
+that applies it to cuts fitted without it. Nothing is written to the calibration; the result goes to ``--out``.
 
 Example (the command behind ``results/reach/refit-batchnorm-crossfold.json`` is recorded in it)::
 
@@ -60,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-acc", type=float, default=0.6)
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "cache" / "calibrate_reach.json"))
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--fit-under-agreement",
+        action="store_true",
+        help="refit as calibrate_reach.py --fit-under-agreement does (the family must have the condition)",
+    )
     return p.parse_args(argv)
 
 
@@ -114,7 +121,11 @@ def one_way(
     reach_budget = [parse_budgets(args.budget)[0]]
     cut = spread and spread["threshold"]
     fit = refit_family(
-        {e: fold_rows(fit_on, e, stored, args, spread) for e in budgets}, reach_budget, start, cut
+        {e: fold_rows(fit_on, e, stored, args, spread) for e in budgets},
+        reach_budget,
+        start,
+        cut,
+        fit_under_agreement=args.fit_under_agreement,
     )
     chosen = fit["chosen"]
     ban = replace(
@@ -151,9 +162,20 @@ def main(argv: list[str] | None = None) -> None:
         before["eps"],
         calibrated_agreement(calibration, args.family),
     )
+    if args.fit_under_agreement and not shipped.agreement:
+        raise SystemExit(
+            f"--fit-under-agreement: the calibration's {args.family} family has no agreement condition to fit under"
+        )
     spread = spread_setting(calibration, args.family)
     offers = [budgets, *([e] for e in budgets)] if len(budgets) > 1 else [budgets]
-    out = {"what": __doc__.split("\n")[0], "family": args.family, "spread": spread, "ways": []}
+    out = {
+        "what": __doc__.split("\n")[0],
+        "family": args.family,
+        "spread": spread,
+        "agreement": shipped.agreement,
+        "fitted_under_agreement": args.fit_under_agreement,
+        "ways": [],
+    }
     for name, fit_on, test_on in (("a -> b", args.fold_a, args.fold_b), ("b -> a", args.fold_b, args.fold_a)):
         for offered in offers:
             way = {"way": name, **one_way(fit_on, test_on, offered, shipped, stored, args, spread)}

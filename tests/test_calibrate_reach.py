@@ -207,6 +207,37 @@ def test_the_agreement_condition_only_withdraws_ban_verdicts_at_the_cuts_fitted_
     assert cal.record([rows[2]], None, ban=cal.BanCuts(0.5, None, "noisy", 0.5, True))["detected"] == 0
 
 
+def test_fit_under_agreement_lets_a_lower_cut_stand_below_clean_models_with_split_readings(cal):
+    """``--fit-under-agreement``: a clean model whose readings split reads 0.50, above a BadNets
+    backdoor (0.40) that reads one class both ways. Fitted without the condition the cut must
+    clear the clean model and misses the backdoor, and applying the condition afterwards cannot
+    bring it back; fitted under it, a cut between the agreeing clean model and the backdoor
+    stands and makes no error. The record without the condition is kept beside either way."""
+    odd = _scored(None, 0.50, 0.10)
+    odd["ban_statistics"] = {**odd["ban_statistics"], "target": 2, "target_masked": 7}
+    rows = [odd, _scored(None, 0.30, 0.12), _scored("badnets", 0.40, 0.05, target=3)]
+    rows.append(_scored("badnets", 0.60, 0.05, target=1))
+    shipped = cal.BanCuts(0.3, None, "noisy", 0.5, True)
+    gated = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped)
+    under = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped, fit_under_agreement=True)
+    assert gated["chosen"]["all_to_one_threshold"] == pytest.approx(0.55)
+    assert gated["chosen"]["errors"] == 1 and not gated["fitted_under_agreement"]
+    assert under["chosen"]["all_to_one_threshold"] == pytest.approx(0.35)
+    assert under["chosen"]["errors"] == 0 and under["fitted_under_agreement"]
+    # the same cut without the condition flags the clean model with split readings
+    assert under["without_agreement"]["reliability"]["false_positives"] == 1
+    assert "fitted under that condition" in under["reason"]
+    # a family without the condition is fitted as before whatever the option says
+    plain = cal.refit_family(
+        {0.5: rows}, [("l2", 1.0)], cal.BanCuts(0.3, None, "noisy", 0.5), fit_under_agreement=True
+    )
+    assert not plain["fitted_under_agreement"] and plain["chosen"]["all_to_one_threshold"] == pytest.approx(
+        0.55
+    )
+    with pytest.raises(SystemExit, match="give --agreement FAMILY"):
+        cal.parse_args(["--refit-ban", "other", "--fit-under-agreement", "m"])
+
+
 def test_agreement_is_set_by_a_refit_of_the_family(cal):
     with pytest.raises(SystemExit, match="add --refit-ban other"):
         cal.parse_args(["--agreement", "other", "m"])
@@ -394,6 +425,57 @@ def test_crossfold_fits_on_one_fold_and_counts_on_the_other(benchmark_script, tm
     assert ways[("a -> b", (0.5, 0.75))]["chosen_eps"] == 0.5
     assert ways[("a -> b", (0.5, 0.75))]["errors_on_test"] == 0
     assert ways[("b -> a", (0.5,))]["test"]["detected"] == 1
+
+
+def test_crossfold_checks_the_fit_under_agreement_where_the_family_has_the_condition(
+    benchmark_script, tmp_path, monkeypatch
+):
+    """``refit_crossfold.py --fit-under-agreement`` refits each fold as ``calibrate_reach.py
+    --fit-under-agreement`` does and counts the other fold under the condition: fold a's clean
+    model with split readings no longer forces the cut above the BadNets backdoor of fold b."""
+    cross = benchmark_script("refit_crossfold")
+    stored, folds = {}, {"a": [], "b": []}
+
+    def add(fold, name, attack, a2o, *, target=None, split=False):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training.json").write_text("{}")
+        folds[fold].append(str(folder))
+        row = {**_scored(attack, a2o, 0.05, target=target), "norm_family": "other"}
+        if split:
+            row["ban_statistics"] = {**row["ban_statistics"], "target_masked": 7}
+        key = f"{name}|l2:1|steps20|n600|test|s0"
+        stored[key] = {**row, "model": name, "ban_eps": 0.5, "acc": 0.9, "asr": 0.9 if attack else None}
+
+    add("a", "a-split", None, 0.50, split=True)
+    add("a", "a-clean", None, 0.20)
+    add("a", "a-bad", "badnets", 0.40, target=2)
+    add("a", "a-strong", "badnets", 0.60, target=5)
+    add("b", "b-clean", None, 0.25)
+    add("b", "b-bad", "badnets", 0.35, target=4)
+    results = tmp_path / "stored.json"
+    results.write_text(json.dumps(stored))
+    calibration = {
+        "target_source_by_family": {"other": "noisy_masked"},
+        "refitted_by_family": {
+            "other": {"calibrate_scan_cuts": {"all_to_one": 0.2, "all_to_all": None, "eps": 0.5}}
+        },
+    }
+    monkeypatch.setattr(cross, "load_calibration", lambda: calibration)
+    out = tmp_path / "out.json"
+    argv = ["--family", "other", "--eps", "0.5", "--results", str(results), "--out", str(out)]
+    argv += ["--fold-a", *folds["a"], "--fold-b", *folds["b"]]
+    with pytest.raises(SystemExit, match="no agreement condition"):
+        cross.main([*argv, "--fit-under-agreement"])
+    calibration["all_to_one_agreement_by_family"] = {"other": True}
+    cross.main(argv)
+    gated = {w["way"]: w for w in json.loads(out.read_text())["ways"]}["a -> b"]
+    cross.main([*argv, "--fit-under-agreement"])
+    written = json.loads(out.read_text())
+    under = {w["way"]: w for w in written["ways"]}["a -> b"]
+    assert written["fitted_under_agreement"] and written["agreement"]
+    assert gated["all_to_one_threshold"] == pytest.approx(0.55) and gated["test"]["detected"] == 0
+    assert under["all_to_one_threshold"] == pytest.approx(0.30) and under["errors_on_test"] == 0
 
 
 def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp_path, monkeypatch):

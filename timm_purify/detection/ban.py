@@ -69,8 +69,10 @@ Where this departs from the reference, and why:
   0.5 clean BatchNorm models score lower (at most 0.26 against 0.49 at 0.75) while the BadNets
   patches still show (0.34 and up), and both stages together make half the errors
   (``refitted_by_family``). The LayerNorm cuts were refitted the same way with reach and the
-  spread reading (``--refit-ban other``): the budgets tie there and 0.5 stays, with BAN's cut
-  raised above the clean ViTs (0.305) and reach's lowered to find the Blended ConvNeXts.
+  spread reading (``--refit-ban other``), last on 102 models with BAN's verdict conditional on
+  its two readings agreeing (:func:`agrees`) and the cuts fitted under that condition: the
+  budgets make equally many errors there and 0.3, the only one flagging no clean model, is kept,
+  with a low cut (0.061) that only the clean models whose readings agree bind.
   On fully trained ConvNeXts no budget separates clean from
   backdoored models (the noise either leaves them alone or sends every one of them to the
   same class), which the family's reliability record, quoted in each report, shows.
@@ -689,9 +691,9 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
         cautions.append(
             f"note: BAN's all-to-one score {stats['all_to_one']:.3f} is above its cut {config['threshold']:.3f}, "
             f"but the noise alone sends the held-out images to class {stats['target']} and the noise with the "
-            f"negative mask to class {stats['target_masked']}; on this family ({family}) that split marked every "
-            "clean model the statistic flagged on held-out seeds, so it did not decide the verdict (the "
-            "verdict is the other statistics' and stages')"
+            f"negative mask to class {stats['target_masked']}; on this family ({family}) the score counts only "
+            "where both name one class (clean models read split far more often than backdoors), so it did not "
+            "decide the verdict (the verdict is the other statistics' and stages')"
         )
     fitted_eps = config.get("calibrated_eps")
     if fitted_eps is not None and config.get("eps") != fitted_eps:
@@ -727,11 +729,13 @@ def agrees(stats: dict[str, Any]) -> bool:
     A backdoor's neurons pull towards its target both ways. On the 55 LayerNorm models
     (test_vit, convnext_atto) of two held-out checks, the all-to-one statistic flagged 4 clean
     test_vits (of 25), each pulled to one class by the noise and to another with the mask, and 7
-    backdoors: 5 named one class both ways, and reach found the other 2 with their true target
-    (``benchmarks/DETECTION.md``). So the calibration can make agreement a condition of BAN's
-    all-to-one verdict for a family (``all_to_one_agreement_by_family``; a scan given only
-    ``threshold=`` keeps the family's condition). It only withdraws verdicts: the all-to-all
-    statistic and the later stages, where they run, decide such a model.
+    backdoors: 5 named one class both ways, and reach found the other 2 with their true target.
+    Over the 102 LayerNorm models the family's cuts are now fitted on, at eps 0.3, 6 of 57 clean
+    models read one class both ways (all-to-one score at most 0.058) against 20 of 42 all-to-one
+    backdoors (``benchmarks/DETECTION.md``). So the calibration can make agreement a condition of
+    BAN's all-to-one verdict for a family (``all_to_one_agreement_by_family``; a scan given only
+    ``threshold=`` keeps the family's condition), with the cut fitted under it. It only withdraws
+    verdicts: the all-to-all statistic and the later stages, where they run, decide such a model.
     """
     return int(stats["target"]) == int(stats["target_masked"])
 
