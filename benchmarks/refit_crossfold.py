@@ -8,9 +8,12 @@ each fold with the candidate budgets and counted on the other, from the scans
 refit with ``--ban-eps`` over both folds leaves it). Each way is run with every budget offered
 together, and with each budget alone, so the choice of budget is checked too. Where the
 family runs the spread reading, it is counted last on both folds, from the spread scores the
-refit stored. Where the family has the agreement condition, ``--fit-under-agreement`` checks the
-refit that fits the cuts under it (``calibrate_reach.py --fit-under-agreement``) instead of the one
-that applies it to cuts fitted without it. Nothing is written to the calibration; the result goes to ``--out``.
+refit stored. The family's agreement condition (BAN's all-to-one verdict only where its two
+readings name one class) is the calibration's unless ``--agreement on|off`` asks for the refit
+with or without it (``calibrate_reach.py --agreement FAMILY``), so the condition can be checked
+for a family before it is given one; where it applies, ``--fit-under-agreement`` checks the refit
+that fits the cuts under it (``calibrate_reach.py --fit-under-agreement``) instead of the one that
+applies it to cuts fitted without it. Nothing is written to the calibration; the result goes to ``--out``.
 
 Example (the command behind ``results/reach/refit-batchnorm-crossfold.json`` is recorded in it)::
 
@@ -65,7 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fit-under-agreement",
         action="store_true",
-        help="refit as calibrate_reach.py --fit-under-agreement does (the family must have the condition)",
+        help="refit as calibrate_reach.py --fit-under-agreement does (the condition must apply)",
+    )
+    p.add_argument(
+        "--agreement",
+        choices=("calibration", "on", "off"),
+        default="calibration",
+        help="the agreement condition the refit runs with: the calibration's setting for the family, or "
+        "on / off as calibrate_reach.py with / without --agreement FAMILY would refit it",
     )
     return p.parse_args(argv)
 
@@ -160,11 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         before["all_to_all"],
         calibration["target_source_by_family"][args.family],
         before["eps"],
-        calibrated_agreement(calibration, args.family),
+        calibrated_agreement(calibration, args.family)
+        if args.agreement == "calibration"
+        else args.agreement == "on",
     )
     if args.fit_under_agreement and not shipped.agreement:
         raise SystemExit(
-            f"--fit-under-agreement: the calibration's {args.family} family has no agreement condition to fit under"
+            f"--fit-under-agreement: the {args.family} family has no agreement condition to fit under "
+            "(the calibration gives it none): add --agreement on"
         )
     spread = spread_setting(calibration, args.family)
     offers = [budgets, *([e] for e in budgets)] if len(budgets) > 1 else [budgets]

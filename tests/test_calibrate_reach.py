@@ -465,7 +465,7 @@ def test_crossfold_checks_the_fit_under_agreement_where_the_family_has_the_condi
     out = tmp_path / "out.json"
     argv = ["--family", "other", "--eps", "0.5", "--results", str(results), "--out", str(out)]
     argv += ["--fold-a", *folds["a"], "--fold-b", *folds["b"]]
-    with pytest.raises(SystemExit, match="no agreement condition"):
+    with pytest.raises(SystemExit, match="add --agreement on"):
         cross.main([*argv, "--fit-under-agreement"])
     calibration["all_to_one_agreement_by_family"] = {"other": True}
     cross.main(argv)
@@ -476,6 +476,13 @@ def test_crossfold_checks_the_fit_under_agreement_where_the_family_has_the_condi
     assert written["fitted_under_agreement"] and written["agreement"]
     assert gated["all_to_one_threshold"] == pytest.approx(0.55) and gated["test"]["detected"] == 0
     assert under["all_to_one_threshold"] == pytest.approx(0.30) and under["errors_on_test"] == 0
+    # the condition can be asked for a family the calibration gives none, and switched off
+    calibration["all_to_one_agreement_by_family"] = {}
+    cross.main([*argv, "--agreement", "on", "--fit-under-agreement"])
+    assert json.loads(out.read_text())["ways"][0]["all_to_one_threshold"] == pytest.approx(0.30)
+    cross.main([*argv, "--agreement", "off"])
+    plain = json.loads(out.read_text())
+    assert not plain["agreement"] and plain["ways"][0]["all_to_one_threshold"] == pytest.approx(0.55)
 
 
 def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp_path, monkeypatch):
