@@ -378,6 +378,33 @@ def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
     assert cal.spread_setting(calibration, "batchnorm") is None
 
 
+def _fold_model(tmp_path, stored: dict, name: str, row: dict, *, ban_eps: float) -> tuple[str, str]:
+    """A model folder as refit_crossfold.py finds one (its training.json) and ``row`` stored as its
+    scan under the key calibrate_reach.py gives it; returns the folder and the key."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "training.json").write_text("{}")
+    key = f"{name}|l2:1|steps20|n600|test|s0"
+    stored[key] = {
+        **row,
+        "model": name,
+        "ban_eps": ban_eps,
+        "acc": 0.9,
+        "asr": 0.9 if row["attack"] else None,
+    }
+    return str(folder), key
+
+
+def _refitted_from(family: str, source: str, all_to_one: float, eps: float, **extra) -> dict:
+    """A calibration whose ``family`` was refitted from calibrate_scan.py's ``all_to_one`` cut at ``eps``."""
+    cuts = {"all_to_one": all_to_one, "all_to_all": None, "eps": eps}
+    return {
+        "target_source_by_family": {family: source},
+        "refitted_by_family": {family: {"calibrate_scan_cuts": cuts}},
+        **extra,
+    }
+
+
 def test_crossfold_fits_on_one_fold_and_counts_on_the_other(benchmark_script, tmp_path, monkeypatch):
     """``refit_crossfold.py``: each way's refit sees only its fold; the other fold's stored scans
     at the budget it chose are what it is counted on."""
@@ -385,13 +412,9 @@ def test_crossfold_fits_on_one_fold_and_counts_on_the_other(benchmark_script, tm
     stored, folds = {}, {"a": [], "b": []}
 
     def add(fold, name, attack, a2o_by_eps, *, target=None):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "training.json").write_text("{}")
-        folds[fold].append(str(folder))
-        key = f"{name}|l2:1|steps20|n600|test|s0"
         base = {**_scored(attack, a2o_by_eps[0.75], 0.05, target=target), "norm_family": "batchnorm"}
-        stored[key] = {**base, "model": name, "ban_eps": 0.75, "acc": 0.9, "asr": 0.9 if attack else None}
+        folder, key = _fold_model(tmp_path, stored, name, base, ban_eps=0.75)
+        folds[fold].append(folder)
         stored[f"{key}|ban-eps0.5"] = {
             "ban_eps": 0.5,
             "ban_statistics": {**base["ban_statistics"], "all_to_one": a2o_by_eps[0.5]},
@@ -405,12 +428,7 @@ def test_crossfold_fits_on_one_fold_and_counts_on_the_other(benchmark_script, tm
     add("b", "b-bad", "badnets", {0.75: 0.55, 0.5: 0.45}, target=4)
     results = tmp_path / "stored.json"
     results.write_text(json.dumps(stored))
-    calibration = {
-        "target_source_by_family": {"batchnorm": "noisy"},
-        "refitted_by_family": {
-            "batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": None, "eps": 0.75}}
-        },
-    }
+    calibration = _refitted_from("batchnorm", "noisy", 0.3, 0.75)
     monkeypatch.setattr(cross, "load_calibration", lambda: calibration)
     out = tmp_path / "out.json"
     cross.main(
@@ -437,15 +455,10 @@ def test_crossfold_checks_the_fit_under_agreement_where_the_family_has_the_condi
     stored, folds = {}, {"a": [], "b": []}
 
     def add(fold, name, attack, a2o, *, target=None, split=False):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "training.json").write_text("{}")
-        folds[fold].append(str(folder))
         row = {**_scored(attack, a2o, 0.05, target=target), "norm_family": "other"}
         if split:
             row["ban_statistics"] = {**row["ban_statistics"], "target_masked": 7}
-        key = f"{name}|l2:1|steps20|n600|test|s0"
-        stored[key] = {**row, "model": name, "ban_eps": 0.5, "acc": 0.9, "asr": 0.9 if attack else None}
+        folds[fold].append(_fold_model(tmp_path, stored, name, row, ban_eps=0.5)[0])
 
     add("a", "a-split", None, 0.50, split=True)
     add("a", "a-clean", None, 0.20)
@@ -455,12 +468,7 @@ def test_crossfold_checks_the_fit_under_agreement_where_the_family_has_the_condi
     add("b", "b-bad", "badnets", 0.35, target=4)
     results = tmp_path / "stored.json"
     results.write_text(json.dumps(stored))
-    calibration = {
-        "target_source_by_family": {"other": "noisy_masked"},
-        "refitted_by_family": {
-            "other": {"calibrate_scan_cuts": {"all_to_one": 0.2, "all_to_all": None, "eps": 0.5}}
-        },
-    }
+    calibration = _refitted_from("other", "noisy_masked", 0.2, 0.5)
     monkeypatch.setattr(cross, "load_calibration", lambda: calibration)
     out = tmp_path / "out.json"
     argv = ["--family", "other", "--eps", "0.5", "--results", str(results), "--out", str(out)]
@@ -493,13 +501,9 @@ def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp
     stored, folds = {}, {"a": [], "b": []}
 
     def add(fold, name, attack, a2o, spread, *, mode="all-to-one", target=None, with_spread=True):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "training.json").write_text("{}")
-        folds[fold].append(str(folder))
-        key = f"{name}|l2:1|steps20|n600|test|s0"
         base = {**_scored(attack, a2o, 0.05, target=target), "norm_family": "other", "mode": mode}
-        stored[key] = {**base, "model": name, "ban_eps": 0.5, "acc": 0.9, "asr": 0.9 if attack else None}
+        folder, key = _fold_model(tmp_path, stored, name, base, ban_eps=0.5)
+        folds[fold].append(folder)
         if with_spread:
             stored[f"{key}|spread-l2:2-steps40"] = {"spread_score": spread}
 
@@ -509,13 +513,9 @@ def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp
     add("b", "b-a2a", "badnets", 0.05, 0.7, mode="all-to-all")
     results = tmp_path / "stored.json"
     results.write_text(json.dumps(stored))
-    calibration = {
-        "target_source_by_family": {"other": "noisy_masked"},
-        "refitted_by_family": {
-            "other": {"calibrate_scan_cuts": {"all_to_one": 0.2, "all_to_all": None, "eps": 0.5}}
-        },
-        "spread": {"by_family": {"other": {"rho": 2.0, "threshold": 0.4}}},
-    }
+    calibration = _refitted_from(
+        "other", "noisy_masked", 0.2, 0.5, spread={"by_family": {"other": {"rho": 2.0, "threshold": 0.4}}}
+    )
     monkeypatch.setattr(cross, "load_calibration", lambda: calibration)
     out = tmp_path / "out.json"
     argv = ["--family", "other", "--eps", "0.5", "--results", str(results), "--out", str(out)]
