@@ -45,8 +45,10 @@ AUTO_OPTIONS: dict[str, dict] = {
     # (right) target left 46% / 51% and the attention polarizer (cnpd-a, the paper's budget) 0.80% /
     # 49%; the all-to-all backdoor stays at 33% (cnpd-a 32%). It leaves SIG at 81% (cnpd-a: 0.00%),
     # which the scan reads as clean on that suite, so auto's plain npd removes it (0.00%); a SIG
-    # ConvNeXt the scan does flag would keep its backdoor. On vit_tiny every polarizer tried left
-    # the patch in (99.6-99.8%; this budget not tried there).
+    # ConvNeXt the scan does flag would keep its backdoor. The middle budget (rho 6) leaves the
+    # smallest worst case of the three attacks (BadNets 12.7%, Blended 2.7%, SIG 6.9%) but the scan
+    # has flagged no SIG ConvNeXt so far, and on what it flags rho 10 is better (PURIFICATION.md).
+    # On vit_tiny every polarizer tried left the patch in (99.6-99.8%; this budget not tried there).
     "cnpd-r": {
         "layer": "last-stage",
         "lr": 0.1,
