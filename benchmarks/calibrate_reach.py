@@ -628,9 +628,9 @@ def refit_family(
     chosen, without = fits[eps]["chosen"], fits[eps]["without_reach"]
     plain = None  # with the agreement condition: the chosen setting's record without it
     if shipped.agreement:
-        recount = [chosen, rows_by_eps[eps], shipped.target_source, eps, spread]
-        plain = recounted(*recount, agreement=False)
-        chosen = chosen if under else recounted(*recount, agreement=True)
+        # the fit counted the setting one way (under the condition or without it); count it the other
+        other = recounted(chosen, rows_by_eps[eps], shipped.target_source, eps, spread, agreement=not under)
+        plain, chosen = (other, chosen) if under else (chosen, other)
     rows = rows_by_eps[shipped.eps]
     # reach behind calibrate_scan.py's cuts, as without --refit-ban (they never had the condition)
     original = replace(shipped, agreement=False)
