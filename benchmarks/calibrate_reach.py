@@ -167,6 +167,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "calibrate_scan.py chose, then the smaller)",
     )
     p.add_argument(
+        "--skip-original-count",
+        action="append",
+        default=[],
+        metavar="FAMILY",
+        help="refit a --refit-ban family at the budgets of its --ban-eps alone, without counting "
+        "calibrate_scan.py's cuts at their own budget (which needs every model scanned at that "
+        "budget): the refit's before_refit record then says they were not counted (repeatable)",
+    )
+    p.add_argument(
         "--agreement",
         action="append",
         default=[],
@@ -190,6 +199,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise SystemExit(
                 f"--agreement {family}: the condition changes which cuts fit, so it is set by a refit; "
                 f"add --refit-ban {family}"
+            )
+    for family in args.skip_original_count:
+        if not any(item.partition(":")[0] == family for item in args.ban_eps):
+            raise SystemExit(
+                f"--skip-original-count {family}: the refit then runs at the budgets of --ban-eps "
+                f"{family}:EPS,... alone; give them"
             )
     if args.fit_under_agreement and not args.agreement:
         raise SystemExit(
@@ -594,6 +609,7 @@ def refit_family(
     spread: float | None = None,
     *,
     fit_under_agreement: bool = False,
+    count_original: bool = True,
 ) -> dict:
     """BAN's noise budget and cuts refitted together with the reach stage (``--refit-ban``):
     :func:`refit_cuts` at each budget of ``rows_by_eps`` (the family's scans at that budget;
@@ -605,6 +621,10 @@ def refit_family(
     Where ``shipped.agreement`` holds, the cuts are fitted without the agreement condition and the
     chosen setting is then counted with it, or, with ``fit_under_agreement``, every trial is counted
     with it; either way the record without it is kept beside (``without_agreement``).
+    ``count_original``: also count calibrate_scan.py's cuts (``shipped``) at their own budget, with
+    reach behind them (``before_refit``; ``rows_by_eps`` must then hold that budget). Without it
+    the record says they were not counted, so a family can be refitted over models that were never
+    scanned at that budget (their folders gone, only the stored scans at the offered budgets left).
 
     BAN's cuts and budget were fitted for BAN alone (``calibrate_scan.py``), before a second stage
     existed: there, a lower all-to-one cut (or a larger budget) buys the backdoors only BAN sees
@@ -631,16 +651,19 @@ def refit_family(
         # the fit counted the setting one way (under the condition or without it); count it the other
         other = recounted(chosen, rows_by_eps[eps], shipped.target_source, eps, spread, agreement=not under)
         plain, chosen = (other, chosen) if under else (chosen, other)
-    rows = rows_by_eps[shipped.eps]
-    # reach behind calibrate_scan.py's cuts, as without --refit-ban (they never had the condition)
-    original = replace(shipped, agreement=False)
-    before = fit_family(rows, budgets, original, spread)
-    first = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == budgets[0]]
-    before_errors = (
-        before["chosen"]["errors"]
-        if before["enabled"]
-        else errors(record(first, None, ban=original, spread=spread))
-    )
+    before_errors = before_reach = None
+    if count_original:
+        rows = rows_by_eps[shipped.eps]
+        # reach behind calibrate_scan.py's cuts, as without --refit-ban (they never had the condition)
+        original = replace(shipped, agreement=False)
+        before = fit_family(rows, budgets, original, spread)
+        first = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == budgets[0]]
+        before_reach = before["chosen"] if before["enabled"] else None
+        before_errors = (
+            before["chosen"]["errors"]
+            if before["enabled"]
+            else errors(record(first, None, ban=original, spread=spread))
+        )
     return {
         "enabled": chosen["fit"] is not None,
         "reason": f"{chosen['errors']} errors with BAN at eps {eps:g}, cuts {chosen['all_to_one_threshold']:.3f} "
@@ -666,7 +689,11 @@ def refit_family(
         + f", refitted together; {without['errors']} with the best BAN cuts alone"
         + ("" if plain is None else f" ({'under' if under else 'without'} the condition, as the refit fits)")
         + "; "
-        + f"{before_errors} with calibrate_scan.py's cuts (eps {shipped.eps:g})",
+        + (
+            f"{before_errors} with calibrate_scan.py's cuts (eps {shipped.eps:g})"
+            if count_original
+            else f"calibrate_scan.py's cuts (eps {shipped.eps:g}) not counted (--skip-original-count)"
+        ),
         "chosen": {
             **chosen,
             "eps": eps,
@@ -697,8 +724,9 @@ def refit_family(
             "eps": shipped.eps,
             "all_to_one_threshold": shipped.all_to_one,
             "all_to_all_threshold": shipped.all_to_all,
+            # None where they were not counted (count_original)
             "errors": before_errors,
-            "reach": before["chosen"] if before["enabled"] else None,
+            "reach": before_reach,
         },
     }
 
@@ -1115,15 +1143,16 @@ def main(argv: list[str] | None = None) -> None:
             # where the spread reading runs, the stored verdicts include it; the refit recomputes
             # BAN's from its statistics, so spread is counted from each model's own score
             spread = spread_by_family[fam] = spread_setting(calibration, fam)
-            by_eps = {
-                eps: family_rows(fam, eps, spread) for eps in sorted({refit[fam].eps, *ban_eps.get(fam, [])})
-            }
+            count_original = fam not in args.skip_original_count
+            offered = {*ban_eps.get(fam, []), *([refit[fam].eps] if count_original else [])}
+            by_eps = {eps: family_rows(fam, eps, spread) for eps in sorted(offered)}
             families[fam] = refit_family(
                 by_eps,
                 budgets,
                 refit[fam],
                 spread and spread["threshold"],
                 fit_under_agreement=args.fit_under_agreement,
+                count_original=count_original,
             )
             shipped_rows[fam] = by_eps[families[fam]["chosen"]["eps"]]
         else:

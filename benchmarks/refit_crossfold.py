@@ -125,21 +125,19 @@ def one_way(
     """Refit on one fold with ``budgets`` offered, count the chosen setting on the other;
     ``shipped``: calibrate_scan.py's cuts, where the refit starts from; ``spread``: the family's
     spread setting where it runs (its threshold is counted last on both folds, as the refit does)."""
-    # the refit counts calibrate_scan.py's cuts at their budget and prefers that budget on ties;
-    # where it is not offered, the first offered stands in (its before-refit count is not used)
-    start = shipped if shipped.eps in budgets else replace(shipped, eps=budgets[0])
     reach_budget = [parse_budgets(args.budget)[0]]
     cut = spread and spread["threshold"]
     fit = refit_family(
         {e: fold_rows(fit_on, e, stored, args, spread) for e in budgets},
         reach_budget,
-        start,
+        shipped,
         cut,
         fit_under_agreement=args.fit_under_agreement,
+        count_original=False,  # calibrate_scan.py's cuts are not what is checked here
     )
     chosen = fit["chosen"]
     ban = replace(
-        start,
+        shipped,
         all_to_one=chosen["all_to_one_threshold"],
         all_to_all=chosen["all_to_all_threshold"],
         eps=chosen["eps"],

@@ -486,7 +486,8 @@ def _reach_section() -> list[str]:
             f"{before['eps']:g} -> {best['eps']:g}, all-to-one "
             f"{_cut(before['all_to_one_threshold'])} -> {_cut(best['all_to_one_threshold'])}, all-to-all "
             f"{_cut(before['all_to_all_threshold'])} -> {_cut(best['all_to_all_threshold'])}; errors of both stages "
-            f"{before['errors']} -> {best['errors']} (the best BAN cuts without reach"
+            f"{'not counted' if before['errors'] is None else before['errors']} -> {best['errors']} "
+            "(the best BAN cuts without reach"
             + ("" if fit.get("spread_threshold") is None else ", spread counted")
             + f": {best['errors_best_ban_alone']})"
             + (

@@ -180,6 +180,9 @@ def test_the_reach_section_lists_each_family_and_every_model_once(bench, monkeyp
         and "includes the spread reading at 0.400" in line
         for line in lines
     )
+    # a refit that did not count calibrate_scan.py's cuts (--skip-original-count) says so
+    section["families"]["other"]["before_refit"]["errors"] = None
+    assert any("errors of both stages not counted -> 0 (" in line for line in bench._reach_section())
     assert any(
         line.startswith("| m-a2a | badnets all-to-all |") and "| backdoored (spread) |" in line
         for line in lines

@@ -179,6 +179,31 @@ def test_refit_keeps_the_noise_budget_whose_cuts_make_the_fewest_errors(cal):
     assert tie["chosen"]["eps"] == 0.5 and tie["chosen"]["all_to_one_margin"] == pytest.approx(0.10)
 
 
+def test_a_refit_can_leave_calibrate_scans_cuts_uncounted_where_their_budget_was_never_scanned(cal):
+    """Models scanned only at the offered budget (their folders gone, calibrate_scan.py's budget
+    never stored) can still be refitted: the refit says it did not count the original cuts
+    instead of failing, and chooses what it chooses with them counted."""
+    at_05 = [_scored(None, 0.25, 0.10), _scored("badnets", 0.41, 0.05, target=3)]
+    at_075 = [_scored(None, 0.25, 0.10), _scored("badnets", 0.20, 0.05, target=3)]
+    shipped = cal.BanCuts(0.45, None, "noisy", 0.75)
+    with pytest.raises(KeyError):
+        cal.refit_family({0.5: at_05}, [("l2", 1.0)], shipped)
+    fit = cal.refit_family({0.5: at_05}, [("l2", 1.0)], shipped, count_original=False)
+    assert fit["chosen"]["eps"] == 0.5 and fit["chosen"]["errors"] == 0
+    assert fit["chosen"]["all_to_one_threshold"] == pytest.approx((0.25 + 0.41) / 2)
+    assert fit["before_refit"]["errors"] is None and fit["before_refit"]["reach"] is None
+    assert fit["before_refit"]["eps"] == 0.75 and "not counted" in fit["reason"]
+    counted = cal.refit_family({0.5: at_05, 0.75: at_075}, [("l2", 1.0)], shipped)
+    assert counted["chosen"] == fit["chosen"]
+    assert counted["before_refit"]["errors"] == 1  # 0.45 at eps 0.75 misses the BadNets model
+    with pytest.raises(SystemExit, match="give them"):
+        cal.parse_args(["m", "--refit-ban", "batchnorm", "--skip-original-count", "batchnorm"])
+    args = cal.parse_args(
+        ["m", "--refit-ban", "batchnorm", "--ban-eps", "batchnorm:0.5", "--skip-original-count", "batchnorm"]
+    )
+    assert args.skip_original_count == ["batchnorm"]
+
+
 def test_the_agreement_condition_only_withdraws_ban_verdicts_at_the_cuts_fitted_without_it(cal):
     """``--agreement``: a clean model whose noisy and masked readings name different classes sits
     above a BadNets backdoor that reads one class both ways. The cuts are still the ones fitted
