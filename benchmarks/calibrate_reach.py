@@ -38,7 +38,9 @@ held-out record in the calibration beside the cuts it was counted at, for ``scan
 With ``--refit-ban FAMILY`` BAN's own cuts for that family are refitted together with reach's
 (``refit_family``), and with ``--ban-eps FAMILY:EPS,...`` its noise budget too: each model of
 the family is rescanned BAN-only at each budget and the budget whose refitted cuts make the
-fewest errors is shipped. ``refit_crossfold.py`` checks such a refit on models it did not see.
+fewest errors is shipped. The refit also counts calibrate_scan.py's cuts at their own budget,
+for the record; ``--skip-original-count FAMILY`` leaves that out where the models were never
+scanned at that budget. ``refit_crossfold.py`` checks such a refit on models it did not see.
 
 Example (the command behind the shipped section is recorded in it)::
 
