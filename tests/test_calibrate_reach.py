@@ -802,3 +802,64 @@ def test_a_run_over_stored_scans_needs_no_model_folder(cal, tmp_path):
     args = cal.parse_args([str(gone)])
     with pytest.raises(SystemExit, match="needs a scan of it that --results does not hold"):
         cal.scan_folder(gone, args)
+
+
+def test_split_cut_withdraws_split_readings_below_a_cut_fitted_on_the_other_folds(
+    benchmark_script, tmp_path, monkeypatch
+):
+    """``split_cut.py``: each fold is counted with the split cut fitted on the others (midway
+    between the highest clean split reading and the next split reading above it), at the shipped
+    cuts otherwise: clean models with split readings just over the shipped cut are cleared,
+    split backdoors above the split cut and agreeing ones above the shipped cut still found, and
+    a split backdoor between the two cuts is the price."""
+    split_cut = benchmark_script("split_cut")
+    stored, folds = {}, {}
+
+    def add(fold, name, attack, a2o, *, target=None, split=False):
+        row = {**_scored(attack, a2o, 0.05, target=target), "norm_family": "batchnorm"}
+        if split:
+            row["ban_statistics"] = {**row["ban_statistics"], "target_masked": 7}
+        folds.setdefault(fold, []).append(_fold_model(tmp_path, stored, name, row, ban_eps=0.5)[0])
+
+    add("f1", "f1-clean", None, 0.35, split=True)
+    add("f1", "f1-bad", "badnets", 0.60, target=2, split=True)
+    add("f2", "f2-clean", None, 0.32, split=True)
+    add("f2", "f2-bad", "blended", 0.50, target=3, split=True)
+    add("f3", "f3-clean", None, 0.10)
+    add("f3", "f3-bad", "badnets", 0.40, target=1)
+    add("check", "c-bad", "badnets", 0.38, target=4, split=True)
+    results = tmp_path / "stored.json"
+    results.write_text(json.dumps(stored))
+    calibration = {
+        "all_to_one_thresholds": {"batchnorm": 0.3},
+        "all_to_all_thresholds": {"batchnorm": None},
+        "eps_by_family": {"batchnorm": 0.5},
+        "target_source_by_family": {"batchnorm": "noisy"},
+    }
+    monkeypatch.setattr(split_cut, "load_calibration", lambda: calibration)
+    out = tmp_path / "out.json"
+    argv = ["--results", str(results), "--out", str(out), "--check", *folds.pop("check")]
+    for name, members in folds.items():
+        argv += ["--fold", name, *members]
+    split_cut.main(argv)
+    result = json.loads(out.read_text())
+    by_fold = {f["counted_on"]: f for f in result["folds"]}
+    assert by_fold["f1"]["split_cut"] == pytest.approx((0.32 + 0.50) / 2)
+    assert by_fold["f2"]["split_cut"] == pytest.approx((0.35 + 0.60) / 2)
+    for name in ("f1", "f2"):
+        assert by_fold[name]["two_cuts"]["errors"] == 0
+        assert by_fold[name]["shipped"]["false_positives"] == by_fold[name]["shipped"]["errors"] == 1
+    assert by_fold["f3"]["two_cuts"]["detected"] == by_fold["f3"]["shipped"]["detected"] == 1
+    check = result["check"]
+    assert check["split_cut"] == pytest.approx((0.35 + 0.50) / 2)
+    assert (check["two_cuts"]["detected"], check["shipped"]["detected"]) == (0, 1)
+    assert result["command"].startswith("python benchmarks/split_cut.py")
+    with pytest.raises(SystemExit, match="two or more --fold"):
+        split_cut.parse_args(["--results", "r", "--out", "o", "--fold", "only", "m"])
+    monkeypatch.setattr(
+        split_cut,
+        "load_calibration",
+        lambda: {**calibration, "all_to_one_agreement_by_family": {"batchnorm": True}},
+    )
+    with pytest.raises(SystemExit, match="already needs agreement"):
+        split_cut.main(argv)
