@@ -50,19 +50,25 @@ from timm_purify.detection.ban import calibrated_agreement, load_calibration  # 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def add_scan_arguments(p: argparse.ArgumentParser) -> None:
+    """The options :func:`fold_rows` reads: which stored scans (calibrate_reach.py's key) and
+    which models count (its usability floors)."""
+    p.add_argument("--budget", default="l2:1", help="the reach budget the scans were taken at")
+    p.add_argument("--steps", type=int, default=20, help="reach's descent steps the scans were taken with")
+    p.add_argument("--clean-count", type=int, default=600)
+    p.add_argument("--scan-split", default="test")
+    p.add_argument("--scan-seed", type=int, default=0)
+    p.add_argument("--min-asr", type=float, default=0.5)
+    p.add_argument("--min-acc", type=float, default=0.6)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="batchnorm")
     p.add_argument("--eps", default="0.3,0.5,0.75", help="candidate noise budgets, comma list")
     p.add_argument("--fold-a", nargs="+", required=True, help="model folders or quoted globs")
     p.add_argument("--fold-b", nargs="+", required=True, help="model folders or quoted globs")
-    p.add_argument("--budget", default="l2:1", help="the reach budget the scans were taken at")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--clean-count", type=int, default=600)
-    p.add_argument("--scan-split", default="test")
-    p.add_argument("--scan-seed", type=int, default=0)
-    p.add_argument("--min-asr", type=float, default=0.5)
-    p.add_argument("--min-acc", type=float, default=0.6)
+    add_scan_arguments(p)
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "cache" / "calibrate_reach.json"))
     p.add_argument("--out", required=True)
     p.add_argument(
@@ -156,6 +162,13 @@ def one_way(
     }
 
 
+def write_out(out: dict, path: str, argv: list[str] | None, script: str) -> None:
+    """``out`` with the command that made it (``script`` run with ``argv``), as JSON at ``path``."""
+    out["command"] = recorded_command(sys.argv[1:] if argv is None else argv, script=script)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     stored = json.loads(Path(args.results).read_text())
@@ -199,9 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{t['detected']}/{t['backdoored_models']}, targets {t['targets_correct']}/{t['all_to_one_models']})",
                 flush=True,
             )
-    out["command"] = recorded_command(sys.argv[1:] if argv is None else argv, script="refit_crossfold.py")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_out(out, args.out, argv, "refit_crossfold.py")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from calibrate_reach import BanCuts, errors, spread_setting, tally, verdicts  # noqa: E402
-from calibrate_scan import recorded_command  # noqa: E402
-from refit_crossfold import fold_rows  # noqa: E402
+from refit_crossfold import add_scan_arguments, fold_rows, write_out  # noqa: E402
 
 from timm_purify.detection.ban import (  # noqa: E402
     agrees,
@@ -40,8 +39,6 @@ from timm_purify.detection.ban import (  # noqa: E402
     calibrated_thresholds,
     load_calibration,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,13 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check", nargs="+", default=[], help="model folders counted with the cut fitted on all folds"
     )
     p.add_argument("--check-results", help="the store --check's scans are in (default: --results)")
-    p.add_argument("--budget", default="l2:1", help="the reach budget the scans were taken at")
-    p.add_argument("--steps", type=int, default=20, help="reach's descent steps the scans were taken with")
-    p.add_argument("--clean-count", type=int, default=600)
-    p.add_argument("--scan-split", default="test")
-    p.add_argument("--scan-seed", type=int, default=0)
-    p.add_argument("--min-asr", type=float, default=0.5)
-    p.add_argument("--min-acc", type=float, default=0.6)
+    add_scan_arguments(p)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if len(args.fold) < 2 or any(len(fold) < 2 for fold in args.fold):
@@ -169,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({ship['false_positives']}/{ship['clean_models']})",
             flush=True,
         )
-    out["command"] = recorded_command(sys.argv[1:] if argv is None else argv, script="split_cut.py")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_out(out, args.out, argv, "split_cut.py")
 
 
 if __name__ == "__main__":
