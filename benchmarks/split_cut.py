@@ -32,13 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from calibrate_reach import BanCuts, errors, spread_setting, tally, verdicts  # noqa: E402
 from refit_crossfold import add_scan_arguments, fold_rows, write_out  # noqa: E402
 
-from timm_purify.detection.ban import (  # noqa: E402
-    agrees,
-    calibrated_agreement,
-    calibrated_eps,
-    calibrated_thresholds,
-    load_calibration,
-)
+from timm_purify.detection.ban import agrees, calibrated_decision, calibrated_eps, load_calibration  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,47 +104,43 @@ def main(argv: list[str] | None = None) -> None:
     calibration = load_calibration()
     fam = args.family
     eps = calibrated_eps(calibration, fam)
-    one, a2a = calibrated_thresholds(calibration, fam)
-    source = (calibration.get("target_source_by_family") or {}).get(fam, "noisy")
-    if calibrated_agreement(calibration, fam):
+    decision = calibrated_decision(calibration, fam)
+    if decision["agreement"]:
         raise SystemExit(
             f"{fam} already needs agreement at every score; a split cut only adds to a family without it"
         )
     if spread_setting(calibration, fam) is not None:
         raise SystemExit(f"{fam} runs the spread reading, which this count leaves out; not supported")
-    ban = BanCuts(one, a2a, source, eps)
+    ban = BanCuts(decision["threshold"], decision["all_to_all_threshold"], decision["target_source"], eps)
     reach = ((calibration.get("reach") or {}).get("by_family") or {}).get(fam)
     stored = json.loads(Path(args.results).read_text())
     folds = {name: fold_rows(patterns, eps, stored, args) for name, *patterns in args.fold}
     out = {
         "what": __doc__.split("\n")[0],
         "family": fam,
-        "shipped": {"eps": eps, "all_to_one": one},
+        "shipped": {"eps": eps, "all_to_one": ban.all_to_one},
         "folds": [],
     }
-    for name, rows in folds.items():
-        cut = fit_split_cut([r for other, fit in folds.items() if other != name for r in fit])
-        out["folds"].append(
-            {
-                "counted_on": name,
-                "models": len(rows),
-                "split_cut": cut,
-                "two_cuts": count(rows, ban, reach, cut),
-                "shipped": count(rows, ban, reach, None),
-            }
-        )
-    if args.check:
-        check_store = json.loads(Path(args.check_results or args.results).read_text())
-        # fold_rows names args.results where a scan is missing: name --check's store
-        check_args = argparse.Namespace(**{**vars(args), "results": args.check_results or args.results})
-        rows = fold_rows(args.check, eps, check_store, check_args)
-        cut = fit_split_cut([r for fit in folds.values() for r in fit])
-        out["check"] = {
+
+    def counted(rows: list[dict], fitted_on: list[dict]) -> dict:
+        """``rows`` counted with the split cut fitted on ``fitted_on``, beside the shipped rule."""
+        cut = fit_split_cut(fitted_on)
+        return {
             "models": len(rows),
             "split_cut": cut,
             "two_cuts": count(rows, ban, reach, cut),
             "shipped": count(rows, ban, reach, None),
         }
+
+    for name, rows in folds.items():
+        others = [r for other, fit in folds.items() if other != name for r in fit]
+        out["folds"].append({"counted_on": name, **counted(rows, others)})
+    if args.check:
+        check_store = json.loads(Path(args.check_results or args.results).read_text())
+        # fold_rows names args.results where a scan is missing: name --check's store
+        check_args = argparse.Namespace(**{**vars(args), "results": args.check_results or args.results})
+        rows = fold_rows(args.check, eps, check_store, check_args)
+        out["check"] = counted(rows, [r for fit in folds.values() for r in fit])
     for entry in [*out["folds"], *([{"counted_on": "--check", **out["check"]}] if args.check else [])]:
         two, ship = entry["two_cuts"], entry["shipped"]
         cut = "none" if entry["split_cut"] is None else f"{entry['split_cut']:.3f}"
