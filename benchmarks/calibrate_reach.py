@@ -73,9 +73,11 @@ from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
     DEFAULT_REACH,
     DEFAULT_SPREAD_STEPS,
+    agrees,
     calibrated_agreement,
     calibrated_decision,
     calibrated_eps,
+    calibrated_split_threshold,
     calibrated_thresholds,
     combine_stages,
     decide,
@@ -95,8 +97,9 @@ class BanCuts:
     """BAN's setting for one family, as ``--refit-ban`` tries it: the all-to-one cut, the
     all-to-all cut (``None``: that statistic does not decide), whose predictions name the target
     (the family's calibrated ``target_source``) and the noise budget the statistics the cuts
-    apply to are taken at, and whether the all-to-one verdict needs both noisy readings to name
-    the same class (``--agreement``)."""
+    apply to are taken at, whether the all-to-one verdict needs both noisy readings to name the
+    same class (``--agreement``) and, where they name different classes, the higher cut it needs
+    then (``--split-cut``)."""
 
     all_to_one: float
     all_to_all: float | None
@@ -104,6 +107,8 @@ class BanCuts:
     eps: float
     # the all-to-one statistic decides only where the noise and the masked noise agree (ban.agrees)
     agreement: bool = False
+    # where they name different classes, the all-to-one score must pass this too (ban.splits_count)
+    split: float | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,6 +194,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "record without it (repeatable; a refit without it writes the family without the condition)",
     )
     p.add_argument(
+        "--split-cut",
+        action="append",
+        default=[],
+        metavar="FAMILY",
+        help="give a --refit-ban family's BAN all-to-one verdict a second, higher cut where the noise and the "
+        "noise with the negative mask name different classes (timm_purify.detection.ban.splits_count; "
+        "written as all_to_one_split_thresholds): at each budget it is fitted first, midway between the "
+        "highest clean model with split readings and the next split reading above it (fit_split_cut), and "
+        "every trial of the refit counts under it (repeatable; a refit without it writes the family "
+        "without one)",
+    )
+    p.add_argument(
+        "--keep-ban-cuts",
+        action="append",
+        default=[],
+        metavar="FAMILY",
+        help="refit a --refit-ban family with BAN's noise budget and cuts pinned where the calibration has "
+        "them: only reach's cut (and a --split-cut) are fitted, behind them (repeatable; no --ban-eps for "
+        "the family)",
+    )
+    p.add_argument(
         "--fit-under-agreement",
         action="store_true",
         help="with --agreement: fit the families' cuts with the condition applied in every trial, so a "
@@ -202,11 +228,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--agreement {family}: the condition changes which cuts fit, so it is set by a refit; "
                 f"add --refit-ban {family}"
             )
+    for family in args.split_cut:
+        if family not in args.refit_ban:
+            raise SystemExit(
+                f"--split-cut {family}: the split cut is fitted with the family's other cuts; add --refit-ban {family}"
+            )
+        if family in args.agreement:
+            raise SystemExit(
+                f"--split-cut {family} with --agreement {family}: the agreement condition never lets split "
+                "readings decide, so there is no split cut to fit; give one or the other"
+            )
+    for family in args.keep_ban_cuts:
+        if family not in args.refit_ban:
+            raise SystemExit(
+                f"--keep-ban-cuts {family}: it pins BAN's cuts in a refit; add --refit-ban {family}"
+            )
+        if any(item.partition(":")[0] == family for item in args.ban_eps):
+            raise SystemExit(
+                f"--keep-ban-cuts {family} with --ban-eps {family}:...: the budget is pinned at the calibration's; "
+                "give one or the other"
+            )
     for family in args.skip_original_count:
-        if not any(item.partition(":")[0] == family for item in args.ban_eps):
+        if family not in args.keep_ban_cuts and not any(
+            item.partition(":")[0] == family for item in args.ban_eps
+        ):
             raise SystemExit(
                 f"--skip-original-count {family}: the refit then runs at the budgets of --ban-eps "
-                f"{family}:EPS,... alone; give them"
+                f"{family}:EPS,... alone (or at the calibration's with --keep-ban-cuts {family}); give them"
             )
     if args.fit_under_agreement and not args.agreement:
         raise SystemExit(
@@ -340,6 +388,7 @@ def ban_stage(row: dict, ban: BanCuts | None = None) -> tuple[str, str | None, i
             all_to_all_threshold=ban.all_to_all,
             target_source=ban.target_source,
             agreement=ban.agreement,
+            split_threshold=ban.split,
         )
         return verdict, pattern, target
     if row["ban_verdict"] != "backdoored":
@@ -493,6 +542,26 @@ def gap(cut: float | None, scores: list[float]) -> float:
     return float("inf") if cut is None else min(abs(cut - v) for v in scores)
 
 
+def fit_split_cut(rows: list[dict]) -> float | None:
+    """The split cut ``--split-cut`` fits on ``rows`` (the family's scans at one budget): midway
+    between the highest BAN all-to-one score of a clean model whose two readings name different
+    classes (``ban.agrees``) and the next such reading above it, of any model; none above: that
+    clean score itself, so no split reading decides; ``None``: no clean model reads split, so
+    there is nothing to clear.
+
+    A rule, not a search: the clean models BAN flags on BatchNorm read split, and so do backdoors
+    it reads far above them. Fitted here it clears every clean split reading of the fit and keeps
+    every split reading above them; the family's other cuts are then fitted under it
+    (:func:`refit_cuts`), so where it withdraws a backdoor, reach's cut can take it up."""
+    split = [r for r in rows if not agrees(r["ban_statistics"])]
+    clean = [r["ban_statistics"]["all_to_one"] for r in split if r["attack"] is None]
+    if not clean:
+        return None
+    top = max(clean)
+    above = [r["ban_statistics"]["all_to_one"] for r in split if r["ban_statistics"]["all_to_one"] > top]
+    return (top + min(above)) / 2 if above else top
+
+
 def refit_cuts(
     rows: list[dict],
     budgets: list[tuple[str, float]],
@@ -500,6 +569,8 @@ def refit_cuts(
     eps: float,
     spread: float | None = None,
     agreement: bool = False,
+    split: float | None = None,
+    pinned: BanCuts | None = None,
 ) -> dict:
     """BAN's cuts fitted together with the reach stage on ``rows`` (the models' scans at noise
     budget ``eps``), from the statistics each scan stored: every all-to-one cut midway between
@@ -512,7 +583,9 @@ def refit_cuts(
     Returns the kept trial (``chosen``) and the best without reach (``without_reach``).
     ``spread``: the spread reading's threshold where the family runs it, counted last in every
     trial (its cut is calibrate_spread.py's; the rows carry ``spread_score``). ``agreement``: every
-    trial counts BAN's all-to-one verdict under the agreement condition (``--fit-under-agreement``).
+    trial counts BAN's all-to-one verdict under the agreement condition (``--fit-under-agreement``);
+    ``split``: every trial counts it with that split cut (``--split-cut``, :func:`fit_split_cut`).
+    ``pinned``: BAN's cuts are not searched but held at these (``--keep-ban-cuts``).
 
     The all-to-all statistic is held to the rule of the later readings (reach, spread): it may
     add detections, never false alarms. Fitted for fewest errors like the all-to-one one, it
@@ -523,8 +596,8 @@ def refit_cuts(
     clean_a2a = max(
         (r["ban_statistics"]["all_to_all"] for r in rows if r["attack"] is None), default=-math.inf
     )
-    one_cuts = midpoints(one)
-    a2a_cuts = [None, *(c for c in midpoints(a2a) if c > clean_a2a)]
+    one_cuts = [pinned.all_to_one] if pinned else midpoints(one)
+    a2a_cuts = [pinned.all_to_all] if pinned else [None, *(c for c in midpoints(a2a) if c > clean_a2a)]
     if not one_cuts:
         raise SystemExit(
             f"--refit-ban at eps {eps:g}: the models' BAN scores are all equal; there is no cut to fit"
@@ -539,7 +612,7 @@ def refit_cuts(
             margin_one = gap(cut_one, one)
             for cut_a2a in a2a_cuts:
                 margin_a2a = gap(cut_a2a, a2a)
-                ban = BanCuts(cut_one, cut_a2a, target_source, eps, agreement)
+                ban = BanCuts(cut_one, cut_a2a, target_source, eps, agreement, split)
                 for fit in reach_fits:
                     for when_both in WHEN_BOTH if fit else WHEN_BOTH[:1]:
                         rel = record(at, fit and fit["threshold"], when_both, ban, spread)
@@ -563,6 +636,7 @@ def refit_cuts(
                                     "all_to_one_threshold": cut_one,
                                     "all_to_one_margin": margin_one,
                                     "all_to_all_threshold": cut_a2a,
+                                    "split_threshold": split,
                                     "errors": errors(rel),
                                     "reliability": rel,
                                     "reliability_ban_alone": record(at, None, ban=ban),
@@ -592,7 +666,12 @@ def recounted(
     without it shipped; on 102 models the fit under it made fewer errors on the folds it did not
     see (14 against 21, refit_crossfold.py) and shipped (``benchmarks/DETECTION.md``)."""
     cuts = BanCuts(
-        chosen["all_to_one_threshold"], chosen["all_to_all_threshold"], target_source, eps, agreement
+        chosen["all_to_one_threshold"],
+        chosen["all_to_all_threshold"],
+        target_source,
+        eps,
+        agreement,
+        chosen["split_threshold"],
     )
     at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (chosen["norm"], chosen["rho"])]
     both = record(at, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], cuts, spread)
@@ -611,6 +690,8 @@ def refit_family(
     spread: float | None = None,
     *,
     fit_under_agreement: bool = False,
+    fit_split: bool = False,
+    pinned: BanCuts | None = None,
     count_original: bool = True,
 ) -> dict:
     """BAN's noise budget and cuts refitted together with the reach stage (``--refit-ban``):
@@ -623,6 +704,10 @@ def refit_family(
     Where ``shipped.agreement`` holds, the cuts are fitted without the agreement condition and the
     chosen setting is then counted with it, or, with ``fit_under_agreement``, every trial is counted
     with it; either way the record without it is kept beside (``without_agreement``).
+    ``fit_split`` (``--split-cut``; never with the agreement condition): at each budget a split cut
+    is fitted first (:func:`fit_split_cut`) and every trial there counts under it. ``pinned``
+    (``--keep-ban-cuts``): BAN's budget and cuts are held at these, so only reach's cut (and the
+    split cut) are fitted, at ``pinned.eps`` alone (``rows_by_eps`` must hold it).
     ``count_original``: also count calibrate_scan.py's cuts (``shipped``) at their own budget, with
     reach behind them (``before_refit``; ``rows_by_eps`` must then hold that budget). Without it
     the record says they were not counted, so a family can be refitted over models that were never
@@ -632,10 +717,22 @@ def refit_family(
     existed: there, a lower all-to-one cut (or a larger budget) buys the backdoors only BAN sees
     with clean models flagged. With reach behind it, some of those backdoors are reach's to find,
     so the setting that makes the fewest errors of both stages together can differ."""
+    if fit_split and shipped.agreement:
+        raise ValueError("a split cut is fitted only where the agreement condition does not apply")
     under = shipped.agreement and fit_under_agreement
     fits = {
-        eps: refit_cuts(rows, budgets, shipped.target_source, eps, spread, under)
+        eps: refit_cuts(
+            rows,
+            budgets,
+            shipped.target_source,
+            eps,
+            spread,
+            under,
+            fit_split_cut(rows) if fit_split else None,
+            pinned,
+        )
         for eps, rows in rows_by_eps.items()
+        if pinned is None or eps == pinned.eps
     }
     eps = min(
         fits,
@@ -657,7 +754,7 @@ def refit_family(
     if count_original:
         rows = rows_by_eps[shipped.eps]
         # reach behind calibrate_scan.py's cuts, as without --refit-ban (they never had the condition)
-        original = replace(shipped, agreement=False)
+        original = replace(shipped, agreement=False, split=None)
         before = fit_family(rows, budgets, original, spread)
         first = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == budgets[0]]
         before_reach = before["chosen"] if before["enabled"] else None
@@ -676,6 +773,11 @@ def refit_family(
             else f"{chosen['all_to_all_threshold']:.3f} (all-to-all)"
         )
         + (
+            ""
+            if chosen["split_threshold"] is None
+            else f", {chosen['split_threshold']:.3f} where BAN's two readings name different classes"
+        )
+        + (
             f" and reach at {chosen['norm']} {chosen['rho']:g}, threshold {chosen['fit']['threshold']:.3f}"
             f" ({chosen['target_when_both']}'s target where both fire)"
             if chosen["fit"]
@@ -688,7 +790,12 @@ def refit_family(
             else f", BAN's all-to-one verdict needing its noisy and masked targets to agree (the cuts fitted "
             f"{'under' if under else 'without'} that condition: {plain['errors']} errors without it)"
         )
-        + f", refitted together; {without['errors']} with the best BAN cuts alone"
+        + (
+            ", BAN's budget and cuts kept as the calibration had them (--keep-ban-cuts)"
+            if pinned
+            else ", refitted together"
+        )
+        + f"; {without['errors']} with the best BAN cuts alone"
         + ("" if plain is None else f" ({'under' if under else 'without'} the condition, as the refit fits)")
         + "; "
         + (
@@ -705,6 +812,10 @@ def refit_family(
         },
         "without_reach": without,
         "agreement": shipped.agreement,
+        # whether a split cut was fitted (--split-cut; chosen.split_threshold holds it)
+        "fitted_split_cut": fit_split,
+        # whether BAN's budget and cuts were held as the calibration had them (--keep-ban-cuts)
+        "kept_ban_cuts": pinned is not None,
         # whether the cuts were fitted under the condition (--fit-under-agreement) or without it
         "fitted_under_agreement": under,
         # with --agreement: the chosen setting's record without the condition
@@ -717,6 +828,7 @@ def refit_family(
                 "errors": fit["chosen"]["errors"],
                 "all_to_one_threshold": fit["chosen"]["all_to_one_threshold"],
                 "all_to_all_threshold": fit["chosen"]["all_to_all_threshold"],
+                "split_threshold": fit["chosen"]["split_threshold"],
                 "reach_threshold": fit["chosen"]["fit"] and fit["chosen"]["fit"]["threshold"],
                 "reliability": fit["chosen"]["reliability"],
             }
@@ -759,6 +871,7 @@ def check_verdicts(
             decision["target_source"],
             calibrated_eps(calibration, family),
             decision["agreement"],
+            decision["split_threshold"],
         )
         spread = (spread_setting(calibration, family) or {}).get("threshold")
     fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
@@ -795,7 +908,11 @@ def unused_reason(row: dict, args: argparse.Namespace) -> str:
 
 
 def shipped_cuts(
-    calibration: dict, families: list[str], rows: list[dict], agreement: Collection[str] = ()
+    calibration: dict,
+    families: list[str],
+    rows: list[dict],
+    agreement: Collection[str] = (),
+    split_cut: Collection[str] = (),
 ) -> dict[str, BanCuts]:
     """The cuts calibrate_scan.py fitted for each ``--refit-ban`` family (also where an earlier
     refit replaced them, so refitting again starts from the same place), under the agreement
@@ -822,6 +939,19 @@ def shipped_cuts(
             + " ".join(f"--agreement {fam}" for fam in dropped)
             + " would drop that condition: pass it to keep it (to drop it on purpose, remove the family "
             "from all_to_one_agreement_by_family first)"
+        )
+    unsplit = sorted(
+        fam
+        for fam in families
+        if calibrated_split_threshold(calibration, fam) is not None and fam not in split_cut
+    )
+    if unsplit:
+        raise SystemExit(
+            f"BAN's all-to-one verdict for {', '.join(unsplit)} has a split cut (all_to_one_split_thresholds); "
+            "a refit without "
+            + " ".join(f"--split-cut {fam}" for fam in unsplit)
+            + " would drop it: pass it to keep it (to drop it on purpose, remove the family from "
+            "all_to_one_split_thresholds first)"
         )
     cuts = {}
     for fam in families:
@@ -1138,7 +1268,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.record_check:
             record_check(out, calibration, checked, args, argv)
         return
-    refit = shipped_cuts(calibration, args.refit_ban, [row for *_, row in used], args.agreement)
+    refit = shipped_cuts(
+        calibration, args.refit_ban, [row for *_, row in used], args.agreement, args.split_cut
+    )
     families, shipped_rows, spread_by_family = {}, {}, {}
     for fam in present:
         if fam in refit:
@@ -1146,7 +1278,21 @@ def main(argv: list[str] | None = None) -> None:
             # BAN's from its statistics, so spread is counted from each model's own score
             spread = spread_by_family[fam] = spread_setting(calibration, fam)
             count_original = fam not in args.skip_original_count
-            offered = {*ban_eps.get(fam, []), *([refit[fam].eps] if count_original else [])}
+            pinned = None
+            if fam in args.keep_ban_cuts:
+                # BAN's budget and cuts as the calibration now has them (an earlier refit's, if any)
+                decision = calibrated_decision(calibration, fam)
+                pinned = replace(
+                    refit[fam],
+                    all_to_one=decision["threshold"],
+                    all_to_all=decision["all_to_all_threshold"],
+                    eps=calibrated_eps(calibration, fam),
+                )
+            offered = {
+                *ban_eps.get(fam, []),
+                *([pinned.eps] if pinned else []),
+                *([refit[fam].eps] if count_original else []),
+            }
             by_eps = {eps: family_rows(fam, eps, spread) for eps in sorted(offered)}
             families[fam] = refit_family(
                 by_eps,
@@ -1154,6 +1300,8 @@ def main(argv: list[str] | None = None) -> None:
                 refit[fam],
                 spread and spread["threshold"],
                 fit_under_agreement=args.fit_under_agreement,
+                fit_split=fam in args.split_cut,
+                pinned=pinned,
                 count_original=count_original,
             )
             shipped_rows[fam] = by_eps[families[fam]["chosen"]["eps"]]
@@ -1185,6 +1333,7 @@ def main(argv: list[str] | None = None) -> None:
                     refit[fam].target_source,
                     best["eps"],
                     refit[fam].agreement,
+                    best["split_threshold"],
                 )
                 reliability[fam] = record(at, best["fit"]["threshold"], best["target_when_both"], cuts)
     for fam in refit:
@@ -1194,6 +1343,7 @@ def main(argv: list[str] | None = None) -> None:
         calibration["reliability_by_family"][fam] = best["reliability_ban_alone"]
         calibration["eps_by_family"][fam] = best["eps"]
         calibration.setdefault("all_to_one_agreement_by_family", {})[fam] = refit[fam].agreement
+        calibration.setdefault("all_to_one_split_thresholds", {})[fam] = best["split_threshold"]
         calibration.setdefault("refitted_by_family", {})[fam] = {
             "note": f"noise budget, cuts and reliability refitted with the reach stage by calibrate_reach.py "
             f"--refit-ban on "
@@ -1205,7 +1355,8 @@ def main(argv: list[str] | None = None) -> None:
                 "eps": refit[fam].eps,
             },
         }
-        print(f"{fam}: BAN's cuts refitted ({families[fam]['reason']})")
+        kept = families[fam]["kept_ban_cuts"]
+        print(f"{fam}: BAN's cuts {'kept' if kept else 'refitted'} ({families[fam]['reason']})")
         if spread_by_family.get(fam):
             # the record scan quotes for all stages: the spread section's was counted behind the
             # cuts this refit replaced
@@ -1266,7 +1417,12 @@ def main(argv: list[str] | None = None) -> None:
             "reliability_by_family, eps_by_family, all_to_one_agreement_by_family: for a family given with "
             "--agreement, BAN's all-to-one verdict needs its noisy and masked targets to agree, on top of the cuts "
             "fitted without that condition or, with --fit-under-agreement, fitted under it "
-            "(families.FAMILY.fitted_under_agreement), and the records are counted with it). A run over some families' "
+            "(families.FAMILY.fitted_under_agreement), and the records are counted with it; "
+            "all_to_one_split_thresholds: for a family given with --split-cut, where those targets differ the "
+            "all-to-one score must also pass a split cut, fitted first at each budget midway between the highest "
+            "clean model whose targets differ and the next such score above it, with every other cut fitted under "
+            "it; for a family given with --keep-ban-cuts, BAN's budget and cuts stay as the calibration had them and "
+            "only reach's cut (and a split cut) is fitted behind them). A run over some families' "
             "models leaves the other "
             "families' entries, models and provenance (provenance_by_family) as the run that fitted them wrote them."
         ),

@@ -13,7 +13,9 @@ readings name one class) is the calibration's unless ``--agreement on|off`` asks
 with or without it (``calibrate_reach.py --agreement FAMILY``), so the condition can be checked
 for a family before it is given one; where it applies, ``--fit-under-agreement`` checks the refit
 that fits the cuts under it (``calibrate_reach.py --fit-under-agreement``) instead of the one that
-applies it to cuts fitted without it. Nothing is written to the calibration; the result goes to ``--out``.
+applies it to cuts fitted without it. Likewise ``--split-cut on|off`` asks for the refit with or
+without a split cut (``calibrate_reach.py --split-cut FAMILY``: a higher all-to-one cut where the
+two readings name different classes), the calibration's otherwise. Nothing is written to the calibration; the result goes to ``--out``.
 
 Example (the command behind ``results/reach/refit-batchnorm-crossfold.json`` is recorded in it)::
 
@@ -45,7 +47,11 @@ from calibrate_reach import (  # noqa: E402
 )
 from calibrate_scan import recorded_command  # noqa: E402
 
-from timm_purify.detection.ban import calibrated_agreement, load_calibration  # noqa: E402
+from timm_purify.detection.ban import (  # noqa: E402
+    calibrated_agreement,
+    calibrated_split_threshold,
+    load_calibration,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="calibration",
         help="the agreement condition the refit runs with: the calibration's setting for the family, or "
         "on / off as calibrate_reach.py with / without --agreement FAMILY would refit it",
+    )
+    p.add_argument(
+        "--split-cut",
+        choices=("calibration", "on", "off"),
+        default="calibration",
+        help="whether the refit fits a split cut: as the calibration has the family (one recorded or not), "
+        "or on / off as calibrate_reach.py with / without --split-cut FAMILY would refit it",
     )
     return p.parse_args(argv)
 
@@ -127,10 +140,13 @@ def one_way(
     stored: dict,
     args,
     spread: dict | None = None,
+    *,
+    fit_split: bool = False,
 ) -> dict:
     """Refit on one fold with ``budgets`` offered, count the chosen setting on the other;
     ``shipped``: calibrate_scan.py's cuts, where the refit starts from; ``spread``: the family's
-    spread setting where it runs (its threshold is counted last on both folds, as the refit does)."""
+    spread setting where it runs (its threshold is counted last on both folds, as the refit does);
+    ``fit_split``: the refit fits a split cut (``calibrate_reach.py --split-cut``)."""
     reach_budget = [parse_budgets(args.budget)[0]]
     cut = spread and spread["threshold"]
     fit = refit_family(
@@ -139,6 +155,7 @@ def one_way(
         shipped,
         cut,
         fit_under_agreement=args.fit_under_agreement,
+        fit_split=fit_split,
         count_original=False,  # calibrate_scan.py's cuts are not what is checked here
     )
     chosen = fit["chosen"]
@@ -147,6 +164,7 @@ def one_way(
         all_to_one=chosen["all_to_one_threshold"],
         all_to_all=chosen["all_to_all_threshold"],
         eps=chosen["eps"],
+        split=chosen["split_threshold"],
     )
     test = fold_rows(test_on, chosen["eps"], stored, args, spread)
     rel = record(test, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], ban, cut)
@@ -155,6 +173,7 @@ def one_way(
         "chosen_eps": chosen["eps"],
         "all_to_one_threshold": chosen["all_to_one_threshold"],
         "all_to_all_threshold": chosen["all_to_all_threshold"],
+        "split_threshold": chosen["split_threshold"],
         "reach_threshold": chosen["fit"] and chosen["fit"]["threshold"],
         "errors_on_fit": chosen["errors"],
         "errors_on_test": errors(rel),
@@ -190,6 +209,16 @@ def main(argv: list[str] | None = None) -> None:
             f"--fit-under-agreement: the {args.family} family has no agreement condition to fit under "
             "(the calibration gives it none): add --agreement on"
         )
+    fit_split = (
+        calibrated_split_threshold(calibration, args.family) is not None
+        if args.split_cut == "calibration"
+        else args.split_cut == "on"
+    )
+    if fit_split and shipped.agreement:
+        raise SystemExit(
+            f"--split-cut: the {args.family} family's refit runs under the agreement condition, which never lets "
+            "split readings decide; add --agreement off to check a split cut instead"
+        )
     spread = spread_setting(calibration, args.family)
     offers = [budgets, *([e] for e in budgets)] if len(budgets) > 1 else [budgets]
     out = {
@@ -198,16 +227,21 @@ def main(argv: list[str] | None = None) -> None:
         "spread": spread,
         "agreement": shipped.agreement,
         "fitted_under_agreement": args.fit_under_agreement,
+        "fitted_split_cut": fit_split,
         "ways": [],
     }
     for name, fit_on, test_on in (("a -> b", args.fold_a, args.fold_b), ("b -> a", args.fold_b, args.fold_a)):
         for offered in offers:
-            way = {"way": name, **one_way(fit_on, test_on, offered, shipped, stored, args, spread)}
+            way = {
+                "way": name,
+                **one_way(fit_on, test_on, offered, shipped, stored, args, spread, fit_split=fit_split),
+            }
             out["ways"].append(way)
             t = way["test"]
             print(
-                f"{name} eps {','.join(f'{e:g}' for e in offered)}: chose {way['chosen_eps']:g}, "
-                f"{way['errors_on_fit']} errors on the fit, {way['errors_on_test']} on the other fold "
+                f"{name} eps {','.join(f'{e:g}' for e in offered)}: chose {way['chosen_eps']:g}"
+                + ("" if way["split_threshold"] is None else f" (split cut {way['split_threshold']:.3f})")
+                + f", {way['errors_on_fit']} errors on the fit, {way['errors_on_test']} on the other fold "
                 f"(clean flagged {t['false_positives']}/{t['clean_models']}, detected "
                 f"{t['detected']}/{t['backdoored_models']}, targets {t['targets_correct']}/{t['all_to_one_models']})",
                 flush=True,

@@ -292,8 +292,10 @@ def _scan_row(model, train, suite: Suite, seed: int, *, backdoored: bool, target
         "suspected_target": report.suspected_target,
         "true_target": truth,
         "pattern": report.pattern,
-        # whether BAN's all-to-one verdict needed its two readings to agree (see _shipped_cuts)
+        # whether BAN's all-to-one verdict needed its two readings to agree, or a higher cut where
+        # they did not (see _shipped_cuts)
         "all_to_one_agreement": report.config.get("all_to_one_agreement", False),
+        "all_to_one_split_threshold": report.config.get("all_to_one_split_threshold"),
         "num_clean": len(clean),
         "seconds": report.seconds,
         "ft_epoch_seconds": yardstick,
@@ -306,16 +308,17 @@ def _cut(value: float | None) -> str:
     return "not used" if value is None else f"{value:.3f}"
 
 
-def _shipped_cuts() -> dict[float, list[tuple[float, bool]]]:
+def _shipped_cuts() -> dict[float, list[tuple[float, bool, float | None]]]:
     """Per noise budget, the thresholds the shipped calibration decides a verdict with for the
     family scanned at that budget (BAN's, reach's, spread's), each with whether that family's BAN
-    verdict needs its two readings to agree, to tell a scan row taken with it from one taken with
-    an earlier calibration (a row recorded before the condition existed had none)."""
+    verdict needs its two readings to agree and its split cut, to tell a scan row taken with it
+    from one taken with an earlier calibration (a row recorded before the condition or the split
+    cut existed had neither)."""
     from timm_purify.detection import load_calibration
     from timm_purify.detection.ban import calibrated_decision
 
     cal = load_calibration()
-    out: dict[float, list[tuple[float, bool]]] = {}
+    out: dict[float, list[tuple[float, bool, float | None]]] = {}
     for fam, eps in cal.get("eps_by_family", {}).items():
         decision = calibrated_decision(cal, fam)
         cuts = [decision["threshold"], decision["all_to_all_threshold"]]
@@ -323,7 +326,9 @@ def _shipped_cuts() -> dict[float, list[tuple[float, bool]]]:
             ((cal.get(stage) or {}).get("by_family", {}).get(fam) or {}).get("threshold")
             for stage in ("reach", "spread")
         ]
-        out.setdefault(float(eps), []).extend((c, decision["agreement"]) for c in cuts if c is not None)
+        out.setdefault(float(eps), []).extend(
+            (c, decision["agreement"], decision["split_threshold"]) for c in cuts if c is not None
+        )
     return out
 
 
@@ -766,8 +771,10 @@ def render(results_dir: Path = RESULTS_DIR, out: Path = HERE / "RESULTS.md") -> 
     def shipped(r: dict) -> bool:
         """Whether a scan row was decided by the shipped calibration (see :func:`_shipped_cuts`)."""
         return any(
-            abs(r["threshold"] - c) < 1e-9 and r.get("all_to_one_agreement", False) == agreement
-            for c, agreement in cuts.get(r.get("eps"), [])
+            abs(r["threshold"] - c) < 1e-9
+            and r.get("all_to_one_agreement", False) == agreement
+            and r.get("all_to_one_split_threshold") == split
+            for c, agreement, split in cuts.get(r.get("eps"), [])
         )
 
     # a backdoor that did not implant (its model's no-defence ASR under MIN_ASR) is not a backdoor

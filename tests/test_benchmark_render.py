@@ -291,6 +291,18 @@ def test_detection_rows_from_an_earlier_calibration_are_listed_not_counted(bench
     assert "1 more rows are of backdoors that did not implant (no-defence ASR under 50%)" in text
     assert "| w | backdoored | backdoored |" in text
 
+    # a family with a split cut (a higher all-to-one cut where the readings split): likewise, a row
+    # at its cut counts only when it was scanned with that split cut
+    split_cal = {**cal, "all_to_one_agreement_by_family": {}, "all_to_one_split_thresholds": {fam: 0.5}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("timm_purify.detection.load_calibration", lambda: split_cal)
+        rows = [at, {**at, "seed": 3, "all_to_one_split_threshold": 0.5}]
+        (tmp_path / "r.json").write_text(json.dumps({"suite": "full", "rows": rows}))
+        text = bench.render(results_dir=tmp_path, out=tmp_path / "RESULTS.md").read_text()
+    assert (
+        "detection accuracy 1/1;" in text and "1 more rows were scanned with an earlier calibration" in text
+    )
+
 
 def test_the_heldout_section_shows_each_familys_record_and_every_model(bench, monkeypatch, tmp_path):
     """The held-out record per family, marked void where the cuts changed since it was counted,

@@ -284,6 +284,94 @@ def test_agreement_is_set_by_a_refit_of_the_family(cal):
     assert cal.shipped_cuts(conditioned, ["other"], rows, ["other"])["other"].agreement
 
 
+def _split(row: dict, masked: int = 9) -> dict:
+    """``row`` with the noise with the negative mask naming another class than the noise alone."""
+    return {**row, "ban_statistics": {**row["ban_statistics"], "target_masked": masked}}
+
+
+def test_the_split_cut_clears_every_clean_split_reading_and_keeps_the_split_readings_above(cal):
+    """``fit_split_cut``: midway between the highest clean model whose readings split and the next
+    split reading above it, of any model; agreeing readings play no part."""
+    rows = [
+        _split(_scored(None, 0.30, 0.1)),
+        _split(_scored(None, 0.34, 0.1)),
+        _scored(None, 0.60, 0.1),  # agrees: the family's cut deals with it, not the split cut
+        _split(_scored("badnets", 0.32, 0.1, target=2)),  # below the clean split reading: given up
+        _split(_scored("badnets", 0.50, 0.1, target=2)),
+        _split(_scored("wanet", 0.70, 0.1, target=2)),
+    ]
+    assert cal.fit_split_cut(rows) == pytest.approx((0.34 + 0.50) / 2)
+    # nothing above the highest clean split reading: no split reading decides
+    assert cal.fit_split_cut(rows[:4]) == pytest.approx(0.34)
+    # no clean model reads split: nothing to clear
+    assert cal.fit_split_cut([r for r in rows if r["attack"] or cal.agrees(r["ban_statistics"])]) is None
+
+
+def test_a_split_cut_with_ban_cuts_kept_hands_a_withdrawn_backdoor_to_reach(cal):
+    """``--split-cut`` with ``--keep-ban-cuts``: a clean model with split readings (0.40) sits above
+    the kept all-to-one cut (0.30). The split cut clears it; it also withdraws a backdoor with
+    split readings below it (0.38), which reach, refitted behind the cuts, takes up; the kept
+    cuts themselves do not move, and the budget is the kept one."""
+    rows = [
+        _split(_scored(None, 0.40, 0.10)),
+        _scored(None, 0.20, 0.30),
+        _split(_scored("wanet", 0.38, 0.60, target=4)),
+        _split(_scored("badnets", 0.70, 0.05, target=1)),
+        _scored("badnets", 0.35, 0.05, target=3),  # agrees: the kept cut finds it
+    ]
+    shipped = cal.BanCuts(0.45, None, "noisy", 0.75)  # calibrate_scan.py's, where a refit starts
+    kept = cal.BanCuts(0.30, 0.5, "noisy", 0.5)
+    fit = cal.refit_family(
+        {0.5: rows, 0.75: rows}, [("l2", 1.0)], shipped, fit_split=True, pinned=kept, count_original=False
+    )
+    best = fit["chosen"]
+    assert (best["all_to_one_threshold"], best["all_to_all_threshold"], best["eps"]) == (0.30, 0.5, 0.5)
+    assert best["split_threshold"] == pytest.approx((0.40 + 0.70) / 2)
+    assert best["fit"]["threshold"] == pytest.approx((0.30 + 0.60) / 2)
+    assert best["errors"] == 0 and best["reliability"]["false_positives"] == 0
+    assert fit["fitted_split_cut"] and fit["kept_ban_cuts"] and list(fit["by_eps"]) == ["0.5"]
+    assert (
+        "kept as the calibration had them" in fit["reason"]
+        and "0.550 where BAN's two readings" in fit["reason"]
+    )
+    # without the split cut the clean model with split readings is flagged at the kept cuts
+    plain = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped, pinned=kept, count_original=False)
+    assert (
+        plain["chosen"]["split_threshold"] is None and plain["chosen"]["reliability"]["false_positives"] == 1
+    )
+    with pytest.raises(ValueError, match="agreement"):
+        cal.refit_family(
+            {0.5: rows}, [("l2", 1.0)], cal.BanCuts(0.3, None, "noisy", 0.5, True), fit_split=True
+        )
+
+
+def test_the_split_cut_and_kept_cuts_are_set_by_a_refit_of_the_family(cal):
+    for argv, message in (
+        (["--split-cut", "batchnorm", "m"], "add --refit-ban batchnorm"),
+        (["--refit-ban", "b", "--agreement", "b", "--split-cut", "b", "m"], "give one or the other"),
+        (["--keep-ban-cuts", "b", "m"], "add --refit-ban b"),
+        (["--refit-ban", "b", "--keep-ban-cuts", "b", "--ban-eps", "b:0.5", "m"], "give one or the other"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            cal.parse_args(argv)
+    args = cal.parse_args(
+        ["--refit-ban", "b", "--keep-ban-cuts", "b", "--skip-original-count", "b", "--split-cut", "b", "m"]
+    )
+    assert (args.keep_ban_cuts, args.skip_original_count, args.split_cut) == (["b"], ["b"], ["b"])
+    calibration = {
+        "all_to_one_thresholds": {"b": 0.2},
+        "all_to_all_threshold": 0.1,
+        "target_source_by_family": {"b": "noisy"},
+        "eps_by_family": {"b": 0.5},
+        "all_to_one_split_thresholds": {"b": 0.4},
+    }
+    rows = [{**_row(None, 0.1), "norm_family": "b", "ban_statistics": {}}]
+    # a refit that would drop the family's split cut is refused
+    with pytest.raises(SystemExit, match="--split-cut b"):
+        cal.shipped_cuts(calibration, ["b"], rows)
+    assert cal.shipped_cuts(calibration, ["b"], rows, split_cut=["b"])["b"].split is None
+
+
 def test_ban_eps_needs_a_refitted_family_and_budgets_below_one(cal):
     assert cal.parse_ban_eps(["batchnorm:0.5,0.3,0.5"], ["batchnorm"]) == {"batchnorm": [0.3, 0.5]}
     with pytest.raises(SystemExit, match="add --refit-ban batchnorm"):
@@ -516,6 +604,14 @@ def test_crossfold_checks_the_fit_under_agreement_where_the_family_has_the_condi
     cross.main([*argv, "--agreement", "off"])
     plain = json.loads(out.read_text())
     assert not plain["agreement"] and plain["ways"][0]["all_to_one_threshold"] == pytest.approx(0.55)
+    # or a split cut instead: the clean split reading is cleared by it and binds the cut no longer
+    cross.main([*argv, "--agreement", "off", "--split-cut", "on"])
+    split = json.loads(out.read_text())
+    way = {w["way"]: w for w in split["ways"]}["a -> b"]
+    assert split["fitted_split_cut"] and way["split_threshold"] == pytest.approx(0.50)
+    assert way["all_to_one_threshold"] == pytest.approx(0.30) and way["errors_on_test"] == 0
+    with pytest.raises(SystemExit, match="add --agreement off"):
+        cross.main([*argv, "--agreement", "on", "--split-cut", "on"])
 
 
 def test_crossfold_counts_the_spread_reading_on_both_folds(benchmark_script, tmp_path, monkeypatch):
@@ -649,6 +745,60 @@ def test_a_run_over_one_familys_models_keeps_the_other_familys_fit(cal, tmp_path
     with pytest.raises(SystemExit, match="none of the 1 scanned models is usable"):
         cal.main([*argv, str(tmp_path / "ln-weak")])
     assert json.loads(out.read_text())["reach"] == later
+
+
+def test_a_split_cut_refit_with_kept_ban_cuts_writes_only_the_split_and_reach_cuts(cal, tmp_path):
+    """``--refit-ban F --keep-ban-cuts F --skip-original-count F --split-cut F`` end to end: BAN's
+    budget and cuts stay as the calibration has them, the split cut and reach's cut are written,
+    and the records are counted with them; a later refit without ``--split-cut F`` is refused."""
+    stored = {}
+    models = []
+
+    def add(name, attack, a2o, reach, *, split=False, target=None):
+        row = {**_scored(attack, a2o, reach, target=target), "norm_family": "batchnorm"}
+        if split:
+            row["ban_statistics"] = {**row["ban_statistics"], "target_masked": 9}
+        folder, key = _fold_model(tmp_path, stored, name, row, ban_eps=0.5)
+        stored[key] |= {"scan_seconds": 1.0, "ban_verdict": "clean", "ban_target": None, "arch": "resnet18"}
+        models.append(folder)
+
+    add("clean-split", None, 0.40, 0.10, split=True)
+    add("clean", None, 0.20, 0.30)
+    add("wanet", "wanet", 0.38, 0.60, split=True, target=4)
+    add("badnets", "badnets", 0.70, 0.05, split=True, target=1)
+    results = tmp_path / "stored.json"
+    results.write_text(json.dumps(stored))
+    out = tmp_path / "calibration.json"
+    calibration = {
+        "threshold": 0.3,
+        "all_to_all_threshold": 0.5,
+        "all_to_one_thresholds": {"batchnorm": 0.30},
+        "all_to_all_thresholds": {"batchnorm": 0.5},
+        "eps_by_family": {"batchnorm": 0.5},
+        "target_source_by_family": {"batchnorm": "noisy"},
+        "reliability_by_family": {"batchnorm": {}},
+        "refitted_by_family": {
+            "batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.45, "all_to_all": None, "eps": 0.75}}
+        },
+    }
+    out.write_text(json.dumps(calibration))
+    argv = ["--budgets", "l2:1", "--steps", "20", "--results", str(results), "--out", str(out)]
+    flags = ["--refit-ban", "batchnorm", "--keep-ban-cuts", "batchnorm", "--skip-original-count", "batchnorm"]
+    cal.main([*argv, *flags, "--split-cut", "batchnorm", *models])
+    written = json.loads(out.read_text())
+    assert written["all_to_one_thresholds"]["batchnorm"] == 0.30
+    assert (
+        written["all_to_all_thresholds"]["batchnorm"] == 0.5 and written["eps_by_family"]["batchnorm"] == 0.5
+    )
+    assert written["all_to_one_split_thresholds"]["batchnorm"] == pytest.approx((0.40 + 0.70) / 2)
+    assert written["reach"]["by_family"]["batchnorm"]["threshold"] == pytest.approx((0.30 + 0.60) / 2)
+    fit = written["reach"]["families"]["batchnorm"]
+    assert fit["kept_ban_cuts"] and fit["fitted_split_cut"] and fit["chosen"]["errors"] == 0
+    # BAN alone, with the split cut: the clean split reading cleared, the WaNet withdrawn for reach
+    assert written["reliability_by_family"]["batchnorm"]["false_positives"] == 0
+    assert written["reliability_by_family"]["batchnorm"]["detected"] == 1
+    with pytest.raises(SystemExit, match="--split-cut batchnorm"):
+        cal.main([*argv, *flags, *models])
 
 
 def test_check_out_writes_each_models_verdict_and_record_check_stores_the_record(cal, tmp_path):
@@ -863,3 +1013,45 @@ def test_split_cut_withdraws_split_readings_below_a_cut_fitted_on_the_other_fold
     )
     with pytest.raises(SystemExit, match="already needs agreement"):
         split_cut.main(argv)
+
+
+def test_split_cut_can_refit_reach_behind_it_over_several_stores(benchmark_script, tmp_path, monkeypatch):
+    """``split_cut.py --refit-reach``: reach's cut is fitted on the same folds as the split cut,
+    behind BAN's cuts and it, so a backdoor the split cut withdraws from BAN can be reach's; the
+    folds' scans may sit in several stores."""
+    split_cut = benchmark_script("split_cut")
+    stores, folds = {"one": {}, "two": {}}, {"g1": [], "g2": []}
+
+    def add(store, fold, name, attack, a2o, reach, *, target=None, split=False):
+        row = {**_scored(attack, a2o, reach, target=target), "norm_family": "batchnorm"}
+        if split:
+            row["ban_statistics"] = {**row["ban_statistics"], "target_masked": 7}
+        folds[fold].append(_fold_model(tmp_path, stores[store], name, row, ban_eps=0.5)[0])
+
+    add("one", "g1", "g1-clean", None, 0.35, 0.1, split=True)
+    add("one", "g1", "g1-wanet", "wanet", 0.33, 0.8, target=6, split=True)
+    add("two", "g2", "g2-clean", None, 0.10, 0.2)
+    add("two", "g2", "g2-bad", "badnets", 0.60, 0.05, target=2)
+    paths = []
+    for name, store in stores.items():
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(store))
+    calibration = {
+        "all_to_one_thresholds": {"batchnorm": 0.3},
+        "all_to_all_thresholds": {"batchnorm": None},
+        "eps_by_family": {"batchnorm": 0.5},
+        "target_source_by_family": {"batchnorm": "noisy"},
+    }
+    monkeypatch.setattr(split_cut, "load_calibration", lambda: calibration)
+    out = tmp_path / "out.json"
+    argv = ["--results", *map(str, paths), "--out", str(out), "--refit-reach"]
+    argv += ["--fold", "g1", *folds["g1"], "--fold", "g2", *folds["g2"]]
+    split_cut.main(argv)
+    by_fold = {f["counted_on"]: f for f in json.loads(out.read_text())["folds"]}
+    # fitted on g1: the split cut clears its clean model and withdraws the WaNet, which reach takes
+    assert by_fold["g2"]["split_cut"] == pytest.approx(0.35)
+    assert by_fold["g2"]["reach"] == {"threshold": pytest.approx(0.45), "target_when_both": "ban"}
+    assert by_fold["g2"]["two_cuts"]["errors"] == 0
+    # fitted on g2: no clean split reading, nothing for reach to add
+    assert by_fold["g1"]["split_cut"] is None and by_fold["g1"]["reach"] is None
+    assert by_fold["g1"]["two_cuts"]["false_positives"] == 1

@@ -36,6 +36,7 @@ from timm_purify.detection.ban import (
     load_calibration,
     scan,
     scan_statistics,
+    splits_count,
 )
 from timm_purify.detection.report import REPORT_KEYS, ScanReport
 
@@ -583,6 +584,109 @@ def test_a_withdrawn_ban_verdict_is_explained():
     for quiet in (
         {"all_to_one_agreement": False},
         {"statistics": {**config["statistics"], "target_masked": 9}},
+    ):
+        assert not [c for c in calibration_cautions({**config, **quiet}, 0.9) if c.startswith("note:")]
+
+
+def test_a_split_cut_lets_split_readings_decide_only_above_it():
+    """``split_threshold``: where the noise alone and the noise with the negative mask name
+    different classes, the all-to-one statistic decides only above this higher cut; agreeing
+    readings decide at the family's cut as before. It cannot go with the agreement condition,
+    which never lets split readings decide."""
+    split = {"all_to_one": 0.4, "target": 2, "target_masked": 7, "all_to_all": 0.1}
+    agreeing = {**split, "target_masked": 2}
+    assert decide(split, threshold=0.3, all_to_all_threshold=0.5, split_threshold=0.45)[:2] == ("clean", None)
+    assert decide(split, threshold=0.3, all_to_all_threshold=0.5, split_threshold=0.35)[:3] == (
+        "backdoored",
+        "all-to-one",
+        2,
+    )
+    assert decide(agreeing, threshold=0.3, all_to_all_threshold=0.5, split_threshold=0.45)[0] == "backdoored"
+    # withdrawn, the all-to-all statistic may still decide
+    assert decide(
+        {**split, "all_to_all": 0.6}, threshold=0.3, all_to_all_threshold=0.5, split_threshold=0.45
+    )[:2] == ("backdoored", "all-to-all")
+    assert [splits_count(split, False, cut) for cut in (None, 0.35, 0.45)] == [True, True, False]
+    assert not splits_count(split, True, None)
+    with pytest.raises(ScanOptionError, match="give one or the other"):
+        decide(split, threshold=0.3, all_to_all_threshold=0.5, agreement=True, split_threshold=0.45)
+
+
+def test_the_split_cut_is_read_per_family_and_ties_the_heldout_record(tmp_path):
+    """``all_to_one_split_thresholds`` reaches ``decide`` and the scan's cuts, so a held-out record
+    counted without the family's split cut is not quoted with it; a file giving one family both the
+    agreement condition and a split cut is refused when loaded, naming the file."""
+    shipped = load_calibration()
+    for family in ("batchnorm", "other"):
+        cut = (shipped.get("all_to_one_split_thresholds") or {}).get(family)
+        assert calibrated_decision(shipped, family)["split_threshold"] == cut
+        assert family_cuts(shipped, family)["split_threshold"] == cut
+    moved = {
+        **shipped,
+        "all_to_one_split_thresholds": {
+            "batchnorm": (calibrated_decision(shipped, "batchnorm")["split_threshold"] or 0.3) + 0.01
+        },
+    }
+    assert heldout_record(moved, "batchnorm", family_cuts(moved, "batchnorm")) is None
+    both = tmp_path / "calibration.json"
+    both.write_text(
+        json.dumps(
+            {
+                "threshold": 0.3,
+                "all_to_all_threshold": 0.1,
+                "all_to_one_agreement_by_family": {"other": True},
+                "all_to_one_split_thresholds": {"other": 0.4, "batchnorm": None},
+            }
+        )
+    )
+    with pytest.raises(ValueError, match=r"calibration.json gives other both"):
+        load_calibration(both)
+
+
+def test_the_scan_decides_with_the_familys_split_cut(monkeypatch):
+    """The calibration's split cut reaches ``decide`` in a scan and is reported with the verdict."""
+    _, trapdoor = pixel_models()
+    shipped = load_calibration()
+    calibration = {
+        **shipped,
+        "all_to_one_agreement_by_family": {},
+        "all_to_one_split_thresholds": {"other": 0.123},
+    }
+    monkeypatch.setattr(ban, "load_calibration", lambda: calibration)
+    seen = []
+    real = ban.decide
+    monkeypatch.setattr(ban, "decide", lambda *a, **k: seen.append(k["split_threshold"]) or real(*a, **k))
+    report = scan(
+        trapdoor,
+        clean_images(),
+        quiet=True,
+        steps=2,
+        mask_epochs=1,
+        restarts=1,
+        clean_count=200,
+        reach="off",
+        spread="off",
+    )
+    assert seen == [0.123] and report.config["all_to_one_split_threshold"] == 0.123
+
+
+def test_a_verdict_withdrawn_by_the_split_cut_is_explained():
+    config = {
+        "norm_family": "batchnorm",
+        "calibration_reliability": None,
+        "all_to_one_agreement": False,
+        "all_to_one_split_threshold": 0.353,
+        "threshold": 0.273,
+        "statistics": {"all_to_one": 0.31, "target": 8, "target_masked": 3},
+    }
+    notes = [c for c in calibration_cautions(config, 0.9) if c.startswith("note:")]
+    assert (
+        len(notes) == 1 and "only above 0.353" in notes[0] and "class 8" in notes[0] and "class 3" in notes[0]
+    )
+    for quiet in (
+        {"statistics": {**config["statistics"], "all_to_one": 0.4}},  # above the split cut: it decided
+        {"statistics": {**config["statistics"], "target_masked": 8}},  # agreeing readings
+        {"all_to_one_split_threshold": None},  # no split cut: split readings count at the cut
     ):
         assert not [c for c in calibration_cautions({**config, **quiet}, 0.9) if c.startswith("note:")]
 

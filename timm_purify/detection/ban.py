@@ -72,7 +72,9 @@ Where this departs from the reference, and why:
   spread reading (``--refit-ban other``), last on 102 models with BAN's verdict conditional on
   its two readings agreeing (:func:`agrees`) and the cuts fitted under that condition: the
   budgets make equally many errors there and 0.3, the only one flagging no clean model, is kept,
-  with a low cut (0.061) that only the clean models whose readings agree bind.
+  with a low cut (0.061) that only the clean models whose readings agree bind. A family can
+  instead have a second, higher all-to-one cut for split readings (:func:`splits_count`); on
+  BatchNorm it traded false alarms for misses one for one over six sets, so none ships.
   On fully trained ConvNeXts no budget separates clean from
   backdoored models (the noise either leaves them alone or sends every one of them to the
   same class), which the family's reliability record, quoted in each report, shows.
@@ -136,6 +138,7 @@ __all__ = [
     "calibrated_thresholds",
     "calibrated_decision",
     "calibrated_agreement",
+    "calibrated_split_threshold",
     "calibrated_eps",
     "family_cuts",
     "family_fit",
@@ -145,6 +148,7 @@ __all__ = [
     "scan_statistics",
     "decide",
     "agrees",
+    "splits_count",
     "combine_stages",
 ]
 
@@ -354,6 +358,18 @@ def load_calibration(path: str | os.PathLike | None = None) -> dict[str, Any]:
             raise ValueError(
                 f"{file} has no numeric {key!r}: regenerate it with benchmarks/calibrate_scan.py"
             )
+    # a family under the agreement condition never lets split readings decide: a split cut for it
+    # would be a contradiction decide() refuses, so say which file holds it
+    both = sorted(
+        fam
+        for fam, cut in (record.get("all_to_one_split_thresholds") or {}).items()
+        if cut is not None and (record.get("all_to_one_agreement_by_family") or {}).get(fam)
+    )
+    if both:
+        raise ValueError(
+            f"{file} gives {', '.join(both)} both the agreement condition and a split cut; refit the family "
+            "with benchmarks/calibrate_reach.py with --agreement or --split-cut, not both"
+        )
     return record
 
 
@@ -374,16 +390,26 @@ def calibrated_agreement(calibration: dict[str, Any], family: str) -> bool:
     return bool((calibration.get("all_to_one_agreement_by_family") or {}).get(family, False))
 
 
+def calibrated_split_threshold(calibration: dict[str, Any], family: str) -> float | None:
+    """The higher cut ``calibration`` gives ``family``'s BAN all-to-one score where its two
+    readings name different classes (:func:`decide`'s ``split_threshold``;
+    ``all_to_one_split_thresholds``, absent: none, split readings count at the family's cut)."""
+    cut = (calibration.get("all_to_one_split_thresholds") or {}).get(family)
+    return None if cut is None else float(cut)
+
+
 def calibrated_decision(calibration: dict[str, Any], family: str) -> dict[str, Any]:
     """:func:`decide`'s keyword arguments as ``calibration`` fits them for ``family``: both
-    thresholds (:func:`calibrated_thresholds`), whose predictions name the target and whether the
-    all-to-one verdict needs the two noisy readings to agree (:func:`agrees`)."""
+    thresholds (:func:`calibrated_thresholds`), whose predictions name the target, and whether the
+    all-to-one verdict needs the two noisy readings to agree (:func:`agrees`) or, where they split,
+    a higher score (:func:`calibrated_split_threshold`)."""
     one, a2a = calibrated_thresholds(calibration, family)
     return {
         "threshold": one,
         "all_to_all_threshold": a2a,
         "target_source": (calibration.get("target_source_by_family") or {}).get(family, "noisy"),
         "agreement": calibrated_agreement(calibration, family),
+        "split_threshold": calibrated_split_threshold(calibration, family),
     }
 
 
@@ -420,6 +446,7 @@ def _cuts(
     all_to_all: float | None,
     target_source: str,
     agreement: bool,
+    split_threshold: float | None,
     search: ScanOptions,
     reach: dict | None,
     spread: dict | None,
@@ -431,6 +458,7 @@ def _cuts(
         "all_to_all": None if all_to_all is None else float(all_to_all),
         "target_source": target_source,
         "agreement": bool(agreement),
+        "split_threshold": None if split_threshold is None else float(split_threshold),
         "search": {name: getattr(search, name) for name in _SEARCH_FIELDS},
         "reach": reach,
         "spread": spread,
@@ -682,18 +710,24 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
                 + "; ".join(c for c in consequences if c)
             )
     stats = config.get("statistics") or {}
+    split_cut = config.get("all_to_one_split_threshold")
     if (
-        config.get("all_to_one_agreement")
-        and "all_to_one" in stats
+        "all_to_one" in stats
         and stats["all_to_one"] > config["threshold"]
         and not agrees(stats)
+        and not splits_count(stats, bool(config.get("all_to_one_agreement")), split_cut)
     ):
+        rule = (
+            "counts only where both name one class"
+            if split_cut is None
+            else f"counts where they name different classes only above {split_cut:.3f}"
+        )
         cautions.append(
             f"note: BAN's all-to-one score {stats['all_to_one']:.3f} is above its cut {config['threshold']:.3f}, "
             f"but the noise alone sends the held-out images to class {stats['target']} and the noise with the "
-            f"negative mask to class {stats['target_masked']}; on this family ({family}) the score counts only "
-            "where both name one class (clean models read split far more often than backdoors), so it did not "
-            "decide the verdict (the verdict is the other statistics' and stages')"
+            f"negative mask to class {stats['target_masked']}; on this family ({family}) the score {rule} "
+            "(clean models read split far more often than backdoors), so it did not decide the verdict (the "
+            "verdict is the other statistics' and stages')"
         )
     fitted_eps = config.get("calibrated_eps")
     if fitted_eps is not None and config.get("eps") != fitted_eps:
@@ -740,6 +774,22 @@ def agrees(stats: dict[str, Any]) -> bool:
     return int(stats["target"]) == int(stats["target_masked"])
 
 
+def splits_count(stats: dict[str, Any], agreement: bool, split_threshold: float | None) -> bool:
+    """Whether BAN's all-to-one score may decide where its two readings name different classes
+    (:func:`agrees`): never under the agreement condition, else above ``split_threshold`` (``None``:
+    at the family's cut, as where they agree).
+
+    On BatchNorm models the agreement condition would cost backdoors BAN reads far above every
+    clean model with split readings; yet the clean models BAN flagged out of sample read split (5
+    of 6 small test_resnets, on 143 held-out models). A second, higher cut for split readings
+    keeps the former and clears the latter where they lie apart; over six BatchNorm sets it
+    withdrew as many Blended backdoors as it cleared false alarms, so the shipped calibration
+    gives no family one (``benchmarks/DETECTION.md``)."""
+    if agreement:
+        return False
+    return split_threshold is None or stats["all_to_one"] > split_threshold
+
+
 def decide(
     stats: dict[str, Any],
     *,
@@ -747,6 +797,7 @@ def decide(
     all_to_all_threshold: float | None,
     target_source: str = "noisy",
     agreement: bool = False,
+    split_threshold: float | None = None,
 ) -> tuple[str, str | None, int | None, float, float]:
     """``(verdict, pattern, suspected_target, score, threshold)`` from :func:`scan_statistics`.
     ``all_to_all_threshold=None``: the all-to-all statistic does not decide.
@@ -757,11 +808,18 @@ def decide(
     normalisation family by the calibration) says which predictions name the target.
     ``agreement`` (:func:`agrees`; chosen per family by the calibration): the all-to-one
     statistic decides only where the noise alone and the noise with the negative mask name the
-    same class.
+    same class. ``split_threshold`` (chosen per family by the calibration, never with
+    ``agreement``): where they name different classes, the all-to-one statistic decides only
+    above this higher cut too (:func:`splits_count`).
     """
     if target_source not in TARGET_SOURCES:
         raise ScanOptionError(f"target_source must be one of {sorted(TARGET_SOURCES)}, got {target_source!r}")
-    if stats["all_to_one"] > threshold and (not agreement or agrees(stats)):
+    if agreement and split_threshold is not None:
+        raise ScanOptionError(
+            "agreement=True never lets split readings decide, so a split_threshold would not apply: give one "
+            "or the other"
+        )
+    if stats["all_to_one"] > threshold and (splits_count(stats, agreement, split_threshold) or agrees(stats)):
         target = int(stats[TARGET_SOURCES[target_source]])
         return "backdoored", "all-to-one", target, float(stats["all_to_one"]), float(threshold)
     if all_to_all_threshold is not None and stats["all_to_all"] > all_to_all_threshold:
@@ -919,6 +977,7 @@ class _Settings:
     eps: float
     target_source: str
     agreement: bool
+    split_threshold: float | None
     reach_calibrated: dict | None
     reach_threshold: float | None
     run_reach: bool
@@ -938,6 +997,7 @@ class _Settings:
             all_to_all=self.a2a_threshold,
             target_source=self.target_source,
             agreement=self.agreement,
+            split_threshold=self.split_threshold,
             search=opts,
             reach={
                 **self.reach_budget,
@@ -963,7 +1023,13 @@ def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _S
     decision = (
         calibrated_decision(calibration, family)
         if calibration
-        else {"threshold": None, "all_to_all_threshold": None, "target_source": "noisy", "agreement": False}
+        else {
+            "threshold": None,
+            "all_to_all_threshold": None,
+            "target_source": "noisy",
+            "agreement": False,
+            "split_threshold": None,
+        }
     )
     fitted_one, fitted_a2a = decision["threshold"], decision["all_to_all_threshold"]
     # the budget the family's threshold was fitted at (None: no calibration in use, or none recorded)
@@ -987,6 +1053,8 @@ def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _S
         target_source=decision["target_source"],
         # whether BAN's all-to-one verdict needs the noise and the masked noise to agree (see agrees)
         agreement=decision["agreement"],
+        # where they do not agree: the higher cut the all-to-one score must pass (see splits_count)
+        split_threshold=decision["split_threshold"],
         reach_calibrated=reach_calibrated,
         reach_threshold=reach_threshold,
         run_reach=run_reach,
@@ -1179,6 +1247,7 @@ def scan(
         all_to_all_threshold=a2a_threshold,
         target_source=target_source,
         agreement=st.agreement,
+        split_threshold=st.split_threshold,
     )
 
     # 5-6. the pixel-space stages, on the images the unmodified model gets right (eval mode, no noise).
@@ -1294,6 +1363,8 @@ def scan(
         "target_source": target_source,
         # BAN's all-to-one verdict needed the noise and the masked noise to agree (see agrees)
         "all_to_one_agreement": st.agreement,
+        # where they did not: the higher cut the all-to-one score had to pass (None: the threshold)
+        "all_to_one_split_threshold": st.split_threshold,
         "features": split.where,
         "feature_shape": list(mask.shape),
         "mask_mean": float(mask.mean()),
