@@ -954,6 +954,16 @@ def test_a_run_over_stored_scans_needs_no_model_folder(cal, tmp_path):
         cal.scan_folder(gone, args)
 
 
+def _split_cut_calibration() -> dict:
+    """BatchNorm cuts for split_cut.py's tests: all-to-one 0.3 at eps 0.5, no all-to-all cut, no reach."""
+    return {
+        "all_to_one_thresholds": {"batchnorm": 0.3},
+        "all_to_all_thresholds": {"batchnorm": None},
+        "eps_by_family": {"batchnorm": 0.5},
+        "target_source_by_family": {"batchnorm": "noisy"},
+    }
+
+
 def test_split_cut_withdraws_split_readings_below_a_cut_fitted_on_the_other_folds(
     benchmark_script, tmp_path, monkeypatch
 ):
@@ -980,12 +990,7 @@ def test_split_cut_withdraws_split_readings_below_a_cut_fitted_on_the_other_fold
     add("check", "c-bad", "badnets", 0.38, target=4, split=True)
     results = tmp_path / "stored.json"
     results.write_text(json.dumps(stored))
-    calibration = {
-        "all_to_one_thresholds": {"batchnorm": 0.3},
-        "all_to_all_thresholds": {"batchnorm": None},
-        "eps_by_family": {"batchnorm": 0.5},
-        "target_source_by_family": {"batchnorm": "noisy"},
-    }
+    calibration = _split_cut_calibration()
     monkeypatch.setattr(split_cut, "load_calibration", lambda: calibration)
     out = tmp_path / "out.json"
     argv = ["--results", str(results), "--out", str(out), "--check", *folds.pop("check")]
@@ -1036,12 +1041,7 @@ def test_split_cut_can_refit_reach_behind_it_over_several_stores(benchmark_scrip
     for name, store in stores.items():
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(store))
-    calibration = {
-        "all_to_one_thresholds": {"batchnorm": 0.3},
-        "all_to_all_thresholds": {"batchnorm": None},
-        "eps_by_family": {"batchnorm": 0.5},
-        "target_source_by_family": {"batchnorm": "noisy"},
-    }
+    calibration = _split_cut_calibration()
     monkeypatch.setattr(split_cut, "load_calibration", lambda: calibration)
     out = tmp_path / "out.json"
     argv = ["--results", *map(str, paths), "--out", str(out), "--refit-reach"]
