@@ -1,0 +1,204 @@
+"""Measure a candidate all-to-all reading for patch triggers: a shared pattern confined to one window.
+
+On BatchNorm models the scan misses most all-to-all backdoors (``DETECTION.md``): BAN's noise
+does not reach them, and an untargeted universal perturbation, L2 or patch-shaped (L1 with soft
+thresholding), finds a sink class of the clean model instead of the trigger. A patch trigger's
+defining property is that one pattern at one place moves *every* class, each to its own
+destination. So this reading searches, for each window of a grid over the image, one pattern
+(the window's pixels replaced, shared by every image) that pushes the images off their labels
+(Adam on the negative cross-entropy), and scores the window by the mean over classes of the
+share of held-out images moved to a class other than the most common destination (as the
+spread reading does: an all-to-one trigger sends every class to one class and scores low).
+The model's score is the best window's. Per window it records where each class went, so an
+all-to-all mapping (``y -> y + 1``) shows in the result.
+
+This is a measurement, not a scan stage: nothing is written to the calibration. Each model is
+scanned on ``--clean-count`` clean test images it classifies right (half fit the patterns,
+half measure them), on one thread. The result goes to ``--out``.
+
+Example (the command behind ``results/window-spread/batchnorm.json`` is recorded in it)::
+
+    python benchmarks/window_spread.py --out benchmarks/results/window-spread/batchnorm.json \\
+        'benchmarks/cache/calibrate_scan/resnet18-badnets-patch_size6-modea2a-*' ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
+from calibrate_reach import model_folders  # noqa: E402
+from refit_crossfold import write_out  # noqa: E402
+
+from timm_purify.data import Normalizer, clean_subset, load_data  # noqa: E402
+from timm_purify.defenses._common import PixelModel  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "models", nargs="+", help="model folders written by build_backdoored_model, or quoted globs"
+    )
+    p.add_argument(
+        "--window", type=int, default=8, help="window side in pixels at 32x32 (scaled with the image)"
+    )
+    p.add_argument("--stride", type=int, default=8, help="grid step at 32x32; the last window sits flush")
+    p.add_argument("--steps", type=int, default=60, help="Adam steps of each window's pattern")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--clean-count", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if not 0 < args.window <= 32 or not 0 < args.stride <= args.window or args.steps <= 0:
+        raise SystemExit(
+            "--window must be in (0, 32], --stride in (0, --window] (so the windows cover the image), "
+            "--steps positive"
+        )
+    return args
+
+
+def windows(size: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of a grid of ``window``-sided squares over a ``size``-sided image, the last
+    row and column flush with the far edges, so with ``stride <= window`` every pixel lies in some
+    window (a trigger as large as a window then fits inside one up to ``stride - 1`` pixels)."""
+    starts = sorted({*range(0, size - window + 1, stride), size - window})
+    return [(r, c) for r in starts for c in starts]
+
+
+def spread_of(confusion: torch.Tensor) -> tuple[float, int, list[int | None]]:
+    """``(score, top destination, per-class destination)`` of a confusion matrix under a trigger
+    candidate: the mean over present classes of the share moved to a class other than the most
+    common destination; each class's commonest destination other than itself (``None``: none moved)."""
+    off = confusion.clone().fill_diagonal_(0)
+    top = int(off.sum(0).argmax())
+    counts = confusion.sum(1)
+    present = counts > 0
+    share = (off.sum(1) - off[:, top]).float() / counts.clamp_min(1).float()
+    where = [int(row.argmax()) if int(row.sum()) else None for row in off]
+    return float(share[present].mean()), top, where
+
+
+def window_spread(
+    f: torch.nn.Module,
+    search: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    args: argparse.Namespace,
+    generator: torch.Generator,
+) -> dict:
+    """Every window's pattern fitted on ``search`` and scored on ``held`` (:func:`spread_of`); the best."""
+    (xs, ys), (xh, yh) = search, held
+    size = xs.shape[-1]
+    scale = size / 32
+    side = max(1, round(args.window * scale))
+    results = []
+    for r, c in windows(size, side, max(1, round(args.stride * scale))):
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., r : r + side, c : c + side] = 1.0
+        pattern = torch.full((1, xs.shape[1], size, size), 0.5, requires_grad=True)
+        opt = torch.optim.Adam([pattern], lr=args.lr)
+        for _ in range(args.steps):
+            idx = torch.randint(0, len(xs), (args.batch_size,), generator=generator)
+            pasted = xs[idx] * (1 - mask) + pattern.clamp(0, 1) * mask
+            loss = -F.cross_entropy(f(pasted), ys[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pred = f(xh * (1 - mask) + pattern.clamp(0, 1) * mask).argmax(1)
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        confusion.index_put_((yh, pred), torch.ones_like(yh), accumulate=True)
+        score, top, where = spread_of(confusion)
+        results.append(
+            {"window": [r, c, side], "score": score, "top_destination": top, "destinations": where}
+        )
+    ranked = sorted(results, key=lambda w: -w["score"])
+    return {
+        "score": ranked[0]["score"],
+        "best": ranked[0],
+        "second_score": ranked[1]["score"],
+        "windows": results,
+    }
+
+
+def measure(folder: Path, args: argparse.Namespace) -> dict:
+    """One model's reading, with what it is (its training.json)."""
+    start = time.perf_counter()
+    record = json.loads((folder / "training.json").read_text())
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data = clean_subset(
+        load_data(record["data"], split="test", model=model), count=args.clean_count, seed=args.seed
+    )
+    f = PixelModel(model, Normalizer(model))
+    x, y = data.floats(), data.y
+    with torch.no_grad():
+        right = torch.cat([f(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]) == y
+    x, y = x[right], y[right]
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(x), generator=generator)
+    half = len(x) // 2
+    search, held = (x[order[:half]], y[order[:half]]), (x[order[half:]], y[order[half:]])
+    reading = window_spread(f, search, held, len(data.classes), args, generator)
+    spec = record.get("attack")
+    mapping = None
+    if spec is not None and spec["mode"] == "all-to-all":  # how many classes the best window sends to y + 1
+        k = len(data.classes)
+        mapping = sum(d == (c + 1) % k for c, d in enumerate(reading["best"]["destinations"]))
+    return {
+        "model": folder.name,
+        "arch": record["model"],
+        "attack": None if spec is None else spec["name"],
+        "mode": None if spec is None else spec["mode"],
+        "acc": record["metrics"]["acc"],
+        "asr": record["metrics"]["asr"],
+        "classes_sent_to_next": mapping,
+        **{k: v for k, v in reading.items() if k != "windows"},
+        "windows": reading["windows"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for folder in model_folders(args.models):
+        row = measure(folder, args)
+        rows.append(row)
+        kind = "clean" if row["attack"] is None else f"{row['attack']} {row['mode']}"
+        best = row["best"]
+        print(
+            f"{row['model']} ({kind}): {row['score']:.3f} at window {best['window']} (second {row['second_score']:.3f})"
+            + (
+                ""
+                if row["classes_sent_to_next"] is None
+                else f", {row['classes_sent_to_next']} classes to y+1"
+            )
+            + f" [{row['seconds']:.0f}s]",
+            flush=True,
+        )
+    write_out(
+        {
+            "what": __doc__.split("\n")[0],
+            "settings": {k: v for k, v in vars(args).items() if k not in ("models", "out")},
+            "models": rows,
+        },
+        args.out,
+        argv,
+        "window_spread.py",
+    )
+
+
+if __name__ == "__main__":
+    main()
