@@ -6,8 +6,9 @@ the clean models BAN flags read split, but so do backdoors BAN reads far above t
 condition would withdraw. This script counts a rule with two cuts: the family's shipped cut
 where the two readings agree, and a higher *split cut* where they split, fitted midway between
 the highest clean model with split readings and the next split reading above it. Every other
-cut (all-to-all, reach) is the shipped calibration's (``calibrate_reach.py --split-cut`` fits the
-same split cut with them refitted around it), and the rows are the scans
+cut (all-to-all, reach) is the shipped calibration's, or with ``--refit-reach`` reach's is refitted
+behind the split cut (``calibrate_reach.py --split-cut`` fits the same split cut with the other
+cuts refitted around it, or with ``--keep-ban-cuts`` reach's alone), and the rows are the scans
 ``calibrate_reach.py`` stored, so nothing is rescanned and nothing is written to the calibration.
 
 Each ``--fold`` is counted with the split cut fitted on the other folds (leave one set out),
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--refit-reach",
         action="store_true",
         help="refit reach's cut behind BAN's cuts and the split cut on the same models the split cut is "
-        "fitted on, as calibrate_reach.py --split-cut does without --refit-ban (default: reach's shipped cut)",
+        "fitted on, as calibrate_reach.py --split-cut F --keep-ban-cuts F does (default: reach's shipped cut)",
     )
     add_scan_arguments(p)
     p.add_argument("--out", required=True)

@@ -780,8 +780,8 @@ def splits_count(stats: dict[str, Any], agreement: bool, split_threshold: float 
     at the family's cut, as where they agree).
 
     On BatchNorm models the agreement condition would cost backdoors BAN reads far above every
-    clean model with split readings; yet the clean models BAN flagged out of sample read split (5
-    of 6 small test_resnets, on 143 held-out models). A second, higher cut for split readings
+    clean model with split readings; yet the clean models BAN flagged out of sample read split (6
+    of 7 small test_resnets, on 182 held-out models). A second, higher cut for split readings
     keeps the former and clears the latter where they lie apart; over six BatchNorm sets it
     withdrew as many Blended backdoors as it cleared false alarms, so the shipped calibration
     gives no family one (``benchmarks/DETECTION.md``)."""
