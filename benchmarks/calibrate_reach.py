@@ -238,20 +238,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--split-cut {family} with --agreement {family}: the agreement condition never lets split "
                 "readings decide, so there is no split cut to fit; give one or the other"
             )
+    ban_eps_families = {item.partition(":")[0] for item in args.ban_eps}
     for family in args.keep_ban_cuts:
         if family not in args.refit_ban:
             raise SystemExit(
                 f"--keep-ban-cuts {family}: it pins BAN's cuts in a refit; add --refit-ban {family}"
             )
-        if any(item.partition(":")[0] == family for item in args.ban_eps):
+        if family in ban_eps_families:
             raise SystemExit(
                 f"--keep-ban-cuts {family} with --ban-eps {family}:...: the budget is pinned at the calibration's; "
                 "give one or the other"
             )
     for family in args.skip_original_count:
-        if family not in args.keep_ban_cuts and not any(
-            item.partition(":")[0] == family for item in args.ban_eps
-        ):
+        if family not in args.keep_ban_cuts and family not in ban_eps_families:
             raise SystemExit(
                 f"--skip-original-count {family}: the refit then runs at the budgets of --ban-eps "
                 f"{family}:EPS,... alone (or at the calibration's with --keep-ban-cuts {family}); give them"

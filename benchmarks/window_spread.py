@@ -40,6 +40,8 @@ from refit_crossfold import write_out  # noqa: E402
 
 from timm_purify.data import Normalizer, clean_subset, load_data  # noqa: E402
 from timm_purify.defenses._common import PixelModel  # noqa: E402
+from timm_purify.detection.ban import _confusion  # noqa: E402
+from timm_purify.detection.reach import spread_shares  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,13 +80,9 @@ def spread_of(confusion: torch.Tensor) -> tuple[float, int, list[int | None]]:
     """``(score, top destination, per-class destination)`` of a confusion matrix under a trigger
     candidate: the mean over present classes of the share moved to a class other than the most
     common destination; each class's commonest destination other than itself (``None``: none moved)."""
-    off = confusion.clone().fill_diagonal_(0)
-    top = int(off.sum(0).argmax())
-    counts = confusion.sum(1)
-    present = counts > 0
-    share = (off.sum(1) - off[:, top]).float() / counts.clamp_min(1).float()
-    where = [int(row.argmax()) if int(row.sum()) else None for row in off]
-    return float(share[present].mean()), top, where
+    top, _, share = spread_shares(confusion)
+    where = [int(row.argmax()) if int(row.sum()) else None for row in confusion.clone().fill_diagonal_(0)]
+    return float(share[confusion.sum(1) > 0].mean()), top, where
 
 
 def window_spread(
@@ -115,9 +113,7 @@ def window_spread(
             opt.step()
         with torch.no_grad():
             pred = f(xh * (1 - mask) + pattern.clamp(0, 1) * mask).argmax(1)
-        confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        confusion.index_put_((yh, pred), torch.ones_like(yh), accumulate=True)
-        score, top, where = spread_of(confusion)
+        score, top, where = spread_of(_confusion(yh, pred, num_classes))
         results.append(
             {"window": [r, c, side], "score": score, "top_destination": top, "destinations": where}
         )

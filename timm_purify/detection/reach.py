@@ -48,6 +48,7 @@ __all__ = [
     "SpreadResult",
     "project_l1_ball",
     "reach_matrix",
+    "spread_shares",
     "universal_away",
     "universal_reach",
     "universal_spread",
@@ -311,6 +312,17 @@ class SpreadResult:
         return asdict(self)
 
 
+def spread_shares(confusion: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(top destination, moved, spread)`` of ``confusion[source][predicted]`` under one
+    perturbation: the class receiving most moved images, and per source class the share moved to
+    another class and the share moved to a class other than the top destination (the all-to-all
+    mark: an all-to-one trigger moves every class, but all to one)."""
+    off = confusion.clone().fill_diagonal_(0)
+    top = int(off.sum(0).argmax())
+    counts = confusion.sum(1).clamp_min(1).float()
+    return top, off.sum(1).float() / counts, (off.sum(1) - off[:, top]).float() / counts
+
+
 def universal_spread(
     f: nn.Module,
     search: tuple[torch.Tensor, torch.Tensor],
@@ -349,11 +361,7 @@ def universal_spread(
     yh = yh.cpu()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((yh, pred), torch.ones_like(yh), accumulate=True)
-    off = confusion.clone().fill_diagonal_(0)
-    top = int(off.sum(0).argmax())
-    counts = confusion.sum(1).clamp_min(1).float()
-    moved = off.sum(1).float() / counts
-    spread = (off.sum(1) - off[:, top]).float() / counts
+    top, moved, spread = spread_shares(confusion)
     present = confusion.sum(1) > 0
     ranked = spread[present].sort().values
     score = float(ranked[1]) if len(ranked) > 1 else 0.0
