@@ -58,6 +58,7 @@ import math
 import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -72,7 +73,7 @@ from timm_purify.data import clean_subset, load_data  # noqa: E402
 from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
     DEFAULT_REACH,
-    DEFAULT_SPREAD_STEPS,
+    ScanOptions,
     agrees,
     calibrated_agreement,
     calibrated_decision,
@@ -84,6 +85,7 @@ from timm_purify.detection.ban import (  # noqa: E402
     family_cuts,
     family_fit,
     scan,
+    spread_budget,
 )
 from timm_purify.detection.report import ScanReport  # noqa: E402
 
@@ -410,13 +412,18 @@ def verdicts(
     ``spread_score`` (only with ``ban``: the statistics are BAN's alone)."""
     out = []
     for r in rows:
-        verdict, _, target, _ = combine_stages(
-            ban_stage(r, ban),
-            reach_fired=threshold is not None and r["reach_score"] > threshold,
-            reach_target=r["reach_target"],
-            target_when_both=when_both,
-            spread_fired=spread is not None and r["spread_score"] > spread,
-        )
+        earlier = {
+            "reach_fired": threshold is not None and r["reach_score"] > threshold,
+            "reach_target": r["reach_target"],
+            "target_when_both": when_both,
+        }
+        verdict, _, target, _ = combine_stages(ban_stage(r, ban), **earlier)
+        if verdict == "clean" and spread is not None:
+            # as the scan runs it: only where the earlier stages found nothing (so a row they
+            # flagged needs no spread score)
+            verdict, _, target, _ = combine_stages(
+                ban_stage(r, ban), **earlier, spread_fired=r["spread_score"] > spread
+            )
         out.append((verdict == "backdoored", target))
     return out
 
@@ -845,12 +852,13 @@ def refit_family(
 
 
 def spread_setting(calibration: dict, family: str) -> dict | None:
-    """The spread reading as the calibration runs it for ``family`` (``rho``, ``steps``,
-    ``threshold``; ``None``: it does not run there)."""
+    """The spread reading as the calibration runs it for ``family`` (its shape and budget as
+    ``scan`` resolves them, :func:`~timm_purify.detection.ban.spread_budget`, and ``threshold``;
+    ``None``: it does not run there)."""
     fitted = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
     if fitted is None:
         return None
-    return {**fitted, "steps": fitted.get("steps") or DEFAULT_SPREAD_STEPS}
+    return {**spread_budget(ScanOptions(), fitted), "threshold": fitted["threshold"]}
 
 
 def check_verdicts(
@@ -878,6 +886,14 @@ def check_verdicts(
         return rows, verdicts(rows, None, ban=ban, spread=spread)
     at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (fitted["norm"], fitted["rho"])]
     return at, verdicts(at, fitted["threshold"], fitted["target_when_both"], ban, spread)
+
+
+def runs_spread(row: dict, *, calibration: dict, family: str) -> bool:
+    """Whether ``scan`` runs the spread reading on ``row`` at ``calibration``'s cuts: the row is
+    counted (at the reach budget) and neither BAN nor reach flagged it."""
+    earlier = {k: v for k, v in calibration.items() if k != "spread"}
+    at, results = check_verdicts([row], earlier, family)
+    return bool(at) and not results[0][0]
 
 
 def check_model(row: dict, flagged: bool, target: int | None) -> dict:
@@ -1017,13 +1033,11 @@ def spread_row(folder: Path, norm: str, rho: float, spread: dict, args: argparse
         reach_steps=args.steps,
         reach_threshold=float("inf"),
         spread="on",
-        spread_rho=spread["rho"],
-        spread_steps=spread["steps"],
+        **spread_options(spread),
         spread_threshold=float("inf"),
     )
     return {
-        "spread_rho": spread["rho"],
-        "spread_steps": spread["steps"],
+        **{f"spread_{k}": v for k, v in spread.items() if k != "threshold"},
         "spread_score": report.spread["score"],
         "spread_seconds": report.spread["seconds"],
         # the reach score of this scan: equal to the stored row's when the generator ran the same way
@@ -1031,8 +1045,20 @@ def spread_row(folder: Path, norm: str, rho: float, spread: dict, args: argparse
     }
 
 
+def spread_options(spread: dict) -> dict:
+    """The scan options that run the spread reading at ``spread``'s shape and budget."""
+    budget = {"rho": spread["rho"]} if spread["shape"] == "l2" else {"window": spread["window"]}
+    return {
+        "spread_shape": spread["shape"],
+        **{f"spread_{k}": v for k, v in budget.items()},
+        "spread_steps": spread["steps"],
+    }
+
+
 def spread_key(key: str, spread: dict) -> str:
     """The key a model's spread reading is stored under, beside its scan's ``key``."""
+    if spread["shape"] == "window":
+        return f"{key}|spread-window:{spread['window']}-steps{spread['steps']}"
     return f"{key}|spread-l2:{spread['rho']:g}-steps{spread['steps']}"
 
 
@@ -1192,10 +1218,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     calibration = json.loads(out.read_text()) if out.is_file() else {}
 
-    def family_rows(family: str, eps: float, spread: dict | None = None) -> list[dict]:
+    def family_rows(
+        family: str, eps: float, spread: dict | None = None, needs: Callable[[dict], bool] | None = None
+    ) -> list[dict]:
         """The family's usable rows with BAN's part at noise budget ``eps``: the stored scan's own
         where it ran at that budget, else a BAN-only scan at it (stored under its own key); with
-        ``spread`` (the family's spread setting), each row's spread score too (likewise)."""
+        ``spread`` (the family's spread setting), each row's spread score too (likewise), or only
+        the rows ``needs`` picks."""
 
         def rescan(rescan_key: str, folder: Path, model: str) -> dict:
             extra = stored_scan(stored, results_file, rescan_key, lambda: ban_row(folder, eps, args))
@@ -1232,7 +1261,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 at_eps(row, key, eps, lambda k, folder=folder, row=row: rescan(k, folder, row["model"]))
             )
-            if spread is not None:
+            if spread is not None and (needs is None or needs(rows[-1])):
                 rows[-1] = {**rows[-1], **spread_scan(folder, key, row)}
         return rows
 
@@ -1251,8 +1280,16 @@ def main(argv: list[str] | None = None) -> None:
             # reading is counted from each model's own spread score
             refitted = fam in (calibration.get("refitted_by_family") or {})
             spread = spread_setting(calibration, fam) if refitted else None
+
             rows, results = check_verdicts(
-                family_rows(fam, calibrated_eps(calibration, fam), spread), calibration, fam
+                family_rows(
+                    fam,
+                    calibrated_eps(calibration, fam),
+                    spread,
+                    partial(runs_spread, calibration=calibration, family=fam),
+                ),
+                calibration,
+                fam,
             )
             rel = tally(rows, results)
             print(f"{fam}: {errors(rel)} errors with the calibration of {out} ({json.dumps(rel)})")

@@ -1,11 +1,14 @@
 """Calibrate the universal-spread reading of ``timm_purify.scan`` (its all-to-all stage).
 
 ``calibrate_scan.py`` fits BAN, ``calibrate_reach.py`` the per-class reach; this script fits the
-last reading (``universal_spread`` in ``timm_purify/detection/reach.py``): one untargeted
-universal perturbation, scored by how many classes it moves, each elsewhere. It scans each
-given model folder (written by ``build_backdoored_model``) with the shipped calibration (BAN,
-and reach where enabled) and the spread reading forced on at every candidate budget, then,
-per normalisation family, follows ``calibrate_reach.py``'s rule:
+last reading (``timm_purify/detection/reach.py``), in one of two shapes (``--shape``): ``l2``,
+one untargeted universal perturbation over the whole image (``universal_spread``), or
+``window``, one pattern pasted in each window of a grid in turn (``window_spread``: patch
+triggers); either is scored by how many classes it moves, each elsewhere. It scans each given
+model folder (written by ``build_backdoored_model``) with the shipped calibration (BAN, and
+reach where enabled) and the spread reading forced on at every candidate budget (``--rhos``
+for ``l2``, ``--windows`` for ``window``), then, per normalisation family, follows
+``calibrate_reach.py``'s rule:
 
 1. candidate thresholds above every clean model: midway between the highest clean score and
    each score above it of an implanted backdoor the earlier stages missed (the reading is
@@ -16,13 +19,17 @@ per normalisation family, follows ``calibrate_reach.py``'s rule:
 3. the budget and cut with the fewest errors (ties: the widest margin above the clean models,
    then the first budget); enabled for a family only with fewer errors than without it.
 
-The result goes into the ``spread`` section of ``--out`` (the shipped calibration by default;
-other sections are left as they are). Scans are stored in ``--results``.
+The result goes into the ``spread`` section of ``--out`` (the shipped calibration by default),
+for the families among the given models only: another family's entry, models and the run behind
+it (``provenance_by_family``) are kept, and other sections are left as they are. Scans are
+stored in ``--results``.
 
-Example (the command behind the shipped section is recorded in it)::
+Example (the commands behind the shipped entries are recorded in ``provenance_by_family``)::
 
     python benchmarks/calibrate_spread.py --rhos 2 'benchmarks/cache/calibrate_scan/*' \\
         'benchmarks/cache/fashion-mnist-*'
+    python benchmarks/calibrate_spread.py --shape window --windows 8 --steps 30 \\
+        'benchmarks/cache/calibrate_scan/resnet18-*' 'benchmarks/cache/calibrate_scan/test_resnet-*'
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, also when imported by a test
 from calibrate_reach import (  # noqa: E402
+    check_verdicts,
     choose,
     errors,
     model_folders,
     scan_folder,
+    spread_options,
     stored_scan,
     tally,
     threshold_candidates,
@@ -50,7 +59,7 @@ from calibrate_scan import recorded_command  # noqa: E402
 
 from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
-from timm_purify.detection.ban import CALIBRATION_FILE, combine_stages  # noqa: E402
+from timm_purify.detection.ban import CALIBRATION_FILE, DEFAULT_SPREAD, SPREAD_SHAPES, combine_stages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,9 +71,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="model folders written by build_backdoored_model, or quoted glob patterns of them",
     )
-    p.add_argument("--rhos", default="2", help="candidate L2 budgets at 3x32x32, comma list")
     p.add_argument(
-        "--steps", type=int, default=40, help="ascent steps of the perturbation (stored results: 40)"
+        "--shape",
+        choices=SPREAD_SHAPES,
+        default="l2",
+        help="the reading's shape: one L2 perturbation over the image, or a pattern per window of a grid",
+    )
+    p.add_argument("--rhos", default="2", help="candidate L2 budgets at 3x32x32, comma list (--shape l2)")
+    p.add_argument(
+        "--windows", default="8", help="candidate window sides at 3x32x32, comma list (--shape window)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps of each perturbation or pattern (default: the shape's, "
+        + ", ".join(f"{k} {v['steps']}" for k, v in DEFAULT_SPREAD.items())
+        + "; the stored l2 results: 40)",
     )
     p.add_argument("--clean-count", type=int, default=600, help="clean images per scan (1%% of 60k)")
     p.add_argument("--scan-split", default="test", help="split of each model's data the images come from")
@@ -76,13 +99,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "cache" / "calibrate_spread.json"))
     p.add_argument("--out", default=str(CALIBRATION_FILE))
     p.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = DEFAULT_SPREAD[args.shape]["steps"]
+    return args
 
 
-def scan_row(folder: Path, rho: float, args: argparse.Namespace) -> dict:
+def budgets(args: argparse.Namespace) -> list[dict]:
+    """The candidate budgets in ``scan``'s spelling (:func:`~timm_purify.detection.ban.spread_budget`)."""
+    size = "rho" if args.shape == "l2" else "window"
+    values = args.rhos if args.shape == "l2" else args.windows
+    cast = float if args.shape == "l2" else int
+    return [{"shape": args.shape, size: cast(v), "steps": args.steps} for v in values.split(",") if v]
+
+
+def budget_of(entry: dict, prefix: str = "") -> tuple[str, float]:
+    """The spread shape and size (L2 radius or window side) of a trial or calibration entry, or
+    with ``prefix="spread_"`` of a scan row; those written before the window shape carry only
+    ``rho``."""
+    shape = entry.get(f"{prefix}shape", "l2")
+    return shape, entry[f"{prefix}rho"] if shape == "l2" else entry[f"{prefix}window"]
+
+
+def budget_label(shape: str, size: float) -> str:
+    return f"L2 {size:g}" if shape == "l2" else f"window {size:g}"
+
+
+def scan_row(folder: Path, budget: dict, args: argparse.Namespace) -> dict:
     """One model scanned with the shipped calibration and the spread reading on (never deciding)."""
     fields, report = scan_folder(
-        folder, args, spread="on", spread_rho=rho, spread_steps=args.steps, spread_threshold=float("inf")
+        folder, args, spread="on", **spread_options(budget), spread_threshold=float("inf")
     )
     return {
         **fields,
@@ -91,7 +137,7 @@ def scan_row(folder: Path, rho: float, args: argparse.Namespace) -> dict:
         "pattern": report.pattern,
         "suspected_target": report.suspected_target,
         "decided_by": report.config["decided_by"],
-        "spread_rho": rho,
+        **{f"spread_{k}": v for k, v in budget.items()},
         "spread_score": report.spread["score"],
         "spread_top_destination": report.spread["top_destination"],
         "spread_moved": [round(v, 4) for v in report.spread["moved"]],
@@ -114,11 +160,12 @@ def record(rows: list[dict], threshold: float | None) -> dict:
     return tally(rows, results)
 
 
-def fit_family(rows: list[dict], rhos: list[float]) -> dict:
-    """Every (budget, cut) with all stages' errors on ``rows``; the chosen one; whether enabled."""
+def fit_family(rows: list[dict], sizes: list[tuple[str, float]]) -> dict:
+    """Every (budget, cut) with all stages' errors on ``rows``; the chosen one; whether enabled.
+    ``sizes``: the candidate budgets as ``(shape, L2 radius or window side)``."""
     trials = []
-    for rho in rhos:
-        at = [r for r in rows if r["spread_rho"] == rho]
+    for shape, size in sizes:
+        at = [r for r in rows if budget_of(r, "spread_") == (shape, size)]
         negatives = [r["spread_score"] for r in at if r["attack"] is None]
         positives = [
             r["spread_score"] for r in at if r["attack"] is not None and r["verdict"] != "backdoored"
@@ -130,7 +177,8 @@ def fit_family(rows: list[dict], rhos: list[float]) -> dict:
             after = record(at, fit["threshold"])
             trials.append(
                 {
-                    "rho": rho,
+                    "shape": shape,
+                    "rho" if shape == "l2" else "window": size,
                     "fit": fit,
                     "errors": errors(after),
                     "errors_before": errors(before),
@@ -147,7 +195,7 @@ def fit_family(rows: list[dict], rhos: list[float]) -> dict:
     best, enabled = choose(trials, baseline="errors_before")
     return {
         "enabled": enabled,
-        "reason": f"{best['errors']} errors with spread at L2 {best['rho']:g}, threshold "
+        "reason": f"{best['errors']} errors with spread at {budget_label(*budget_of(best))}, threshold "
         f"{best['fit']['threshold']:.3f}, against {best['errors_before']} without it",
         "chosen": best,
         "trials": trials,
@@ -157,60 +205,165 @@ def fit_family(rows: list[dict], rhos: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    rhos = [float(v) for v in args.rhos.split(",") if v]
+    candidates = budgets(args)
+    sizes = [budget_of(b) for b in candidates]
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
     rows = []
     for folder in model_folders(args.models, stored):
-        for rho in rhos:
-            steps = "" if args.steps == 40 else f"|steps{args.steps}"  # the stored results' keys have none
-            key = f"{folder.name}|l2:{rho:g}{steps}|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
+        for budget, (shape, size) in zip(candidates, sizes, strict=True):
+            if shape == "l2":  # the stored l2 results' keys name steps only where not 40
+                steps = "" if args.steps == 40 else f"|steps{args.steps}"
+                key = f"{folder.name}|l2:{size:g}{steps}"
+            else:
+                key = f"{folder.name}|window:{size}|steps{args.steps}"
+            key += f"|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
             row = stored_scan(
-                stored, results_file, key, lambda folder=folder, rho=rho: scan_row(folder, rho, args)
+                stored, results_file, key, lambda folder=folder, budget=budget: scan_row(folder, budget, args)
             )
             rows.append(row)
             print(
-                f"{row['model']} l2 {rho:g}: spread {row['spread_score']:.3f} ({row['mode'] or 'clean'}) "
-                f"earlier {row['verdict']} [{row['scan_seconds']:.0f}s]",
+                f"{row['model']} {budget_label(shape, size)}: spread {row['spread_score']:.3f} "
+                f"({row['mode'] or 'clean'}) earlier {row['verdict']} [{row['scan_seconds']:.0f}s]",
                 flush=True,
             )
     used = [r for r in rows if usable(r, args)]
     families = {
-        fam: fit_family([r for r in used if r["norm_family"] == fam], rhos)
+        fam: fit_family([r for r in used if r["norm_family"] == fam], sizes)
         for fam in sorted({r["norm_family"] for r in used})
     }
-    by_family, reliability = {}, {}
-    for fam, fit in families.items():
-        print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
-        if fit["enabled"]:
-            best = fit["chosen"]
-            by_family[fam] = {"rho": best["rho"], "steps": args.steps, "threshold": best["fit"]["threshold"]}
-            reliability[fam] = best["reliability"]
     out = Path(args.out)
     calibration = json.loads(out.read_text()) if out.is_file() else {}
-    calibration["spread"] = {
-        "by_family": by_family,
-        "reliability_by_family": reliability,
-        "families": families,
+    section = merged_section(calibration.get("spread") or {}, families, rows, args, argv)
+    for fam, recount in recounts(calibration, section, families).items():
+        print(f"{fam}: all stages on the reach section's models: {json.dumps(recount['reliability'])}")
+        section["reliability_by_family"][fam] = recount.pop("reliability")
+        section.setdefault("recounted_by_family", {})[fam] = recount
+    calibration["spread"] = section
+    out.write_text(json.dumps(calibration, indent=1) + "\n")
+    print(f"wrote the spread section of {out} ({', '.join(families)})")
+
+
+def recounts(calibration: dict, section: dict, families: dict[str, dict]) -> dict[str, dict]:
+    """Per family enabled here whose reach stage was fitted on models of its own (the ``reach``
+    section's ``models``), all stages' record on those: the earlier stages' verdicts at the
+    calibration's cuts, and the spread reading counted, as the scan runs it, where they found
+    nothing, from the score this run took of the same model (by name). A model the earlier stages
+    missed whose spread score this run did not take is left out of the record and listed, so the
+    record the scan quotes covers the calibration's models, not only the ones this run scanned."""
+    out = {}
+    for fam, fit in families.items():
+        reach_rows = [
+            m
+            for m in (calibration.get("reach") or {}).get("models") or []
+            if m["used"] and m["norm_family"] == fam
+        ]
+        if not fit["enabled"] or not reach_rows:
+            continue
+        fitted = section["by_family"][fam]
+        scores = {
+            m["model"]: m["spread_score"]
+            for m in section["models"]
+            if m["norm_family"] == fam and budget_of(m, "spread_") == budget_of(fitted)
+        }
+        earlier_cuts = {k: v for k, v in calibration.items() if k != "spread"}
+        rows, earlier = check_verdicts(reach_rows, earlier_cuts, fam)
+        counted, results, left_out = [], [], []
+        for row, (flagged, target) in zip(rows, earlier, strict=True):
+            if not flagged and row["model"] not in scores:
+                left_out.append(row["model"])
+                continue
+            if not flagged and scores[row["model"]] > fitted["threshold"]:
+                flagged, target = True, None  # an all-to-all verdict, as combine_stages gives it
+            counted.append(row)
+            results.append((flagged, target))
+        out[fam] = {
+            "note": f"reliability_by_family.{fam} counts all stages on the {len(counted)} of the reach section's "
+            f"{len(rows)} {fam} models this run could count: the earlier stages' verdicts at the calibration's "
+            "cuts, the spread reading where they found nothing; families."
+            f"{fam} is this run's own fit, on the models it scanned",
+            "reliability": tally(counted, results),
+            "reliability_before": fit["chosen"]["reliability"],
+            "left_out": left_out,
+        }
+    return out
+
+
+def merged_section(
+    old: dict, families: dict[str, dict], rows: list[dict], args: argparse.Namespace, argv: list[str] | None
+) -> dict:
+    """The ``spread`` section with ``families`` (fitted on ``rows``) replaced and every other
+    family's entry, models, recount and provenance kept as ``old`` has them. A family's earlier
+    fit of another shape is kept under its entry's ``earlier`` (the record of what was tried); a
+    refit of the same shape replaces it."""
+    run = {
+        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_spread.py"),
+        "date": datetime.date.today().isoformat(),
+    }
+    kept = {fam for fam in old.get("families") or {} if fam not in families}
+    provenance = {fam: entry for fam, entry in (old.get("provenance_by_family") or {}).items() if fam in kept}
+    for fam in kept - set(provenance):  # fitted by a run from before per-family provenance
+        provenance[fam] = {"command": old.get("command"), "date": old.get("date")}
+    section = {
+        "by_family": {k: v for k, v in (old.get("by_family") or {}).items() if k in kept},
+        "reliability_by_family": {
+            k: v for k, v in (old.get("reliability_by_family") or {}).items() if k in kept
+        },
+        "families": {k: v for k, v in (old.get("families") or {}).items() if k in kept},
+    }
+    recounted = {k: v for k, v in (old.get("recounted_by_family") or {}).items() if k in kept}
+    for fam, fit in families.items():
+        print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
+        fit = {**fit, "shape": args.shape}
+        before = (old.get("families") or {}).get(fam)
+        if before is not None:
+            earlier = before.pop("earlier", [])
+            if before.get("shape", "l2") != args.shape:  # a refit of the same shape replaces it
+                run_before = (old.get("provenance_by_family") or {}).get(fam) or {
+                    "command": old.get("command"),
+                    "date": old.get("date"),
+                }
+                earlier = [*earlier, {**before, **run_before}]
+            if earlier:
+                fit["earlier"] = earlier
+        section["families"][fam] = fit
+        provenance[fam] = run
+        if fit["enabled"]:
+            best = fit["chosen"]
+            shape, size = budget_of(best)
+            section["by_family"][fam] = {
+                "shape": shape,
+                "rho" if shape == "l2" else "window": size,
+                "steps": args.steps,
+                "threshold": best["fit"]["threshold"],
+            }
+            section["reliability_by_family"][fam] = best["reliability"]
+    return {
+        **section,
+        **({"recounted_by_family": recounted} if recounted else {}),
+        "provenance_by_family": provenance,
         "rule": (
-            "per normalisation family and candidate L2 budget, the candidate spread thresholds lie midway between "
-            "the highest score of a clean model and each score above it of an implanted backdoor the earlier stages "
-            "(BAN, reach where enabled) missed; all stages together (the earlier verdict where it fired, else an "
-            "all-to-all verdict where spread fires) are counted against the earlier stages alone and the budget and "
-            "cut with the fewest errors are kept (ties: the widest margin); enabled for a family only with fewer "
-            f"errors than without it. Clean models below {args.min_acc} accuracy and backdoors below "
-            f"{args.min_asr} ASR are listed but not used."
+            "per normalisation family and candidate budget (an L2 radius, or a window side), the candidate spread "
+            "thresholds lie midway between the highest score of a clean model and each score above it of an "
+            "implanted backdoor the earlier stages (BAN, reach where enabled) missed; all stages together (the "
+            "earlier verdict where it fired, else an all-to-all verdict where spread fires) are counted against the "
+            "earlier stages alone and the budget and cut with the fewest errors are kept (ties: the widest margin); "
+            "enabled for a family only with fewer errors than without it. Clean models below "
+            f"{args.min_acc} accuracy and backdoors below {args.min_asr} ASR are listed but not used."
         ),
         "min_acc": args.min_acc,
         "min_asr": args.min_asr,
-        "models": [{**r, "used": usable(r, args)} for r in rows],
-        "date": datetime.date.today().isoformat(),
+        # the models behind every entry kept, and behind a fitted family's earlier fit of the other shape
+        "models": [
+            m
+            for m in old.get("models") or []
+            if m["norm_family"] in kept or budget_of(m, "spread_")[0] != args.shape
+        ]
+        + [{**r, "used": usable(r, args)} for r in rows],
+        **run,
         "timm_purify_version": __version__,
-        "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_spread.py"),
         "environment": environment_info(),
     }
-    out.write_text(json.dumps(calibration, indent=1) + "\n")
-    print(f"wrote the spread section of {out}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import timm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, also when imported by a test
 from timm_purify._train import TrainConfig, build_backdoored_model, environment_info
 from timm_purify.attacks import build_attack, from_json
 from timm_purify.data import clean_subset, load_data
@@ -556,60 +557,74 @@ def _reach_section() -> list[str]:
 
 def _spread_section() -> list[str]:
     """The scan's all-to-all reading (the ``spread`` section of ``calibration.json``, written by
-    ``benchmarks/calibrate_spread.py``): where it runs, the record of all stages against the
-    earlier ones, and every model's spread score."""
+    ``benchmarks/calibrate_spread.py``): where it runs and in which shape, the record of all
+    stages against the earlier ones, and every model's spread score."""
+    from calibrate_spread import budget_label, budget_of
+
     from timm_purify.detection import load_calibration
 
     section = load_calibration().get("spread")
     if not section:
         return []
     lines = [
-        "## Detection: the universal-spread reading (all-to-all)",
+        "## Detection: the spread reading (all-to-all)",
         "",
-        f"From the `spread` section of `timm_purify/detection/calibration.json` ({section['date']}); "
-        f"regenerate with `{section['command']}`. Rule: {section['rule']}",
+        "From the `spread` section of `timm_purify/detection/calibration.json`; regenerate "
+        + "; ".join(
+            f"{fam} with `{run['command']}` ({run['date']})"
+            for fam, run in (
+                section.get("provenance_by_family")
+                or {fam: section for fam in section["families"]}  # written before per-family runs
+            ).items()
+        )
+        + f". Rule: {section['rule']}",
         "",
-        "| family | enabled | L2 budget | threshold | errors, all stages / without spread | clean flagged "
+        "| family | enabled | budget | threshold | errors, all stages / without spread | clean flagged "
         "| backdoors detected (without) | right targets (without) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    earlier = []
     for fam, fit in section["families"].items():
+        earlier += [(fam, e) for e in fit.get("earlier", [])]
         best = fit.get("chosen")
         if best is None:
             lines.append(f"| {fam} | no | - | - | - | - | - | - |")
             continue
         after, before = best["reliability"], best["reliability_before"]
         lines.append(
-            f"| {fam} | {'yes' if fit['enabled'] else 'no'} | {best['rho']:g} | {best['fit']['threshold']:.3f} | "
-            f"{best['errors']} / {best['errors_before']} | {after['false_positives']}/{after['clean_models']} | "
+            f"| {fam} | {'yes' if fit['enabled'] else 'no'} | {budget_label(*budget_of(best))} | "
+            f"{best['fit']['threshold']:.3f} | {best['errors']} / {best['errors_before']} | "
+            f"{after['false_positives']}/{after['clean_models']} | "
             f"{after['detected']}/{after['backdoored_models']} ({before['detected']}) | "
             f"{after['targets_correct']}/{after['all_to_one_models']} ({before['targets_correct']}) |"
         )
+    for fam, fit in earlier:  # a family's fits of another shape, replaced by the one above
+        lines += ["", f"{fam}, an earlier fit (`{fit.get('command')}`): {fit['reason']}."]
     for fam, recount in (section.get("recounted_by_family") or {}).items():
         rel = section["reliability_by_family"][fam]
         lines += [
             "",
-            f"{fam}: the table above is calibrate_spread.py's fit behind the cuts before; the record the scan "
-            f"quotes was recounted behind the refitted BAN and reach cuts ({recount['note']}): "
+            f"{fam}: the table above is calibrate_spread.py's own fit; the record the scan quotes is a recount "
+            f"({recount['note']}): "
             f"{rel['false_positives']}/{rel['clean_models']} clean flagged, {rel['detected']}/{rel['backdoored_models']} "
             f"backdoors detected, {rel['targets_correct']}/{rel['all_to_one_models']} targets right.",
         ]
-    rhos = sorted({m["spread_rho"] for m in section["models"]})
+    budgets = sorted({budget_of(m, "spread_") for m in section["models"]})
     lines += [
         "",
         "| model | family | attack | ACC | ASR | earlier stages: verdict (target) | "
-        + " | ".join(f"spread L2 {r:g}" for r in rhos)
+        + " | ".join(f"spread {budget_label(*b)}" for b in budgets)
         + " | used |",
-        "|---|---|---|---|---|---|" + "---|" * len(rhos) + "---|",
+        "|---|---|---|---|---|---|" + "---|" * len(budgets) + "---|",
     ]
     by_model: dict[str, dict] = {}
     for m in section["models"]:
-        by_model.setdefault(m["model"], {})[m["spread_rho"]] = m
+        by_model.setdefault(m["model"], {})[budget_of(m, "spread_")] = m
     for name, rows in sorted(by_model.items()):
         m = next(iter(rows.values()))
         attack = "clean" if m["attack"] is None else f"{m['attack']} {m['mode']}"
         verdict = m["verdict"] + ("" if m["suspected_target"] is None else f" ({m['suspected_target']})")
-        scores = " | ".join(f"{rows[r]['spread_score']:.3f}" if r in rows else "-" for r in rhos)
+        scores = " | ".join(f"{rows[b]['spread_score']:.3f}" if b in rows else "-" for b in budgets)
         lines.append(
             f"| {name} | {m['norm_family']} | {attack} | {_pct(m['acc'])} | {_pct(m['asr'])} | {verdict} | "
             f"{scores} | {'yes' if m['used'] else 'no'} |"

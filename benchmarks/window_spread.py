@@ -12,9 +12,11 @@ spread reading does: an all-to-one trigger sends every class to one class and sc
 The model's score is the best window's. Per window it records where each class went, so an
 all-to-all mapping (``y -> y + 1``) shows in the result.
 
-This is a measurement, not a scan stage: nothing is written to the calibration. Each model is
-scanned on ``--clean-count`` clean test images it classifies right (half fit the patterns,
-half measure them), on one thread. The result goes to ``--out``.
+The reading itself is ``timm_purify.detection.reach.window_spread``, the scan's spread stage in
+its ``window`` shape (``calibrate_spread.py --shape window`` fits its cut); this script measures
+it alone, outside a scan, at any settings. Each model is read on ``--clean-count`` clean test
+images it classifies right (half fit the patterns, half measure them), on one thread. The result
+goes to ``--out``.
 
 Example (the command behind ``results/window-spread/batchnorm.json`` is recorded in it)::
 
@@ -32,7 +34,6 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from calibrate_reach import model_folders  # noqa: E402
@@ -40,8 +41,7 @@ from refit_crossfold import write_out  # noqa: E402
 
 from timm_purify.data import Normalizer, clean_subset, load_data  # noqa: E402
 from timm_purify.defenses._common import PixelModel  # noqa: E402
-from timm_purify.detection.ban import _confusion  # noqa: E402
-from timm_purify.detection.reach import spread_shares  # noqa: E402
+from timm_purify.detection.reach import window_spread  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,64 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def windows(size: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """Top-left corners of a grid of ``window``-sided squares over a ``size``-sided image, the last
-    row and column flush with the far edges, so with ``stride <= window`` every pixel lies in some
-    window (a trigger as large as a window then fits inside one up to ``stride - 1`` pixels)."""
-    starts = sorted({*range(0, size - window + 1, stride), size - window})
-    return [(r, c) for r in starts for c in starts]
-
-
-def spread_of(confusion: torch.Tensor) -> tuple[float, int, list[int | None]]:
-    """``(score, top destination, per-class destination)`` of a confusion matrix under a trigger
-    candidate: the mean over present classes of the share moved to a class other than the most
-    common destination; each class's commonest destination other than itself (``None``: none moved)."""
-    top, _, share = spread_shares(confusion)
-    where = [int(row.argmax()) if int(row.sum()) else None for row in confusion.clone().fill_diagonal_(0)]
-    return float(share[confusion.sum(1) > 0].mean()), top, where
-
-
-def window_spread(
-    f: torch.nn.Module,
-    search: tuple[torch.Tensor, torch.Tensor],
-    held: tuple[torch.Tensor, torch.Tensor],
-    num_classes: int,
-    args: argparse.Namespace,
-    generator: torch.Generator,
-) -> dict:
-    """Every window's pattern fitted on ``search`` and scored on ``held`` (:func:`spread_of`); the best."""
-    (xs, ys), (xh, yh) = search, held
-    size = xs.shape[-1]
-    scale = size / 32
-    side = max(1, round(args.window * scale))
-    results = []
-    for r, c in windows(size, side, max(1, round(args.stride * scale))):
-        mask = torch.zeros(1, 1, size, size)
-        mask[..., r : r + side, c : c + side] = 1.0
-        pattern = torch.full((1, xs.shape[1], size, size), 0.5, requires_grad=True)
-        opt = torch.optim.Adam([pattern], lr=args.lr)
-        for _ in range(args.steps):
-            idx = torch.randint(0, len(xs), (args.batch_size,), generator=generator)
-            pasted = xs[idx] * (1 - mask) + pattern.clamp(0, 1) * mask
-            loss = -F.cross_entropy(f(pasted), ys[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            pred = f(xh * (1 - mask) + pattern.clamp(0, 1) * mask).argmax(1)
-        score, top, where = spread_of(_confusion(yh, pred, num_classes))
-        results.append(
-            {"window": [r, c, side], "score": score, "top_destination": top, "destinations": where}
-        )
-    ranked = sorted(results, key=lambda w: -w["score"])
-    return {
-        "score": ranked[0]["score"],
-        "best": ranked[0],
-        "second_score": ranked[1]["score"],
-        "windows": results,
-    }
-
-
 def measure(folder: Path, args: argparse.Namespace) -> dict:
     """One model's reading, with what it is (its training.json)."""
     start = time.perf_counter()
@@ -145,12 +87,23 @@ def measure(folder: Path, args: argparse.Namespace) -> dict:
     order = torch.randperm(len(x), generator=generator)
     half = len(x) // 2
     search, held = (x[order[:half]], y[order[:half]]), (x[order[half:]], y[order[half:]])
-    reading = window_spread(f, search, held, len(data.classes), args, generator)
+    reading = window_spread(
+        f,
+        search,
+        held,
+        len(data.classes),
+        window=args.window,
+        stride=args.stride,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        generator=generator,
+    )
     spec = record.get("attack")
     mapping = None
     if spec is not None and spec["mode"] == "all-to-all":  # how many classes the best window sends to y + 1
         k = len(data.classes)
-        mapping = sum(d == (c + 1) % k for c, d in enumerate(reading["best"]["destinations"]))
+        mapping = sum(d == (c + 1) % k for c, d in enumerate(reading.destinations))
     return {
         "model": folder.name,
         "arch": record["model"],
@@ -159,8 +112,15 @@ def measure(folder: Path, args: argparse.Namespace) -> dict:
         "acc": record["metrics"]["acc"],
         "asr": record["metrics"]["asr"],
         "classes_sent_to_next": mapping,
-        **{k: v for k, v in reading.items() if k != "windows"},
-        "windows": reading["windows"],
+        "score": reading.score,
+        "best": {
+            "window": [*reading.corner, reading.side],
+            "score": reading.score,
+            "top_destination": reading.top_destination,
+            "destinations": reading.destinations,
+        },
+        "second_score": reading.second_score,
+        "windows": reading.window_scores,
         "seconds": time.perf_counter() - start,
     }
 

@@ -203,6 +203,8 @@ def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkey
         | {"spread_rho": 2.0, "spread_score": 0.0},
         {**model, "model": "m-a2a", "norm_family": "other", "attack": "badnets", "mode": "all-to-all"}
         | {"asr": 0.88, "spread_rho": 2.0, "spread_score": 0.826},
+        {**model, "model": "r-a2a", "norm_family": "batchnorm", "attack": "badnets", "mode": "all-to-all"}
+        | {"asr": 0.88, "spread_shape": "window", "spread_window": 8, "spread_score": 0.8},
     ]
     record = {
         "false_positives": 0,
@@ -225,7 +227,18 @@ def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkey
         "command": "c",
         "rule": "r",
         "models": rows,
-        "families": {"other": {"enabled": True, "chosen": chosen}, "batchnorm": {"enabled": False}},
+        "families": {
+            "other": {"enabled": True, "chosen": chosen},
+            # refitted in the window shape; its l2 fit stays on record
+            "batchnorm": {
+                "enabled": True,
+                "chosen": {**chosen, "shape": "window", "window": 8, "rho": None, "fit": {"threshold": 0.55}},
+                "earlier": [
+                    {"enabled": False, "reason": "nothing above the clean models", "command": "c-l2"}
+                ],
+            },
+            "groupnorm": {"enabled": False},
+        },
         # a later refit of BAN and reach recounted the record the scan quotes
         "reliability_by_family": {
             "other": {**record, "clean_models": 5, "detected": 4, "backdoored_models": 6}
@@ -234,14 +247,22 @@ def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkey
     }
     monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"spread": section})
     lines = bench._spread_section()
-    assert "| other | yes | 2 | 0.413 | 0 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |" in lines
+    assert "| other | yes | L2 2 | 0.413 | 0 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |" in lines
     assert any(
-        line.startswith("other: the table above is calibrate_spread.py's fit")
+        line.startswith(
+            "other: the table above is calibrate_spread.py's own fit; the record the scan quotes is a recount"
+        )
         and "(n): 0/5 clean flagged, 4/6 backdoors detected, 0/0 targets right." in line
         for line in lines
     )
-    assert "| batchnorm | no | - | - | - | - | - | - |" in lines
-    assert "| m-a2a | other | badnets all-to-all | 90.00 | 88.00 | clean | 0.826 | yes |" in lines
+    assert "| groupnorm | no | - | - | - | - | - | - |" in lines
+    assert "| batchnorm | yes | window 8 | 0.550 | 0 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |" in lines
+    assert "batchnorm, an earlier fit (`c-l2`): nothing above the clean models." in lines
+    assert any(
+        line.startswith("| model |") and "| spread L2 2 | spread window 8 | used |" in line for line in lines
+    )
+    assert "| m-a2a | other | badnets all-to-all | 90.00 | 88.00 | clean | 0.826 | - | yes |" in lines
+    assert "| r-a2a | batchnorm | badnets all-to-all | 90.00 | 88.00 | clean | - | 0.800 | yes |" in lines
     assert sum(line.startswith("| m-clean |") for line in lines) == 1
 
 

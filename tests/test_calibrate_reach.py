@@ -487,8 +487,26 @@ def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
     spread = {**calibration, "spread": {"by_family": {"batchnorm": {"rho": 2.0, "threshold": 0.4}}}}
     spread_rows = [{**r, "spread_score": 0.0} for r in rows] + [{**a2a, "spread_score": 0.6}]
     assert _checked(cal, spread_rows, spread, "batchnorm")["detected"] == 3
-    assert cal.spread_setting(spread, "batchnorm") == {"rho": 2.0, "threshold": 0.4, "steps": 40}
+    assert cal.spread_setting(spread, "batchnorm") == {
+        "shape": "l2",
+        "rho": 2.0,
+        "steps": 40,
+        "threshold": 0.4,
+    }
     assert cal.spread_setting(calibration, "batchnorm") is None
+    # as the scan runs it, only where BAN and reach found nothing: the rows they flagged need no score
+    assert [cal.runs_spread(r, calibration=spread, family="batchnorm") for r in rows] == [True, False, False]
+    lazy = [{**rows[0], "spread_score": 0.0}, rows[1], rows[2], {**a2a, "spread_score": 0.6}]
+    assert _checked(cal, lazy, spread, "batchnorm")["detected"] == 3
+    with pytest.raises(KeyError, match="spread_score"):  # a row the reading must see, without its score
+        _checked(cal, [rows[0]], spread, "batchnorm")
+    # the window shape: its own options and store key; the l2 keys stay those already stored
+    entry = {"shape": "window", "window": 8, "steps": 30, "threshold": 0.5}
+    setting = cal.spread_setting({**calibration, "spread": {"by_family": {"batchnorm": entry}}}, "batchnorm")
+    assert setting == entry
+    assert cal.spread_options(setting) == {"spread_shape": "window", "spread_window": 8, "spread_steps": 30}
+    assert cal.spread_key("k", setting) == "k|spread-window:8-steps30"
+    assert cal.spread_key("k", cal.spread_setting(spread, "batchnorm")) == "k|spread-l2:2-steps40"
 
 
 def _fold_model(tmp_path, stored: dict, name: str, row: dict, *, ban_eps: float) -> tuple[str, str]:

@@ -36,7 +36,7 @@ def test_spread_adds_the_all_to_all_backdoor_the_earlier_stages_missed(cal):
         ),
         _row("sig", 0.0, mode="all-to-one", target=0),  # missed by every stage
     ]
-    fit = cal.fit_family(rows, [2.0])
+    fit = cal.fit_family(rows, [("l2", 2.0)])
     best = fit["chosen"]
     assert fit["enabled"] and best["fit"]["threshold"] == pytest.approx((0.04 + 0.83) / 2)
     assert (best["errors"], best["errors_before"]) == (1, 2)
@@ -48,15 +48,136 @@ def test_a_flagged_all_to_one_backdoor_gains_no_target(cal):
     """An all-to-one backdoor that only the spread reading flags is detected but its target stays
     unknown (an all-to-all verdict): one error either way, so the reading is not enabled for it."""
     rows = [_row(None, 0.1), _row("sig", 0.9, mode="all-to-one", target=0)]
-    fit = cal.fit_family(rows, [2.0])
+    fit = cal.fit_family(rows, [("l2", 2.0)])
     assert fit["chosen"]["errors"] == fit["chosen"]["errors_before"] == 1
     assert not fit["enabled"]
 
 
 def test_no_candidate_where_no_missed_backdoor_clears_the_clean_models(cal):
     rows = [_row(None, 0.5), _row("badnets", 0.2, mode="all-to-all")]
-    assert cal.fit_family(rows, [2.0]) == {
+    assert cal.fit_family(rows, [("l2", 2.0)]) == {
         "enabled": False,
         "reason": "at no budget did a backdoor the earlier stages missed score above every clean model",
         "trials": [],
     }
+
+
+def test_a_window_fit_is_kept_apart_from_the_l2_rows_and_merged_beside_the_other_family(cal, tmp_path):
+    """Rows of each shape are fitted at their own budget; a run over one family replaces that
+    family's entry (keeping its earlier fit of the other shape on record) and leaves the other
+    family's entry, models, recount and provenance as they were."""
+    window = [
+        {**_row(None, 0.3), "arch": "resnet18", "spread_shape": "window", "spread_window": 8},
+        {
+            **_row("badnets", 0.8, mode="all-to-all"),
+            "arch": "resnet18",
+            "spread_shape": "window",
+            "spread_window": 8,
+        },
+    ]
+    # an l2 row of a clean model scoring above the backdoor's window score: not at this budget
+    rows = [*window, _row(None, 0.95)]
+    fit = cal.fit_family(rows, [("window", 8)])
+    best = fit["chosen"]
+    assert fit["enabled"] and best["shape"] == "window" and best["window"] == 8
+    assert best["fit"]["threshold"] == pytest.approx(0.55) and best["reliability"]["clean_models"] == 1
+    assert "spread at window 8" in fit["reason"]
+
+    old = {
+        "by_family": {"other": {"rho": 2.0, "threshold": 0.4}},
+        "reliability_by_family": {"other": {"clean_models": 5}},
+        "families": {
+            "other": {"enabled": True, "reason": "l2"},
+            "batchnorm": {"enabled": False, "reason": "l2 found nothing", "trials": []},
+        },
+        "recounted_by_family": {"other": {"note": "recount"}},
+        "models": [
+            {"model": "vit", "norm_family": "other", "spread_rho": 2.0},
+            {"model": "old-bn", "norm_family": "batchnorm", "spread_rho": 2.0},
+        ],
+        "command": "python benchmarks/calibrate_spread.py --rhos 2 ...",
+        "date": "2026-11-01",
+    }
+    args = cal.parse_args(["m", "--shape", "window"])
+    assert args.steps == 30 and cal.budgets(args) == [{"shape": "window", "window": 8, "steps": 30}]
+    new_rows = [
+        {**r, "norm_family": "batchnorm", "acc": 0.9, "asr": 0.9 if r["attack"] else None} for r in window
+    ]
+    section = cal.merged_section(old, {"batchnorm": fit}, new_rows, args, ["--shape", "window", "m"])
+    assert section["by_family"] == {
+        "other": {"rho": 2.0, "threshold": 0.4},
+        "batchnorm": {"shape": "window", "window": 8, "steps": 30, "threshold": best["fit"]["threshold"]},
+    }
+    assert section["recounted_by_family"] == old["recounted_by_family"]
+    # old-bn's l2 row stays beside the earlier l2 fit it stood behind
+    assert [m.get("model") for m in section["models"]] == ["vit", "old-bn", None, None]
+    earlier = section["families"]["batchnorm"]["earlier"][0]
+    assert earlier["reason"] == "l2 found nothing" and earlier["command"] == old["command"]
+    # refitted in the same shape: the window fit is replaced, the l2 one stays on record
+    again = cal.merged_section(section, {"batchnorm": fit}, new_rows, args, ["--shape", "window", "m"])
+    assert [e["reason"] for e in again["families"]["batchnorm"]["earlier"]] == ["l2 found nothing"]
+    assert section["provenance_by_family"]["other"] == {"command": old["command"], "date": "2026-11-01"}
+    assert section["provenance_by_family"]["batchnorm"]["command"].startswith(
+        "python benchmarks/calibrate_spread.py --shape window"
+    )
+
+
+def test_the_record_quoted_counts_all_stages_on_the_reach_sections_models(cal):
+    """The scan quotes, for a family the run enabled, all stages on the models the reach stage was
+    fitted on: the earlier verdicts at the calibration's cuts, spread counted where they found
+    nothing from this run's score of the same model; a missed model this run has no score of is
+    left out and listed, not guessed."""
+
+    def reach_row(name, attack, ban, reach, *, mode="all-to-one", target=None):
+        return {
+            "model": name, "arch": "resnet18", "norm_family": "batchnorm", "used": True, "attack": attack,
+            "mode": mode if attack else None, "target": target, "ban_eps": 0.5, "reach_norm": "l2",
+            "reach_rho": 1.0, "reach_score": reach, "reach_target": target or 0,
+            "ban_statistics": {"all_to_one": ban, "target": target or 0, "target_masked": target or 0, "all_to_all": 0.0},
+        }  # fmt: skip
+
+    calibration = {
+        "all_to_one_thresholds": {"batchnorm": 0.3},
+        "all_to_all_thresholds": {"batchnorm": None},
+        "target_source_by_family": {"batchnorm": "noisy"},
+        "eps_by_family": {"batchnorm": 0.5},
+        "refitted_by_family": {"batchnorm": {"calibrate_scan_cuts": {"all_to_one": 0.3, "all_to_all": None}}},
+        "reach": {
+            "by_family": {
+                "batchnorm": {"norm": "l2", "rho": 1.0, "threshold": 0.5, "target_when_both": "ban"}
+            },
+            "models": [
+                reach_row("clean", None, 0.1, 0.1),
+                reach_row("patch", "badnets", 0.6, 0.1, target=3),  # BAN finds it: no spread score needed
+                reach_row("a2a", "badnets", 0.1, 0.1, mode="all-to-all"),  # spread finds it
+                reach_row("full-clean", None, 0.1, 0.1),  # missed by nothing, but this run has no score
+            ],
+        },
+    }
+    fit = {"enabled": True, "chosen": {"reliability": {"clean_models": 1}}}
+    section = {
+        "by_family": {"batchnorm": {"shape": "window", "window": 8, "threshold": 0.5}},
+        "models": [
+            {
+                "model": m,
+                "norm_family": "batchnorm",
+                "spread_shape": "window",
+                "spread_window": 8,
+                "spread_score": v,
+            }
+            for m, v in (("clean", 0.3), ("a2a", 0.8))
+        ]
+        # an l2 row of the same model (an earlier fit's) does not count for the window cut
+        + [{"model": "clean", "norm_family": "batchnorm", "spread_rho": 2.0, "spread_score": 0.9}],
+    }
+    recount = cal.recounts(calibration, section, {"batchnorm": fit})["batchnorm"]
+    assert recount["left_out"] == ["full-clean"] and recount["reliability_before"] == {"clean_models": 1}
+    rel = recount["reliability"]
+    assert (rel["clean_models"], rel["false_positives"], rel["backdoored_models"], rel["detected"]) == (
+        1,
+        0,
+        2,
+        2,
+    )
+    assert rel["targets_correct"] == 1 and "3 of the reach section's 4" in recount["note"]
+    assert cal.recounts(calibration, section, {"batchnorm": {**fit, "enabled": False}}) == {}

@@ -127,6 +127,10 @@ def test_stages_the_scan_skipped_are_named() -> None:
     assert (
         "- Not run, as they could not change the verdict or target: universal reach, universal spread" in body
     )
+    # a family whose spread reading is calibrated in the window shape names it so
+    report.config = {**report.config, "spread_calibrated": {"shape": "window", "window": 8, "threshold": 0.5}}
+    body = _card(scan_report=report).text
+    assert "could not change the verdict or target: universal reach, window spread" in body
 
 
 def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:
@@ -167,6 +171,9 @@ def test_a_spread_verdict_is_attributed_to_the_all_to_all_reading() -> None:
     assert "score 0.8260, threshold 0.2 (this reading decided the verdict)" in spread_line(report)
     report.config = {**report.config, "decided_by": "ban"}
     assert "decided" not in spread_line(report)
+    report.spread = {"shape": "window", "score": 0.75, "threshold": 0.5, "fired": True}
+    line = next(x for x in _card(scan_report=report).text.splitlines() if "Window spread" in x)
+    assert "pasted in each window of a grid" in line and "score 0.7500, threshold 0.5" in line
     report.spread = None
     assert "Universal spread" not in _card(scan_report=report).text
 

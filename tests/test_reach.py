@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from timm_purify.detection.reach import project_l1_ball, universal_reach, universal_towards
+from timm_purify.detection.reach import (
+    confusion_matrix,
+    grid_windows,
+    project_l1_ball,
+    spread_shares,
+    universal_reach,
+    universal_towards,
+    window_spread,
+)
 
 
 def test_l1_projection_is_the_nearest_point_of_the_ball():
@@ -79,3 +87,78 @@ def test_unknown_norm_is_refused():
     model, x, y = _trapdoor_model()
     with pytest.raises(ValueError, match="norm must be one of"):
         universal_reach(model, (x, y), (x, y), 10, norm="linf", generator=torch.Generator())
+
+
+# ------------------------------------------------------------------ window spread
+
+
+class _PatchShift(nn.Module):
+    """Class ``k`` is a bright left half of row ``k``; with ``trigger``, a bright bottom-right 8x8
+    square sends every class to ``k + 1`` (an all-to-all patch backdoor)."""
+
+    def __init__(self, trigger: bool):
+        super().__init__()
+        self.trigger = trigger
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        clean = 10 * x[:, 0, :10, :16].mean(-1)
+        if not self.trigger:
+            return clean
+        t = x[:, :, 24:, 24:].mean((1, 2, 3))[:, None]
+        return clean + 3 * t * clean.roll(1, dims=1)
+
+
+def _rows(n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.arange(10).repeat_interleave(n_per_class)
+    x = torch.zeros(len(y), 3, 32, 32)
+    x[torch.arange(len(y)), :, y, :16] = 1.0
+    return x, y
+
+
+def test_every_pixel_lies_in_a_window():
+    corners = grid_windows(32, 8, 8)
+    assert corners[0] == (0, 0) and corners[-1] == (24, 24) and len(corners) == 16
+    covered = torch.zeros(32, 32, dtype=torch.bool)
+    for r, c in grid_windows(32, 6, 4):  # a side the stride does not divide: the last one sits flush
+        covered[r : r + 6, c : c + 6] = True
+    assert covered.all()
+
+
+def test_spread_shares_count_classes_moved_apart_not_to_one_sink():
+    y = torch.arange(10).repeat_interleave(5)
+    shift = confusion_matrix(y, (y + 1) % 10, 10)  # every class to the next
+    top, moved, spread = spread_shares(shift)
+    assert moved.tolist() == [1.0] * 10 and float(spread.mean()) == pytest.approx(0.9)
+    sink = confusion_matrix(y, torch.full_like(y, 3), 10)  # every class to class 3
+    top, moved, spread = spread_shares(sink)
+    assert top == 3 and float(spread.sum()) == 0.0
+
+
+def test_the_trigger_window_recovers_an_all_to_all_patch_and_a_clean_model_reads_low():
+    search, held = _rows(4), _rows(3)
+    options = dict(window=8, steps=40, batch_size=20)
+    backdoored = window_spread(
+        _PatchShift(True), search, held, 10, **options, generator=torch.Generator().manual_seed(0)
+    )
+    assert backdoored.corner == [24, 24] and backdoored.side == 8 and backdoored.stride == 8
+    assert backdoored.score > 0.8 and backdoored.second_score < backdoored.score
+    assert backdoored.destinations == [(k + 1) % 10 for k in range(10)]
+    assert (
+        len(backdoored.window_scores) == 16
+        and max(w[2] for w in backdoored.window_scores) == backdoored.score
+    )
+    assert (backdoored.num_search, backdoored.num_held_out) == (40, 30)
+    clean = window_spread(
+        _PatchShift(False), search, held, 10, **options, generator=torch.Generator().manual_seed(0)
+    )
+    assert clean.score < backdoored.score - 0.3
+    # the window and grid scale with the image: at 64x64 an 8-pixel window is 16 pixels
+    big = [(torch.nn.functional.interpolate(x, scale_factor=2.0), y) for x, y in (search, held)]
+    scaled = window_spread(
+        nn.Sequential(nn.AvgPool2d(2), _PatchShift(True)),
+        *big,
+        10,
+        **options,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert scaled.side == 16 and scaled.corner == [48, 48] and scaled.score > 0.8

@@ -132,12 +132,12 @@ def test_backdoored_model_is_flagged_with_its_target(backdoored_report):
     assert r.score > r.threshold
     assert r.config["norm_family"] == "batchnorm"
     assert r.threshold == pytest.approx(load_calibration()["all_to_one_thresholds"]["batchnorm"])
-    # BAN named a target the family trusts, so the reach stage calibrated for it was skipped; the
-    # record quoted is still the one of the scan as it runs (both stages)
-    assert r.reach is None and r.config["skipped_stages"] == ["reach"]
+    # BAN named a target the family trusts, so the reach and spread stages calibrated for it were
+    # skipped; the record quoted is still the one of the scan as it runs (all stages)
+    assert r.reach is None and r.spread is None and r.config["skipped_stages"] == ["reach", "spread"]
     assert (
         r.config["calibration_reliability"]
-        == load_calibration()["reach"]["reliability_by_family"]["batchnorm"]
+        == load_calibration()["spread"]["reliability_by_family"]["batchnorm"]
     )
     # and the family's record on held-out models, counted at the very cuts this scan used
     shipped = load_calibration()
@@ -154,6 +154,9 @@ def test_backdoored_model_is_flagged_with_its_target(backdoored_report):
 def test_clean_model_is_not_flagged(clean_report):
     r = clean_report
     assert r.verdict == "clean"
+    # every stage ran, the last the BatchNorm family's window-shaped spread reading
+    assert r.reach is not None and r.spread["shape"] == "window" and not r.spread["fired"]
+    assert r.config["spread_budget"] == {"shape": "window", "window": 8, "steps": 30}
     assert r.pattern is None and r.suspected_target is None
     assert r.score <= r.threshold
     cut = r.config["all_to_all_threshold"]  # None where the calibration found that statistic useless
@@ -370,14 +373,15 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     # split): the score, the second-lowest share moved elsewhere than the top destination
     assert spread["fired"] and spread["score"] > 0.5
     assert min(spread["moved"]) > 0.9
-    assert report.config["spread_steps"] == 40  # no steps recorded with the shipped spread threshold
+    # the shipped LayerNorm entry records neither shape nor steps: the l2 reading, 40 steps
+    assert report.config["spread_budget"] == {"shape": "l2", "rho": 2.0, "steps": 40}
     assert sum(row.index(max(row)) == (k + 1) % 10 for k, row in enumerate(spread["confusion"])) >= 9
     assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-all", None)
     assert report.config["decided_by"] == "spread" and (report.score, report.threshold) == (
         spread["score"],
         0.3,
     )
-    assert report.config["spread_rho"] == 2.0 and "spread" in report.config["stage_seconds"]
+    assert spread["shape"] == "l2" and "spread" in report.config["stage_seconds"]
     report.to_json(tmp_path / "r.json")
     assert ScanReport.from_json(tmp_path / "r.json") == report
     text = _summary(report, "shifted")
@@ -411,6 +415,64 @@ def test_spread_runs_where_the_calibration_fitted_it(monkeypatch):
         report.spread["threshold"] == 0.4 and report.spread["rho"] == 3.0 and report.pattern == "all-to-all"
     )
     assert scan(shifted, clean_images(), spread="off", **cheap).spread is None
+
+
+def test_window_spread_finds_the_pixel_trigger_in_its_corner(tmp_path):
+    """The window shape pastes one pattern per window of a grid: the window over the trigger pixel
+    moves every class to the next; the report says where, and the CLI summary too."""
+    from timm_purify.cli.scan import _summary
+
+    clean, _ = pixel_models()
+    shifted = _PixelShift(copy.deepcopy(clean), strength=200.0).eval()
+    report = scan(shifted, clean_images(), spread="on", spread_shape="window", spread_steps=20, **SPREAD)
+    spread = report.spread
+    assert report.config["spread_budget"] == {"shape": "window", "window": 8, "steps": 20}
+    assert spread["shape"] == "window" and spread["corner"] == [0, 0] and spread["side"] == 8
+    assert spread["fired"] and spread["score"] > 0.5
+    assert sum(d == (k + 1) % 10 for k, d in enumerate(spread["destinations"])) >= 8
+    assert (report.verdict, report.pattern, report.config["decided_by"]) == (
+        "backdoored",
+        "all-to-all",
+        "spread",
+    )
+    report.to_json(tmp_path / "r.json")
+    assert ScanReport.from_json(tmp_path / "r.json") == report
+    text = _summary(report, "shifted")
+    assert "window spread score" in text and "window at row 0, column 0" in text
+    twin = scan(
+        _PixelShift(copy.deepcopy(clean), strength=0.0).eval(),
+        clean_images(),
+        spread="on",
+        spread_shape="window",
+        spread_steps=20,
+        **SPREAD,
+    )
+    assert twin.verdict == "clean" and twin.spread["score"] < spread["score"] - 0.3
+
+
+def test_the_calibrated_spread_shape_is_used_and_kept_apart_from_the_other(monkeypatch):
+    """A family calibrated with the window shape runs it at its side and steps; another shape, or
+    the other shape's budget, is refused before any work unless the caller gives a threshold, and
+    a budget other than the calibrated one gets a caution."""
+    clean, _ = pixel_models()
+    shifted = _PixelShift(copy.deepcopy(clean), strength=200.0).eval()
+    shipped = load_calibration()
+    cheap = {k: v for k, v in SPREAD.items() if k != "spread_threshold"}
+    entry = {"shape": "window", "window": 8, "steps": 10, "threshold": 0.4}
+    calibrated = {"other": entry, "batchnorm": entry}  # _Exploding is a BatchNorm model
+    monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "spread": {"by_family": calibrated}})
+    report = scan(shifted, clean_images(), **cheap)
+    assert report.config["spread_budget"] == {"shape": "window", "window": 8, "steps": 10}
+    assert report.spread["threshold"] == 0.4 and report.pattern == "all-to-all"
+    assert not [c for c in report.config["cautions"] if "spread reading" in c]
+    with pytest.raises(ScanOptionError, match="spread_rho is the budget of the 'l2' spread shape"):
+        scan(_Exploding(), clean_images(), spread_rho=2.0, **cheap)
+    with pytest.raises(ScanOptionError, match="a cut on the 'window' reading's score"):
+        scan(_Exploding(), clean_images(), spread_shape="l2", **cheap)
+    other = scan(shifted, clean_images(), spread_shape="l2", spread_threshold=0.3, **cheap)
+    assert other.config["spread_budget"] == {"shape": "l2", "rho": 2.0, "steps": 40}
+    longer = scan(shifted, clean_images(), spread_steps=12, **cheap)
+    assert [c for c in longer.config["cautions"] if "spread reading's shape and budget" in c]
 
 
 # ------------------------------------------------------------------ the statistic
@@ -906,10 +968,15 @@ def test_the_spread_calibration_matches_its_recorded_scans():
 
     for family, fitted in section["by_family"].items():
         cut = fitted["threshold"]
+        shape = fitted.get("shape", "l2")  # the first calibration wrote l2 entries without a shape
+        size = "rho" if shape == "l2" else "window"
         rows = [
             m
             for m in section["models"]
-            if m["used"] and m["norm_family"] == family and m["spread_rho"] == fitted["rho"]
+            if m["used"]
+            and m["norm_family"] == family
+            and m.get("spread_shape", "l2") == shape
+            and m[f"spread_{size}"] == fitted[size]
         ]
         clean = [m for m in rows if m["attack"] is None]
         bad = [m for m in rows if m["attack"] is not None]
@@ -941,16 +1008,37 @@ def test_the_spread_calibration_matches_its_recorded_scans():
             and (m["reach_norm"], m["reach_rho"]) == (fitted["norm"], fitted["rho"])
         ]
         ban_cuts = calibrated_decision(cal, family)
+        # calibrate_spread.py's recount takes each model's spread score from its own rows (the
+        # fitted shape's) and leaves out, listed, the missed models it has none of; the refit's
+        # recount from the reach section's rows
+        left_out = recounted[family].get("left_out")
+        entry = section["by_family"][family]
+        shape = entry.get("shape", "l2")
+        own = {
+            m["model"]: m["spread_score"]
+            for m in section["models"]
+            if m["norm_family"] == family
+            and m.get("spread_shape", "l2") == shape
+            and m.get("spread_window" if shape == "window" else "spread_rho")
+            == entry["window" if shape == "window" else "rho"]
+        }
 
         found = []  # (model, flagged, target) with every stage
         for m in rows:
-            verdict, _, target, _ = combine_stages(
-                decide(m["ban_statistics"], **ban_cuts)[:3],
+            earlier = dict(
                 reach_fired=m["reach_score"] > fitted["threshold"],
                 reach_target=m["reach_target"],
                 target_when_both=fitted["target_when_both"],
-                spread_fired=m["spread_score"] > cut,
             )
+            verdict, _, target, _ = combine_stages(decide(m["ban_statistics"], **ban_cuts)[:3], **earlier)
+            if verdict == "clean":  # the spread reading runs only here
+                if left_out is not None and m["model"] in left_out:
+                    assert m["model"] not in own
+                    continue
+                score = own[m["model"]] if left_out is not None else m["spread_score"]
+                verdict, _, target, _ = combine_stages(
+                    decide(m["ban_statistics"], **ban_cuts)[:3], **earlier, spread_fired=score > cut
+                )
             found.append((m, verdict == "backdoored", target))
         rel = section["reliability_by_family"][family]
         clean = [hit for m, hit, _ in found if m["attack"] is None]
@@ -1130,6 +1218,12 @@ class _Exploding(nn.Module):
         (dict(reach_rho=0), "reach_rho must be a number > 0"),
         (dict(reach_steps=0), "reach_steps must be a positive integer"),
         (dict(spread_steps=2.5), "spread_steps must be a positive integer"),
+        (dict(spread_window=0), "spread_window must be a positive integer"),
+        (dict(spread_shape="square"), "spread_shape must be one of"),
+        (
+            dict(spread_shape="l2", spread_window=8),
+            "spread_window is the budget of the 'window' spread shape",
+        ),
         (dict(reach_threshold="low"), "reach_threshold must be a number"),
         # BAN's thresholds given, so no calibration is read: nothing to judge the reach score by
         (dict(reach="on", threshold=0.5, all_to_all_threshold=0.5), "reach='on' needs a threshold"),
@@ -1286,7 +1380,9 @@ def test_cli_reach_stage_on_demand(saved, monkeypatch):
     res = _cli(*args, "--steps", "2", "--reach", "on", "--reach-threshold", "0.9")
     assert res.exit_code == 3, res.output
     assert "universal reach score" in res.output and "threshold 0.900" in res.output
-    assert "(percent):" in res.output and "skipped" not in res.output
+    # reach ran though BAN fired; the spread reading, left at auto, is skipped behind them
+    assert "(percent):" in res.output and "universal reach: skipped" not in res.output
+    assert "window spread: skipped" in res.output
 
     shipped = load_calibration()
     fitted = {k: v for k, v in shipped["reach"]["by_family"].items() if k != "batchnorm"}

@@ -29,6 +29,8 @@ def _histogram_lines(counts: list[int], names: list[str] | None, *, mark: int | 
 
 
 def _summary(report, model: str) -> str:
+    from ..detection.report import stage_label
+
     cfg = report.config
     verdict = report.verdict.upper() + (f" ({report.pattern})" if report.pattern else "")
     stats = cfg["statistics"]
@@ -72,12 +74,19 @@ def _summary(report, model: str) -> str:
         )
     spread = report.spread
     if spread is not None:
+        where = (
+            f"best {spread['side']}-pixel window at row {spread['corner'][0]}, column {spread['corner'][1]}"
+            if spread.get("shape") == "window"
+            else f"L2 budget {spread['rho']:g}"
+        )
         lines.append(
-            f"  universal spread score {compare(spread['score'], spread['threshold'])} "
-            f"(all-to-all reading; L2 budget {spread['rho']:g}, {spread['seconds']:.1f} s)"
+            f"  {stage_label(cfg, 'spread')} score "
+            f"{compare(spread['score'], spread['threshold'])} (all-to-all reading; {where}, {spread['seconds']:.1f} s)"
         )
     for stage in cfg.get("skipped_stages", []):
-        lines.append(f"  universal {stage}: skipped (an earlier stage's verdict and target already stand)")
+        lines.append(
+            f"  {stage_label(cfg, stage)}: skipped (an earlier stage's verdict and target already stand)"
+        )
     if cfg.get("decided_by"):
         lines.append(f"decided by: {cfg['decided_by']}")
     lines += cfg.get("cautions", [])
@@ -162,8 +171,9 @@ def _summary(report, model: str) -> str:
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="All-to-all reading, universal spread (one untargeted perturbation shared by all images): "
-    "'auto' runs it where the calibration fitted it for the model's normalisation family.",
+    help="All-to-all reading, spread (one untargeted perturbation shared by all images, over the whole image "
+    "or, on families calibrated so, pasted in one window of a grid): 'auto' runs it where the calibration "
+    "fitted it for the model's normalisation family.",
 )
 @click.option(
     "--spread-threshold",
@@ -190,8 +200,8 @@ def scan(
     quiet: bool,
 ) -> None:
     """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask; where
-    calibrated also universal reach, one small perturbation per class, and universal spread, one
-    untargeted perturbation that moves every class elsewhere: the all-to-all reading).
+    calibrated also universal reach, one small perturbation per class, and spread, one untargeted
+    perturbation or pasted pattern that moves every class elsewhere: the all-to-all reading).
 
     MODEL is a local timm folder, a Hub id or an architecture name. The files of a folder
     or of the downloaded Hub snapshot are first inspected without loading them; the behavioural scan then needs a few

@@ -36,10 +36,14 @@ What runs (the reference code's order and defaults, ``shared/notes/methods.md``)
    images of the other classes it sends to the class. A second stage: it flags a model BAN
    found clean; where BAN fired, BAN's verdict stands, so the stage is skipped where it could
    only confirm it.
-6. Universal spread (:func:`timm_purify.detection.reach.universal_spread`), where the
-   calibration enabled it (``benchmarks/calibrate_spread.py``): one untargeted perturbation
-   shared by all images, and whether it moves every class, each to its own destination. The
-   all-to-all reading: it flags, as an all-to-all pattern, a model both stages above found clean.
+6. Spread, where the calibration enabled it (``benchmarks/calibrate_spread.py``): one
+   untargeted pattern shared by all images, and whether it moves every class, each to its own
+   destination. The all-to-all reading: it flags, as an all-to-all pattern, a model both stages
+   above found clean. Its shape is calibrated per family: on LayerNorm models one L2-bounded
+   perturbation over the whole image (:func:`~timm_purify.detection.reach.universal_spread`);
+   on BatchNorm ones, where that perturbation finds a sink class of the clean model instead,
+   one pattern pasted in each window of a grid in turn
+   (:func:`~timm_purify.detection.reach.window_spread`), which finds all-to-all patch triggers.
 
 Where this departs from the reference, and why:
 
@@ -122,7 +126,7 @@ from .._layers import check_classifier
 from .._progress import progress
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
 from ..defenses._common import _NORM_TYPES, NormNoise, PixelModel
-from .reach import REACH_NORMS, universal_reach, universal_spread
+from .reach import REACH_NORMS, confusion_matrix, universal_reach, universal_spread, window_spread
 from .report import ScanReport, all_to_one_found
 
 __all__ = [
@@ -131,7 +135,9 @@ __all__ = [
     "ScanOptionError",
     "CALLER_THRESHOLDS",
     "REACH_MODES",
+    "SPREAD_SHAPES",
     "DEFAULT_EPS",
+    "DEFAULT_SPREAD",
     "TARGET_SOURCES",
     "calibration_cautions",
     "load_calibration",
@@ -143,6 +149,7 @@ __all__ = [
     "family_cuts",
     "family_fit",
     "heldout_record",
+    "spread_budget",
     "norm_family",
     "CALIBRATION_FILE",
     "scan_statistics",
@@ -167,10 +174,14 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 REACH_MODES = ("auto", "on", "off")
 # its budget where neither the caller nor the calibration gives one (benchmarks/DETECTION.md)
 DEFAULT_REACH = {"norm": "l2", "rho": 1.0, "steps": 40}
-# the spread reading's L2 budget at 3x32x32 where neither the caller nor the calibration gives one
-DEFAULT_SPREAD_RHO = 2.0
-# and its ascent steps where neither gives a number (the shipped spread threshold records none: 40)
-DEFAULT_SPREAD_STEPS = 40
+# the shapes of the spread reading's perturbation: one L2-bounded perturbation over the whole
+# image (universal_spread) or one pasted pattern per window of a grid (window_spread)
+SPREAD_SHAPES = ("l2", "window")
+# each shape's budget and steps where neither the caller nor the calibration gives them: the L2
+# radius at 3x32x32 and ascent steps (the shipped LayerNorm threshold records no steps: 40), and
+# the window side at 3x32x32 and Adam steps (benchmarks/DETECTION.md: 30 steps of 32 images read
+# as 60 of 64 did, at a third of the time)
+DEFAULT_SPREAD = {"l2": {"rho": 2.0, "steps": 40}, "window": {"window": 8, "steps": 30}}
 
 # the paper's noise budget for 32x32 images: used when the caller gives the thresholds but no eps,
 # and for a normalisation family the calibration records no budget for
@@ -225,12 +236,18 @@ class ScanOptions:
             the family's reach threshold was calibrated with (``steps`` in ``calibration.json``),
             else 40.
         reach_threshold: override the calibrated threshold of the reach score.
-        spread: the all-to-all reading, universal spread (:func:`~timm_purify.detection.reach.universal_spread`),
-            run as ``reach`` is (``"auto"``: where a threshold is calibrated or given, and no
-            earlier stage fired). Where BAN and reach find nothing and it fires, the model is
-            backdoored with an all-to-all pattern.
-        spread_rho, spread_steps: its L2 budget at 3x32x32 and ascent steps; ``None``: the
-            calibrated ones, else 2 and 40.
+        spread: the all-to-all reading, run as ``reach`` is (``"auto"``: where a threshold is
+            calibrated or given, and no earlier stage fired). Where BAN and reach find nothing
+            and it fires, the model is backdoored with an all-to-all pattern.
+        spread_shape: its perturbation: ``"l2"``, universal spread
+            (:func:`~timm_purify.detection.reach.universal_spread`, one L2-bounded perturbation
+            over the whole image), or ``"window"``, window spread
+            (:func:`~timm_purify.detection.reach.window_spread`, one pasted pattern per window of
+            a grid: patch triggers); ``None``: the calibrated one for the family, else ``"l2"``.
+        spread_rho: the ``"l2"`` shape's budget at 3x32x32; ``spread_window``: the ``"window"``
+            shape's window side at 3x32x32; ``spread_steps``: either's steps. ``None``: the
+            calibrated ones, else :data:`DEFAULT_SPREAD`'s. Giving the other shape's budget is
+            an error.
         spread_threshold: override the calibrated threshold of the spread score.
     """
 
@@ -252,7 +269,9 @@ class ScanOptions:
     reach_steps: int | None = None
     reach_threshold: float | None = None
     spread: str = "auto"
+    spread_shape: str | None = None
     spread_rho: float | None = None
+    spread_window: int | None = None
     spread_steps: int | None = None
     spread_threshold: float | None = None
 
@@ -265,10 +284,11 @@ class ScanOptions:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ScanOptionError(f"{name} must be a number > 0, got {value!r}")
         for name in (
-            "steps", "restarts", "mask_epochs", "mask_steps_per_epoch", "batch_size", "reach_steps", "spread_steps"
+            "steps", "restarts", "mask_epochs", "mask_steps_per_epoch", "batch_size", "reach_steps", "spread_steps",
+            "spread_window",
         ):  # fmt: skip
             value = getattr(self, name)
-            if name in ("reach_steps", "spread_steps") and value is None:
+            if name in ("reach_steps", "spread_steps", "spread_window") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ScanOptionError(f"{name} must be a positive integer, got {value!r}")
@@ -295,6 +315,10 @@ class ScanOptions:
         for name in ("reach", "spread"):
             if getattr(self, name) not in REACH_MODES:
                 raise ScanOptionError(f"{name} must be one of {REACH_MODES}, got {getattr(self, name)!r}")
+        if self.spread_shape is not None and self.spread_shape not in SPREAD_SHAPES:
+            raise ScanOptionError(
+                f"spread_shape must be one of {SPREAD_SHAPES} or None, got {self.spread_shape!r}"
+            )
         if self.reach_norm is not None and self.reach_norm not in REACH_NORMS:
             raise ScanOptionError(f"reach_norm must be one of {REACH_NORMS} or None, got {self.reach_norm!r}")
         for name in ("reach_rho", "spread_rho"):
@@ -746,6 +770,13 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
                 "was calibrated at ({} {:g}, {} steps); leave reach_norm, reach_rho and reach_steps at their "
                 "defaults, or pass reach_threshold= fitted at your budget".format(*used, *calibrated)
             )
+    fitted, spread = config.get("spread_calibrated"), config.get("spread_budget")
+    if fitted and spread and spread != spread_budget(ScanOptions(), fitted):
+        cautions.append(
+            f"caution: the spread reading's shape and budget ({spread}) are not the ones this family's spread "
+            f"threshold was calibrated at ({spread_budget(ScanOptions(), fitted)}); leave spread_shape, "
+            "spread_rho, spread_window and spread_steps at their defaults, or pass spread_threshold= fitted at yours"
+        )
     floor = config.get("calibration_min_acc")
     if floor is not None and clean_acc < floor:
         cautions.append(
@@ -888,6 +919,47 @@ def _later_stage(
     return calibrated, threshold, run
 
 
+def spread_budget(opts: ScanOptions, calibrated: dict | None) -> dict[str, Any]:
+    """The spread reading's shape and budget, ``{"shape": "l2", "rho", "steps"}`` or
+    ``{"shape": "window", "window", "steps"}``: the caller's where given, else the family's
+    ``calibrated`` entry (``calibration["spread"]["by_family"]``; no ``shape``: ``"l2"``, as the
+    first calibration wrote them) where it is of the same shape, else :data:`DEFAULT_SPREAD`'s.
+
+    Raises:
+        ScanOptionError: the other shape's budget was given, or another shape than the calibrated
+            one without a threshold (the calibrated one is a cut on the other reading's score).
+    """
+    calibrated = calibrated or {}
+    fitted_shape = calibrated.get("shape", "l2") if calibrated else None
+    shape = opts.spread_shape or fitted_shape or "l2"
+    other, foreign = ("window", "spread_window") if shape == "l2" else ("l2", "spread_rho")
+    if getattr(opts, foreign) is not None:
+        raise ScanOptionError(
+            f"{foreign} is the budget of the {other!r} spread shape, and this scan's is {shape!r}; "
+            f"drop it, or pass spread_shape={other!r}"
+        )
+    if fitted_shape not in (None, shape) and opts.spread_threshold is None:
+        raise ScanOptionError(
+            f"the calibrated spread threshold for this model's family is a cut on the {fitted_shape!r} "
+            f"reading's score, not on the {shape!r} one's; pass spread_threshold= (CLI: --spread-threshold) "
+            f"with spread_shape={shape!r}, or leave spread_shape unset"
+        )
+    fitted = calibrated if fitted_shape == shape else {}
+    default = DEFAULT_SPREAD[shape]
+    steps = int(opts.spread_steps or fitted.get("steps") or default["steps"])
+    if shape == "l2":
+        return {
+            "shape": "l2",
+            "rho": float(opts.spread_rho or fitted.get("rho") or default["rho"]),
+            "steps": steps,
+        }
+    return {
+        "shape": "window",
+        "window": int(opts.spread_window or fitted.get("window") or default["window"]),
+        "steps": steps,
+    }
+
+
 def _stratified_split(
     y: torch.Tensor, holdout: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -899,13 +971,6 @@ def _stratified_split(
         held.append(idx[:n_held])
         search.append(idx[n_held:])
     return torch.cat(search), torch.cat(held)
-
-
-def _confusion(y: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``out[k, j]`` = number of images of class ``k`` predicted ``j``."""
-    return torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
-        num_classes, num_classes
-    )
 
 
 @contextlib.contextmanager
@@ -986,8 +1051,7 @@ class _Settings:
     spread_calibrated: dict | None
     spread_threshold: float | None
     run_spread: bool
-    spread_rho: float
-    spread_steps: int
+    spread_budget: dict[str, Any]
 
     def cuts(self, opts: ScanOptions) -> dict[str, Any]:
         """The cuts in :func:`family_cuts`' spelling, as this scan uses them."""
@@ -1006,11 +1070,7 @@ class _Settings:
             }
             if self.run_reach
             else None,
-            spread={
-                "rho": self.spread_rho,
-                "steps": self.spread_steps,
-                "threshold": float(self.spread_threshold),
-            }
+            spread={**self.spread_budget, "threshold": float(self.spread_threshold)}
             if self.run_spread
             else None,
         )
@@ -1067,8 +1127,7 @@ def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _S
         spread_calibrated=spread_calibrated,
         spread_threshold=spread_threshold,
         run_spread=run_spread,
-        spread_rho=float(opts.spread_rho or (spread_calibrated or {}).get("rho") or DEFAULT_SPREAD_RHO),
-        spread_steps=int(opts.spread_steps or (spread_calibrated or {}).get("steps") or DEFAULT_SPREAD_STEPS),
+        spread_budget=spread_budget(opts, spread_calibrated),
     )
 
 
@@ -1122,7 +1181,7 @@ def scan(
     reach_calibrated, reach_threshold, run_reach = st.reach_calibrated, st.reach_threshold, st.run_reach
     reach_budget, target_when_both = st.reach_budget, st.target_when_both
     spread_calibrated, spread_threshold, run_spread = st.spread_calibrated, st.spread_threshold, st.run_spread
-    spread_rho, spread_steps = st.spread_rho, st.spread_steps
+    spread_at = st.spread_budget
     # the record on held-out models, where this scan decides with the cuts it was counted at
     heldout = heldout_record(calibration, family, st.cuts(opts)) if calibration else None
     try:
@@ -1234,9 +1293,9 @@ def scan(
     y_held = held.y
     y_pooled = y_held.repeat(opts.restarts)
     confusions = {
-        "noisy": _confusion(y_pooled, pred_noisy, num_classes),
-        "noisy_masked": _confusion(y_pooled, pred_masked, num_classes),
-        "clean": _confusion(y_held, pred_clean, num_classes),
+        "noisy": confusion_matrix(y_pooled, pred_noisy, num_classes),
+        "noisy_masked": confusion_matrix(y_pooled, pred_masked, num_classes),
+        "clean": confusion_matrix(y_held, pred_clean, num_classes),
     }
     stats = scan_statistics(confusions["noisy"], confusions["noisy_masked"], confusions["clean"])
 
@@ -1288,16 +1347,28 @@ def scan(
     if run_spread and not do_spread:
         skipped.append("spread")
     if do_spread:
-        result = universal_spread(
-            pixels,
-            right_search,
-            right_held,
-            num_classes,
-            rho=spread_rho,
-            steps=spread_steps,
-            generator=gen,
-        )
+        if spread_at["shape"] == "window":
+            result = window_spread(
+                pixels,
+                right_search,
+                right_held,
+                num_classes,
+                window=spread_at["window"],
+                steps=spread_at["steps"],
+                generator=gen,
+            )
+        else:
+            result = universal_spread(
+                pixels,
+                right_search,
+                right_held,
+                num_classes,
+                rho=spread_at["rho"],
+                steps=spread_at["steps"],
+                generator=gen,
+            )
         spread = {
+            "shape": spread_at["shape"],
             **result.to_dict(),
             "threshold": float(spread_threshold),
             "fired": result.score > spread_threshold,
@@ -1352,10 +1423,10 @@ def scan(
         # later stages the calibration runs for this family that were skipped because an earlier
         # stage's verdict and target already stood ("reach", "spread")
         "skipped_stages": skipped,
-        # the same for the spread reading (its budget: an L2 radius at 3x32x32)
+        # the same for the spread reading: its shape and budget (an L2 radius, or a window side,
+        # at 3x32x32) and steps where it ran
         "spread_calibrated": spread_calibrated,
-        "spread_rho": spread_rho if spread is not None else None,
-        "spread_steps": spread_steps if spread is not None else None,
+        "spread_budget": spread_at if spread is not None else None,
         # the calibration left out models below this clean accuracy (they collapse under the noise)
         "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,

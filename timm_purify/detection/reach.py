@@ -46,6 +46,9 @@ __all__ = [
     "REACH_NORMS",
     "ReachResult",
     "SpreadResult",
+    "WindowSpreadResult",
+    "confusion_matrix",
+    "grid_windows",
     "project_l1_ball",
     "reach_matrix",
     "spread_shares",
@@ -53,6 +56,7 @@ __all__ = [
     "universal_reach",
     "universal_spread",
     "universal_towards",
+    "window_spread",
 ]
 
 REACH_NORMS = ("l1", "l2")
@@ -312,6 +316,13 @@ class SpreadResult:
         return asdict(self)
 
 
+def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``out[k, j]`` = number of images of class ``k`` predicted ``j``."""
+    return torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).view(
+        num_classes, num_classes
+    )
+
+
 def spread_shares(confusion: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(top destination, moved, spread)`` of ``confusion[source][predicted]`` under one
     perturbation: the class receiving most moved images, and per source class the share moved to
@@ -358,9 +369,7 @@ def universal_spread(
     delta = universal_away(f, xs, ys, rho=scaled, steps=steps, batch_size=batch_size, generator=generator)
     with torch.no_grad():
         pred = f((xh + delta).clamp(0.0, 1.0)).argmax(1).cpu()
-    yh = yh.cpu()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((yh, pred), torch.ones_like(yh), accumulate=True)
+    confusion = confusion_matrix(yh.cpu(), pred, num_classes)
     top, moved, spread = spread_shares(confusion)
     present = confusion.sum(1) > 0
     ranked = spread[present].sort().values
@@ -374,6 +383,141 @@ def universal_spread(
         rho=float(rho),
         rho_scaled=float(scaled),
         steps=steps,
+        num_search=len(ys),
+        num_held_out=len(yh),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def grid_windows(size: int, side: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners ``(row, col)`` of a grid of ``side``-sided squares over a ``size``-sided
+    image, the last row and column flush with the far edges, so with ``stride <= side`` every
+    pixel lies in some window (a trigger no larger than ``side - stride + 1`` fits whole in one)."""
+    starts = sorted({*range(0, size - side + 1, stride), size - side})
+    return [(r, c) for r in starts for c in starts]
+
+
+@dataclass
+class WindowSpreadResult:
+    """What :func:`window_spread` measured.
+
+    Attributes:
+        score: the best window's mean over classes of ``spread``; high when one pattern in one
+            place moves every class, each to its own destination.
+        corner: ``[row, col]`` of the best window at this input size.
+        second_score: the runner-up window's score (a trigger stands out; a fragile model does not).
+        moved, spread, top_destination, confusion: the best window's, as :class:`SpreadResult` has them.
+        destinations: per source class, where most of its moved images went (``None``: none moved);
+            under an all-to-all backdoor, its mapping (``y -> y + 1``, say).
+        window_scores: ``[row, col, score]`` of every window, in grid order.
+        window, stride: the window side and grid step at 3x32x32; ``side``: the side at this size.
+        steps, batch_size, lr: of each window's Adam search.
+        num_search, num_held_out: correctly classified images that fitted / measured the patterns.
+        seconds: wall time.
+    """
+
+    score: float
+    corner: list[int]
+    second_score: float
+    moved: list[float]
+    spread: list[float]
+    top_destination: int
+    destinations: list[int | None]
+    confusion: list[list[int]]
+    window_scores: list[list[float]]
+    window: int
+    stride: int
+    side: int
+    steps: int
+    batch_size: int
+    lr: float
+    num_search: int
+    num_held_out: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def window_spread(
+    f: nn.Module,
+    search: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    window: int = 8,
+    stride: int | None = None,
+    steps: int = 30,
+    batch_size: int = 32,
+    lr: float = 0.1,
+    generator: torch.Generator,
+) -> WindowSpreadResult:
+    """The all-to-all reading for patch triggers: per window of a grid, one pasted pattern shared
+    by every image, and where it sends each class.
+
+    Why beside :func:`universal_spread`: on BatchNorm models an untargeted perturbation spread
+    over the whole image finds a sink class of the clean model instead of an all-to-all patch
+    (the calibration found no budget where it helped; ``benchmarks/DETECTION.md``). A patch
+    trigger's mark is that one pattern at one place moves *every* class, each to its own
+    destination. So each window's pixels are replaced by a pattern fitted (Adam on the negative
+    cross-entropy of the true labels) to push images off their labels, and scored on held-out
+    images by the mean over classes of the share moved to a class other than the most common
+    destination: an all-to-one trigger moves every class but to one class and scores low; a
+    clean model's best window moves a few fragile classes. The best window's score is the model's.
+    The mean, not :func:`universal_spread`'s second-lowest class: measured on 14 all-to-all
+    BatchNorm models, the trigger's window moved 8-10 of 10 classes, so one or two unmoved
+    classes should lower the score, not zero it.
+
+    Args:
+        f: the model as a function of [0, 1] pixels (``PixelModel``), in eval mode, frozen.
+        search, held: ``(images in [0, 1], labels)`` of correctly classified clean images.
+        window, stride: the window side and grid step at 3x32x32, scaled to the images' size
+            (``stride=None``: abutting windows, ``stride = window``).
+        steps, batch_size, lr: of each window's Adam search, on random batches of ``search``.
+        generator: drives the batches (seeded by the caller).
+    """
+    start = time.perf_counter()
+    (xs, ys), (xh, yh) = search, held
+    size = xs.shape[-1]
+    side = max(1, min(size, round(window * size / 32)))
+    step = max(1, round((stride or window) * size / 32))
+    readings = []
+    for r, c in grid_windows(size, side, step):
+        mask = torch.zeros(1, 1, size, size, device=xs.device)
+        mask[..., r : r + side, c : c + side] = 1.0
+        pattern = torch.full((1, xs.shape[1], size, size), 0.5, device=xs.device, requires_grad=True)
+        opt = torch.optim.Adam([pattern], lr=lr)
+        for _ in range(steps):
+            idx = torch.randint(0, len(xs), (batch_size,), generator=generator).to(xs.device)
+            loss = -F.cross_entropy(f(xs[idx] * (1 - mask) + pattern.clamp(0, 1) * mask), ys[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            pred = f(xh * (1 - mask) + pattern.clamp(0, 1) * mask).argmax(1).cpu()
+        confusion = confusion_matrix(yh.cpu(), pred, num_classes)
+        top, moved, spread = spread_shares(confusion)
+        score = float(spread[confusion.sum(1) > 0].mean())
+        readings.append((score, r, c, top, moved, spread, confusion))
+    best = max(readings, key=lambda w: w[0])
+    score, r, c, top, moved, spread, confusion = best
+    off = confusion.clone().fill_diagonal_(0)
+    return WindowSpreadResult(
+        score=score,
+        corner=[r, c],
+        second_score=sorted((w[0] for w in readings), reverse=True)[1] if len(readings) > 1 else 0.0,
+        moved=[float(v) for v in moved],
+        spread=[float(v) for v in spread],
+        top_destination=top,
+        destinations=[int(row.argmax()) if int(row.sum()) else None for row in off],
+        confusion=confusion.tolist(),
+        window_scores=[[w[1], w[2], w[0]] for w in readings],
+        window=window,
+        stride=stride or window,
+        side=side,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
         num_search=len(ys),
         num_held_out=len(yh),
         seconds=time.perf_counter() - start,

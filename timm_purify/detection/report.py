@@ -11,14 +11,23 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ScanReport", "REPORT_KEYS", "VERDICTS", "PATTERNS", "all_to_one_found"]
+__all__ = ["ScanReport", "REPORT_KEYS", "VERDICTS", "PATTERNS", "all_to_one_found", "stage_label"]
 
 VERDICTS = ("backdoored", "clean")
 PATTERNS = ("all-to-one", "all-to-all")
+
+
+def stage_label(config: Mapping[str, Any], stage: str) -> str:
+    """How a report names a later stage, ``"reach"`` or ``"spread"``: the spread reading by its
+    shape where the family's calibration gives one (``"window spread"``), as the summary and the
+    card print it, also where the stage was skipped."""
+    shape = ((config.get("spread_budget") or config.get("spread_calibrated") or {}).get("shape")) or "l2"
+    return "window spread" if stage == "spread" and shape == "window" else f"universal {stage}"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCard, ModelCardData
 
 from .._version import __version__
-from ..detection.report import all_to_one_found
+from ..detection.report import all_to_one_found, stage_label
 from ..metrics import EvalResult, der
 from .plots import PLOT_CAPTIONS
 
@@ -216,8 +216,13 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
     if isinstance(spread, Mapping) and isinstance(spread.get("score"), int | float):
         # the all-to-all reading: it decides only where the stages before it found nothing
         decided = (scan.get("config") or {}).get("decided_by") == "spread"
+        what = (
+            "one pattern shared by all images, pasted in each window of a grid in turn"
+            if spread.get("shape") == "window"
+            else "one untargeted L2 perturbation shared by all images"
+        )
         lines.append(
-            f"- Universal spread (all-to-all reading: one untargeted L2 perturbation shared by all images, "
+            f"- {'Window' if spread.get('shape') == 'window' else 'Universal'} spread (all-to-all reading: {what}, "
             f"how many classes it moves, each elsewhere): score {spread['score']:.4f}, threshold "
             f"{_short(spread.get('threshold'))}" + (" (this reading decided the verdict)" if decided else "")
         )
@@ -225,7 +230,7 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
     if skipped:  # calibrated for this model's family, but the verdict and target already stood
         lines.append(
             "- Not run, as they could not change the verdict or target: "
-            + ", ".join(f"universal {stage}" for stage in skipped)
+            + ", ".join(stage_label(scan.get("config") or {}, stage) for stage in skipped)
         )
     if scan.get("pattern"):
         lines.append(f"- Pattern: {scan['pattern']}")
