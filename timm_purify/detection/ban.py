@@ -1347,26 +1347,10 @@ def scan(
     if run_spread and not do_spread:
         skipped.append("spread")
     if do_spread:
-        if spread_at["shape"] == "window":
-            result = window_spread(
-                pixels,
-                right_search,
-                right_held,
-                num_classes,
-                window=spread_at["window"],
-                steps=spread_at["steps"],
-                generator=gen,
-            )
-        else:
-            result = universal_spread(
-                pixels,
-                right_search,
-                right_held,
-                num_classes,
-                rho=spread_at["rho"],
-                steps=spread_at["steps"],
-                generator=gen,
-            )
+        # the shape's reading, at its budget (window side or L2 radius) and steps
+        reading = window_spread if spread_at["shape"] == "window" else universal_spread
+        budget = {k: v for k, v in spread_at.items() if k != "shape"}
+        result = reading(pixels, right_search, right_held, num_classes, **budget, generator=gen)
         spread = {
             "shape": spread_at["shape"],
             **result.to_dict(),
