@@ -417,13 +417,12 @@ def verdicts(
             "reach_target": r["reach_target"],
             "target_when_both": when_both,
         }
-        verdict, _, target, _ = combine_stages(ban_stage(r, ban), **earlier)
+        first = ban_stage(r, ban)
+        verdict, _, target, _ = combine_stages(first, **earlier)
         if verdict == "clean" and spread is not None:
             # as the scan runs it: only where the earlier stages found nothing (so a row they
             # flagged needs no spread score)
-            verdict, _, target, _ = combine_stages(
-                ban_stage(r, ban), **earlier, spread_fired=r["spread_score"] > spread
-            )
+            verdict, _, target, _ = combine_stages(first, **earlier, spread_fired=r["spread_score"] > spread)
         out.append((verdict == "backdoored", target))
     return out
 
@@ -1037,7 +1036,7 @@ def spread_row(folder: Path, norm: str, rho: float, spread: dict, args: argparse
         spread_threshold=float("inf"),
     )
     return {
-        **{f"spread_{k}": v for k, v in spread.items() if k != "threshold"},
+        **spread_options(spread),
         "spread_score": report.spread["score"],
         "spread_seconds": report.spread["seconds"],
         # the reach score of this scan: equal to the stored row's when the generator ran the same way
@@ -1046,13 +1045,9 @@ def spread_row(folder: Path, norm: str, rho: float, spread: dict, args: argparse
 
 
 def spread_options(spread: dict) -> dict:
-    """The scan options that run the spread reading at ``spread``'s shape and budget."""
-    budget = {"rho": spread["rho"]} if spread["shape"] == "l2" else {"window": spread["window"]}
-    return {
-        "spread_shape": spread["shape"],
-        **{f"spread_{k}": v for k, v in budget.items()},
-        "spread_steps": spread["steps"],
-    }
+    """The scan options that run the spread reading at ``spread``'s shape and budget (its
+    ``threshold``, if any, left out), spelt as the stored rows' fields are too."""
+    return {f"spread_{k}": v for k, v in spread.items() if k != "threshold"}
 
 
 def spread_key(key: str, spread: dict) -> str:

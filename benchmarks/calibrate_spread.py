@@ -137,7 +137,7 @@ def scan_row(folder: Path, budget: dict, args: argparse.Namespace) -> dict:
         "pattern": report.pattern,
         "suspected_target": report.suspected_target,
         "decided_by": report.config["decided_by"],
-        **{f"spread_{k}": v for k, v in budget.items()},
+        **spread_options(budget),
         "spread_score": report.spread["score"],
         "spread_top_destination": report.spread["top_destination"],
         "spread_moved": [round(v, 4) for v in report.spread["moved"]],

@@ -18,9 +18,9 @@ it alone, outside a scan, at any settings. Each model is read on ``--clean-count
 images it classifies right (half fit the patterns, half measure them), on one thread. The result
 goes to ``--out``.
 
-Example (the command behind ``results/window-spread/batchnorm.json`` is recorded in it)::
+Example (the command behind each ``results/window-spread/batchnorm-*.json`` is recorded in it)::
 
-    python benchmarks/window_spread.py --out benchmarks/results/window-spread/batchnorm.json \\
+    python benchmarks/window_spread.py --out benchmarks/results/window-spread/batchnorm-resnet18-a.json \\
         'benchmarks/cache/calibrate_scan/resnet18-badnets-patch_size6-modea2a-*' ...
 """
 

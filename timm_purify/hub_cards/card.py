@@ -216,13 +216,14 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
     if isinstance(spread, Mapping) and isinstance(spread.get("score"), int | float):
         # the all-to-all reading: it decides only where the stages before it found nothing
         decided = (scan.get("config") or {}).get("decided_by") == "spread"
+        windowed = spread.get("shape") == "window"
         what = (
             "one pattern shared by all images, pasted in each window of a grid in turn"
-            if spread.get("shape") == "window"
+            if windowed
             else "one untargeted L2 perturbation shared by all images"
         )
         lines.append(
-            f"- {'Window' if spread.get('shape') == 'window' else 'Universal'} spread (all-to-all reading: {what}, "
+            f"- {'Window' if windowed else 'Universal'} spread (all-to-all reading: {what}, "
             f"how many classes it moves, each elsewhere): score {spread['score']:.4f}, threshold "
             f"{_short(spread.get('threshold'))}" + (" (this reading decided the verdict)" if decided else "")
         )
