@@ -8,6 +8,11 @@ for subprocesses. huggingface_hub reads ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and 
 location once, at import, so in this process tests pass ``endpoint=`` explicitly, and code
 that has no such argument (``timm.create_model('hf-hub:...')``, ``load_model('org/name')``)
 runs in a subprocess started with :func:`hub_env`.
+
+Threads: several tests train a tiny backdoored model in-process and assert on what training
+left (ASR above a floor, a scan verdict). The thread count changes the order of float
+reductions, so it is set once here, for every test module and whichever subset runs, rather
+than by each module at import, where the last module collected silently won.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from hub_server import HubServer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

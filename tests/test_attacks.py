@@ -25,8 +25,6 @@ from timm_purify.attacks._base import seeded_gaussian, to_uint8
 from timm_purify.attacks.bpp import floyd_steinberg
 from timm_purify.data import ImageData
 
-torch.set_num_threads(1)
-
 ALL = sorted(ATTACKS)
 SEEDED = ["blended", "lf", "trojan", "wanet"]  # trigger content drawn from the seed
 FIXED = ["badnets", "bpp", "sig"]  # trigger is a formula; the seed only picks rows

@@ -5,15 +5,20 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from test_defense_nft import _Counting, backdoored, eval_images, fresh_copy, state
+from test_defense_nft import (
+    _Counting,
+    assert_merged_is_plain_timm,
+    assert_originals_untouched,
+    backdoored,
+    eval_images,
+    state,
+)
 from torch import nn
 
 from timm_purify.data import ImageData
 from timm_purify.defenses import PurifyOptionError, purify
 from timm_purify.defenses._common import universal_perturbation, weight_layers
 from timm_purify.defenses.awm import AWMConfig, random_resized_crop, with_augmented_copies
-
-torch.set_num_threads(2)
 
 
 def toy_data(n: int, num_classes: int = 10) -> ImageData:
@@ -94,13 +99,7 @@ def test_awm_cnn_lowers_asr_masks_convs_only_and_merges():
         else:
             assert torch.equal(value, orig), f"{key} should not change"
     assert moved > 0
-    assert all(p.requires_grad for p in result.model.parameters())
-    plain = fresh_copy("resnet18", model)
-    plain.load_state_dict(result.model.state_dict(), strict=True)
-    plain.eval()
-    x = torch.rand(8, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(plain(x), result.model(x), atol=1e-5)
+    assert_merged_is_plain_timm(result.model, "resnet18", model)
 
 
 @pytest.mark.slow
@@ -128,11 +127,7 @@ def test_awm_vit_one_shot_masks_linear_layers_without_merge():
         assert bool((m >= 0).all() and (m <= 1).all())
     assert any(not torch.allclose(m, torch.ones_like(m)) for m in masks.values())
     assert "head.weight" in out.state_dict()  # the head is left alone
-    originals = {
-        k.replace(".parametrizations.weight.original", ".weight"): v for k, v in out.state_dict().items()
-    }
-    for key, value in model.state_dict().items():
-        assert torch.equal(originals[key], value), key
+    assert_originals_untouched(out, model)
     assert result.history[0]["few_shot"] is True and result.history[0]["alpha"] == 0.99
     with torch.no_grad():
         assert out(torch.rand(2, 3, 32, 32)).shape == (2, 10)

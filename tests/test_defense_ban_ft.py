@@ -15,8 +15,6 @@ from timm_purify.data import load_data
 from timm_purify.defenses import DEFENSES, PurifyOptionError, purify
 from timm_purify.defenses.ban_ft import BANFTConfig
 
-torch.set_num_threads(1)
-
 
 @functools.cache
 def build(arch: str, *, optimizer: str = "sgd", lr: float = 0.05):

@@ -22,8 +22,6 @@ from timm_purify.defenses import PurifyOptionError, purify
 from timm_purify.defenses._common import cutmix, mixup, norm_layers
 from timm_purify.defenses.nft import NFTConfig, _mixer, depth_floors
 
-torch.set_num_threads(2)
-
 # A 3x3 patch is not learnt in the ~50 steps a fast test affords (ASR stays ~5%): a larger
 # patch and a higher poison rate plant it in 3 epochs on 2,000 images.
 ATTACK_KW = dict(poison_rate=0.2, patch_size=6)
@@ -71,6 +69,27 @@ def random_images(n: int) -> ImageData:
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_merged_is_plain_timm(merged: nn.Module, arch: str, model: nn.Module) -> None:
+    """A merged result gives the user's ``requires_grad`` flags back and loads strictly into a
+    plain timm model of the same architecture with the same logits (shared with AWM's tests)."""
+    assert all(p.requires_grad for p in merged.parameters())
+    plain = fresh_copy(arch, model)
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    plain.eval()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), merged(x), atol=1e-5)
+
+
+def assert_originals_untouched(unmerged: nn.Module, model: nn.Module) -> None:
+    """Only the masks trained: behind each parametrization the original tensor is the input's."""
+    originals = {
+        k.replace(".parametrizations.weight.original", ".weight"): v for k, v in unmerged.state_dict().items()
+    }
+    for key, value in model.state_dict().items():
+        assert torch.equal(originals[key], value), key
 
 
 def test_depth_floors_reference_and_relative():
@@ -136,15 +155,7 @@ def test_nft_cnn_lowers_asr_trains_only_masks_and_merges():
         else:
             assert torch.equal(value, before_input[key]), f"{key} should not change"
     assert changed, "no mask moved"
-    # nothing is left trainable-only-in-name: the user's requires_grad flags are back
-    assert all(p.requires_grad for p in result.model.parameters())
-    # a plain timm model of the same architecture loads the result strictly, same logits
-    plain = fresh_copy("resnet18", model)
-    plain.load_state_dict(result.model.state_dict(), strict=True)
-    plain.eval()
-    x = torch.rand(8, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(plain(x), result.model(x), atol=1e-5)
+    assert_merged_is_plain_timm(result.model, "resnet18", model)
 
 
 @pytest.mark.slow
@@ -172,12 +183,7 @@ def test_nft_vit_one_shot_without_merge_exposes_masks():
         assert m.shape == layer.weight.shape  # LayerNorm: one mask per normalised feature
         assert bool((m >= floor - 1e-6).all() and (m <= 1).all())
     assert any(not torch.allclose(m, torch.ones_like(m)) for m in masks.values())
-    # only the masks trained: every original tensor is the input's
-    originals = {
-        k.replace(".parametrizations.weight.original", ".weight"): v for k, v in out.state_dict().items()
-    }
-    for key, value in model.state_dict().items():
-        assert torch.equal(originals[key], value), key
+    assert_originals_untouched(out, model)
     # the model still runs and is trainable only where the user's flags say
     with torch.no_grad():
         assert out(torch.rand(2, 3, 32, 32)).shape == (2, 10)

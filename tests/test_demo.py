@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 from scan_reports import fake_report
 
 from timm_purify._auto import AUTO_OPTIONS, choose_method
 from timm_purify.cli import main
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,6 @@ from timm_purify.detection.ban import (
 )
 from timm_purify.detection.report import REPORT_KEYS, ScanReport
 
-torch.set_num_threads(1)
-
 TARGET = 3  # "dress": not class 0, so finding it is not an accident of argmax ties
 SPEC_KEYS = {
     "verdict",
