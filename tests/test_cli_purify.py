@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import pytest
@@ -152,7 +153,12 @@ def test_command_line_mistakes_fail_cleanly(workspace: dict[str, Path], tmp_path
 
 
 def _fake_scan(
-    monkeypatch: pytest.MonkeyPatch, *, verdict: str = "backdoored", target: int | None = 0
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    verdict: str = "backdoored",
+    target: int | None = 0,
+    config: dict | None = None,
+    **fields: Any,
 ) -> list:
     """Replace the (slow) BAN scan with a fixed report; returns the list its calls land in.
     The tests using it check what the command passes to the scan and what it does with the
@@ -166,9 +172,10 @@ def _fake_scan(
         return fake_report(
             verdict=verdict,
             target=target,
-            config={"data": str(data)},
+            config={"data": str(data), **(config or {})},
             seed=kwargs["seed"],
             class_names=["T-shirt/top"] + [f"c{i}" for i in range(1, 10)],
+            **fields,
         )
 
     monkeypatch.setattr(ban, "scan", fake_scan)
@@ -248,6 +255,25 @@ def test_auto_budget_yields_to_the_callers_options(
     assert record["command"].count("--option rho=") == 1 and "--option rho=2" in record["command"]
 
 
+def test_auto_runs_awm_for_an_all_to_all_pattern(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_scan(monkeypatch, target=None, pattern="all-to-all", config={"norm_family": "batchnorm"})
+    out = tmp_path / "auto-awm"
+    result = _run(_auto_args(workspace, out, "outer_steps=1", "inner_steps=1"))
+    assert result.exit_code == 0, result.output
+    # the polarizer options auto's other candidates take are named, not silently dropped
+    assert "awm does not take --option epochs, layer, warmup_epochs: not used" in result.output
+    record = json.loads((out / "purify_result.json").read_text())
+    assert record["result"]["method"] == "awm"
+    config = record["result"]["config"]
+    assert (config["outer_steps"], config["inner_steps"], config["batch_size"]) == (1, 1, 50)
+    # the saved command reruns as it ran: awm with the options it took, none it would refuse
+    command = record["command"]
+    assert "--method awm " in command and "--option outer_steps=1" in command
+    assert "epochs=" not in command.replace("outer_steps", "") and "layer=" not in command
+
+
 def test_auto_method_mistakes_fail_before_any_work(
     workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,7 +284,9 @@ def test_auto_method_mistakes_fail_before_any_work(
     result = _run(_auto_args(workspace, out, "target=2"))
     assert result.exit_code == 2 and "--method npd-tp --option target=N" in result.output
     result = _run(_auto_args(workspace, out, "nonsense=1"))
-    assert result.exit_code == 1 and "--method auto (npd): unknown option" in result.output
+    assert result.exit_code == 1 and "--method auto: unknown option(s) ['nonsense']" in result.output
+    result = _run(_auto_args(workspace, out, "outer_steps=0"))  # AWM's option, checked for AWM
+    assert result.exit_code == 1 and "--method auto (awm): outer_steps must be > 0" in result.output
     result = _run(_auto_args(workspace, out, "rho=-1"))
     assert result.exit_code == 1 and "rho must be > 0" in result.output
     # any method's bad option is refused before the scan runs, not after it

@@ -214,10 +214,13 @@ def test_known_target_variants_run(resnet, method):
 def test_auto_follows_the_scan_report(resnet):
     model, attack = resnet
     report = fake_report(verdict="backdoored", target=attack.target)
-    result = purify(
-        model, DATA, method="auto", scan_report=report, clean_count=64, quiet=True,
-        layer=CNN_LAYER, epochs=1, warmup_epochs=0,
-    )  # fmt: skip
+    # outer_steps is AWM's (another method auto may pick): named in a warning, not used
+    with pytest.warns(UserWarning, match=r"picked 'npd-tp', which does not take \['outer_steps'\]"):
+        result = purify(
+            model, DATA, method="auto", scan_report=report, clean_count=64, quiet=True,
+            layer=CNN_LAYER, epochs=1, warmup_epochs=0, outer_steps=3,
+        )  # fmt: skip
+    assert "outer_steps" not in result.config
     # npd-tp towards the scan's target with auto's budget; the caller's layer and epochs win
     assert result.method == "npd-tp" and result.config["target"] == attack.target
     assert (result.config["rho"], result.config["pgd_steps"], result.config["lr"]) == (6.0, 5, 0.1)
@@ -233,6 +236,8 @@ def test_auto_mistakes_fail_before_any_work(vit):
         purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, target=3)
     with pytest.raises(PurifyOptionError, match="read only by method='auto'"):
         purify(vit, DATA, method="nft", scan_report=report, clean_count=20, quiet=True)
+    with pytest.raises(PurifyOptionError, match=r"unknown option\(s\) \['nonsense'\] for method='auto'"):
+        purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, nonsense=1)
     with pytest.raises(PurifyOptionError, match="rho"):  # auto's options are checked like any others
         purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, rho=0)
     _assert_same(_state(vit), before)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 from scan_reports import fake_report
 
-from timm_purify._auto import AUTO_OPTIONS, choose_method
+from timm_purify._auto import AUTO_OPTIONS, choose_method, untaken_options, unused_options
 from timm_purify.cli import main
 
 
@@ -70,3 +70,25 @@ def test_auto_method_follows_the_scan():
     assert AUTO_OPTIONS["cnpd-r"]["rho"] == 10.0 and "target" not in AUTO_OPTIONS["cnpd-r"]
     layernorm.verdict, layernorm.suspected_target = "clean", None
     assert choose_method("auto", layernorm) == ("npd", AUTO_OPTIONS["npd"])
+
+
+def test_auto_runs_awm_for_an_all_to_all_batchnorm_model():
+    a2a = fake_report(
+        verdict="backdoored", target=None, pattern="all-to-all", config={"norm_family": "batchnorm"}
+    )
+    assert choose_method("auto", a2a) == ("awm", {})
+    # each candidate gets the caller's options it takes: the polarizer's epochs are not AWM's
+    given = {"epochs": 2, "outer_steps": 3, "batch_size": 16}
+    assert choose_method("auto", a2a, given) == ("awm", {"outer_steps": 3, "batch_size": 16})
+    assert unused_options("awm", given) == ["epochs"]
+    clean = fake_report(verdict="clean", target=None)
+    assert choose_method("auto", clean, given) == (
+        "npd",
+        {**AUTO_OPTIONS["npd"], "epochs": 2, "batch_size": 16},
+    )
+    assert unused_options("npd", given) == ["outer_steps"]
+    # an option no candidate takes is the caller's mistake, refused before any work
+    assert untaken_options({**given, "nonsense": 1}) == ["nonsense"]
+    # an all-to-all LayerNorm model keeps the replica polarizer (AWM left 58% on the ConvNeXt)
+    a2a.config = {"norm_family": "other"}
+    assert choose_method("auto", a2a)[0] == "cnpd-r"

@@ -6,13 +6,14 @@ and ``timm-purify demo``, so the three pick the same method with the same option
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .detection.report import ScanReport
 
-__all__ = ["AUTO", "AUTO_OPTIONS", "auto_options", "choose_method"]
+__all__ = ["AUTO", "AUTO_OPTIONS", "auto_options", "choose_method", "untaken_options", "unused_options"]
 
 # The method name that lets the scan steer NPD.
 AUTO = "auto"
@@ -57,35 +58,70 @@ AUTO_OPTIONS: dict[str, dict] = {
         "pgd_steps": 5,
         "stop_fraction": 1.0,
     },
+    # A BatchNorm model the scan reads as all-to-all: AWM at the reference's defaults. Its
+    # universal trigger search (L1 budget) finds a small patch, which NPD's per-image runner-up
+    # targets do not aim at: on the fully trained all-to-all resnet18 it left 1.26% at 1.0 point
+    # of accuracy where plain npd (this table's options) left 23.4% and npd told the true y + 1
+    # mapping 17.4%; on five weakly implanted 2,000-image all-to-all models the scan's window
+    # reading flags it left less than npd on four (7.7-18.8% against 11.0-18.8%), at three to
+    # four times the time. LayerNorm models keep cnpd-r (AWM left 58% on the all-to-all ConvNeXt).
+    "awm": {},
 }
+
+
+def _takes(method: str) -> set[str]:
+    """The option names ``method``'s config takes."""
+    from .defenses import DEFENSES
+
+    return {f.name for f in dataclasses.fields(DEFENSES[method].config_cls)}
+
+
+def unused_options(method: str, given: Mapping[str, Any]) -> list[str]:
+    """The caller's options that ``method`` does not take. ``auto`` may pick a polarizer or AWM,
+    whose options differ; an option is applied to each candidate that takes it (and an option
+    no candidate takes is refused before any work), so these are named to the user, not lost
+    silently."""
+    return sorted(set(given) - _takes(method))
+
+
+def untaken_options(given: Mapping[str, Any]) -> list[str]:
+    """The caller's options that no method ``auto`` may pick takes: refused before any work,
+    as a named method refuses an option it does not know."""
+    return sorted(set(given).difference(*(_takes(m) for m in AUTO_OPTIONS)))
 
 
 def auto_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """The options ``auto`` runs ``method`` (one of :data:`AUTO_OPTIONS`) with: its
-    :data:`AUTO_OPTIONS` under the caller's ``given`` ones (the caller's win)."""
-    return {**AUTO_OPTIONS[method], **given}
+    :data:`AUTO_OPTIONS` under those of the caller's ``given`` ones that ``method`` takes (the
+    caller's win)."""
+    takes = _takes(method)
+    return {**AUTO_OPTIONS[method], **{k: v for k, v in given.items() if k in takes}}
 
 
 def choose_method(
     method: str, report: ScanReport, given: Mapping[str, Any] | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """The method to run and every option it runs with: the caller's ``given`` options, under
-    which ``auto`` puts its own (:func:`auto_options`), and the scan's ``target`` over them (the
-    API and the CLI refuse a ``target`` given with ``auto`` before calling this).
-    ``auto`` lets the scan's finding steer NPD: with a suspected all-to-one target, NPD's
+    """The method to run and every option it runs with: the caller's ``given`` options that it
+    takes, under which ``auto`` puts its own (:func:`auto_options`), and the scan's ``target``
+    over them (the API and the CLI refuse a ``target`` given with ``auto`` before calling this).
+    ``auto`` lets the scan's finding steer the choice: with a suspected all-to-one target, NPD's
     known-target variant (npd-tp) attacks towards that class (plain NPD's per-image guess, the
     runner-up class, misses a patch trigger whose target is not the images' natural neighbour:
-    ``benchmarks/PURIFICATION.md``); otherwise (a clean verdict, or an all-to-all pattern with
-    no single target) plain npd estimates a target per image. A backdoored LayerNorm model
-    (the scan's ``norm_family`` "other": ConvNeXt, ViT) gets the per-class replica polarizer
-    (cnpd-r, with the larger attack budget) instead, which needs no target: on the fully trained
-    ConvNeXt it removed the BadNets and Blended backdoors npd-tp left (:data:`AUTO_OPTIONS`). Any
-    other method runs with the caller's options alone."""
+    ``benchmarks/PURIFICATION.md``); an all-to-all pattern on a BatchNorm model gets AWM, whose
+    universal trigger search finds the patch no single target describes; otherwise (a clean
+    verdict) plain npd estimates a target per image. A backdoored LayerNorm model (the scan's
+    ``norm_family`` "other": ConvNeXt, ViT) gets the per-class replica polarizer (cnpd-r, with
+    the larger attack budget) instead, which needs no target: on the fully trained ConvNeXt it
+    removed the BadNets and Blended backdoors npd-tp left (:data:`AUTO_OPTIONS`). Any other
+    method runs with the caller's options alone."""
     given = dict(given or {})
     if method != AUTO:
         return method, given
-    if report.verdict == "backdoored" and (report.config or {}).get("norm_family") == "other":
+    backdoored = report.verdict == "backdoored"
+    if backdoored and (report.config or {}).get("norm_family") == "other":
         return "cnpd-r", auto_options("cnpd-r", given)
-    if report.verdict == "backdoored" and report.suspected_target is not None:
+    if backdoored and report.suspected_target is not None:
         return "npd-tp", {**auto_options("npd-tp", given), "target": int(report.suspected_target)}
+    if backdoored and report.pattern == "all-to-all":
+        return "awm", auto_options("awm", given)
     return "npd", auto_options("npd", given)

@@ -42,8 +42,9 @@ METHOD_OPTIONS = {name: _POLARIZER for name in ("npd", "npd-tp", "npd-tu", "cnpd
     "--method",
     default=AUTO,
     show_default=True,
-    help="Purification method; 'auto' runs npd-tp towards the scan's suspected target (with a "
-    "larger attack budget) when it names one, else npd (as `timm-purify purify --method auto`).",
+    help="Purification method; 'auto' lets the scan choose, as `timm-purify purify --method auto` "
+    "does: npd-tp towards the scan's suspected target (with a larger attack budget) when it names "
+    "one, awm for an all-to-all pattern, else npd.",
 )
 @click.option(
     "--epochs", type=int, default=5, show_default=True, help="Epochs to train the backdoored model."

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .._auto import AUTO, AUTO_OPTIONS, auto_options, choose_method
+from .._auto import AUTO, AUTO_OPTIONS, auto_options, choose_method, untaken_options, unused_options
 from ._common import open_model
 
 __all__ = ["purify", "reproduce_command"]
@@ -83,8 +83,8 @@ def _summary(result, report, out: Path, form: str, fold_reason: str) -> str:
 
 def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, num_clean: int) -> None:
     """Refuse bad method options before any work (the scan included), and what ``--method auto``
-    cannot honour: it reads the target from the scan, and its options must suit every method it
-    may pick (those of :data:`AUTO_OPTIONS`). ``num_clean`` is the size of the clean set the method will get."""
+    cannot honour: it reads the target from the scan, each option must be taken by some method it
+    may pick (those of :data:`AUTO_OPTIONS`) and suit every one that takes it. ``num_clean`` is the size of the clean set the method will get."""
     from ..defenses import PurifyOptionError
     from ..defenses._base import _build_config
 
@@ -100,7 +100,13 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, 
                 "--method npd-tp --option target=N",
                 param_hint="--option",
             )
-        # npd-tp is checked with a target the scan will supply
+        untaken = untaken_options(options)
+        if untaken:
+            raise click.ClickException(
+                f"--method auto: unknown option(s) {untaken}: no method it may pick ({', '.join(AUTO_OPTIONS)}) "
+                "takes them; name a method to pass its own options"
+            )
+        # each candidate with the options it takes; npd-tp with a target the scan will supply
         candidates = [
             (name, {**auto_options(name, options), **({"target": 0} if name == "npd-tp" else {})})
             for name in AUTO_OPTIONS
@@ -130,8 +136,9 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     default="npd",
     show_default=True,
     help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
-    "suspected target when it names one (cnpd-r for a backdoored LayerNorm model), else npd; with "
-    "the options measured best on fully trained models (see README), unless given.",
+    "suspected target when it names one, awm for an all-to-all pattern (cnpd-r for a backdoored "
+    "LayerNorm model), else npd; with the options measured best on fully trained models (see "
+    "README), unless given.",
 )
 @click.option(
     "--out",
@@ -271,8 +278,13 @@ def purify(**params) -> None:
     method, chosen = choose_method(p["method"], report, options)
     added = {k: v for k, v in chosen.items() if k not in options}
     if method != p["method"]:
+        unused = unused_options(method, options)
+        if unused:
+            # a warning, not a step message: shown under --quiet too
+            click.echo(f"warning: {method} does not take --option {', '.join(unused)}: not used", err=True)
         # the saved command names what ran, so it reproduces without depending on a scan
-        p = {**p, "method": method, "options": (*p["options"], *(f"{k}={v}" for k, v in added.items()))}
+        kept = tuple(o for o in p["options"] if o.partition("=")[0] not in unused)
+        p = {**p, "method": method, "options": (*kept, *(f"{k}={v}" for k, v in added.items()))}
     options = chosen
     because = f" (towards the scan's suspected target {added['target']})" if "target" in added else ""
     eval_data = p["eval_data"] or (p["data"] if p["attack_file"] else None)

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .._auto import AUTO, choose_method
+from .._auto import AUTO, AUTO_OPTIONS, choose_method, untaken_options, unused_options
 from .._device import get_device, module_device
 from .._layers import check_classifier
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
@@ -196,7 +197,20 @@ def _resolve_auto(report: ScanReport | None, options: dict[str, Any]) -> tuple[s
             "method='auto' takes the target from the scan; to choose it yourself use "
             "method='npd-tp', target=N"
         )
-    return choose_method(AUTO, report, options)
+    untaken = untaken_options(options)
+    if untaken:
+        raise PurifyOptionError(
+            f"unknown option(s) {untaken} for method='auto': no method it may pick ({', '.join(AUTO_OPTIONS)}) "
+            "takes them; name a method to pass its own options"
+        )
+    method, chosen = choose_method(AUTO, report, options)
+    unused = unused_options(method, options)
+    if unused:
+        # auto may pick a polarizer or AWM, whose options differ: say what the picked one ignored
+        warnings.warn(
+            f"method='auto' picked {method!r}, which does not take {unused}: not used", stacklevel=3
+        )
+    return method, chosen
 
 
 def purify(
@@ -222,8 +236,10 @@ def purify(
             ``train`` split is used).
         method: a registered method (``timm_purify.defenses.DEFENSES``), or ``"auto"``: the
             finding of ``scan_report`` picks it (npd-tp towards a suspected all-to-one target,
-            cnpd-a for a backdoored LayerNorm model, else npd) with the options measured best (``timm_purify._auto.AUTO_OPTIONS``;
-            ``**options`` override them, except the target, which is the scan's).
+            awm for an all-to-all pattern, cnpd-r for a backdoored LayerNorm model, else npd) with
+            the options measured best (``timm_purify._auto.AUTO_OPTIONS``); ``**options`` override
+            them where the picked method takes them (a warning names those it does not), except
+            the target, which is the scan's.
         scan_report: the :func:`timm_purify.scan` report of ``model``, for ``method="auto"``.
         clean_count, clean_fraction: take a class-balanced, seeded subset of ``data``
             (default: all of it).
