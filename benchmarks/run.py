@@ -297,6 +297,12 @@ def _scan_row(model, train, suite: Suite, seed: int, *, backdoored: bool, target
         # they did not (see _shipped_cuts)
         "all_to_one_agreement": report.config.get("all_to_one_agreement", False),
         "all_to_one_split_threshold": report.config.get("all_to_one_split_threshold"),
+        # which stage decided, and each later stage's own reading where it ran (a clean verdict's
+        # score is BAN's; these say how near the reach and spread stages came)
+        "decided_by": report.config.get("decided_by"),
+        "reach_score": report.reach["score"] if report.reach else None,
+        "spread_score": report.spread["score"] if report.spread else None,
+        "spread_shape": report.spread["shape"] if report.spread else None,
         "num_clean": len(clean),
         "seconds": report.seconds,
         "ft_epoch_seconds": yardstick,
