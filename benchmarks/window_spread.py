@@ -68,30 +68,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure(folder: Path, args: argparse.Namespace) -> dict:
-    """One model's reading, with what it is (its training.json)."""
-    start = time.perf_counter()
+def load_split(
+    folder: Path, *, clean_count: int, seed: int, generator: torch.Generator
+) -> tuple[dict, PixelModel, tuple, tuple, int]:
+    """A model folder as the readings take it: ``(training record, model on [0, 1] pixels,
+    search, held, number of classes)``, where search and held are two halves, split with
+    ``generator`` (which the reading then goes on drawing from), of ``clean_count`` clean test
+    images (subset ``seed``) the model classifies right. Shared with ``blend_spread.py``."""
     record = json.loads((folder / "training.json").read_text())
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    data = clean_subset(
-        load_data(record["data"], split="test", model=model), count=args.clean_count, seed=args.seed
-    )
+    data = clean_subset(load_data(record["data"], split="test", model=model), count=clean_count, seed=seed)
     f = PixelModel(model, Normalizer(model))
     x, y = data.floats(), data.y
     with torch.no_grad():
         right = torch.cat([f(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]) == y
     x, y = x[right], y[right]
-    generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(x), generator=generator)
     half = len(x) // 2
-    search, held = (x[order[:half]], y[order[:half]]), (x[order[half:]], y[order[half:]])
+    return (
+        record,
+        f,
+        (x[order[:half]], y[order[:half]]),
+        (x[order[half:]], y[order[half:]]),
+        len(data.classes),
+    )
+
+
+def next_class_count(record: dict, destinations: list[int | None]) -> int | None:
+    """For an all-to-all model, how many classes a reading sends to ``y + 1`` (the backdoor's map)."""
+    spec = record.get("attack")
+    if spec is None or spec["mode"] != "all-to-all":
+        return None
+    return sum(d == (c + 1) % len(destinations) for c, d in enumerate(destinations))
+
+
+def describe(record: dict) -> dict:
+    """What a model is, from its training record, for a result row."""
+    spec = record.get("attack")
+    return {
+        "arch": record["model"],
+        "attack": None if spec is None else spec["name"],
+        "mode": None if spec is None else spec["mode"],
+        "acc": record["metrics"]["acc"],
+        "asr": record["metrics"]["asr"],
+    }
+
+
+def measure(folder: Path, args: argparse.Namespace) -> dict:
+    """One model's reading, with what it is (its training.json)."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(args.seed)
+    record, f, search, held, num_classes = load_split(
+        folder, clean_count=args.clean_count, seed=args.seed, generator=generator
+    )
     reading = window_spread(
         f,
         search,
         held,
-        len(data.classes),
+        num_classes,
         window=args.window,
         stride=args.stride,
         steps=args.steps,
@@ -99,19 +135,10 @@ def measure(folder: Path, args: argparse.Namespace) -> dict:
         lr=args.lr,
         generator=generator,
     )
-    spec = record.get("attack")
-    mapping = None
-    if spec is not None and spec["mode"] == "all-to-all":  # how many classes the best window sends to y + 1
-        k = len(data.classes)
-        mapping = sum(d == (c + 1) % k for c, d in enumerate(reading.destinations))
     return {
         "model": folder.name,
-        "arch": record["model"],
-        "attack": None if spec is None else spec["name"],
-        "mode": None if spec is None else spec["mode"],
-        "acc": record["metrics"]["acc"],
-        "asr": record["metrics"]["asr"],
-        "classes_sent_to_next": mapping,
+        **describe(record),
+        "classes_sent_to_next": next_class_count(record, reading.destinations),
         "score": reading.score,
         "best": {
             "window": [*reading.corner, reading.side],
