@@ -236,7 +236,7 @@ def test_auto_mistakes_fail_before_any_work(vit):
         purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, target=3)
     with pytest.raises(PurifyOptionError, match="read only by method='auto'"):
         purify(vit, DATA, method="nft", scan_report=report, clean_count=20, quiet=True)
-    with pytest.raises(PurifyOptionError, match=r"unknown option\(s\) \['nonsense'\] for method='auto'"):
+    with pytest.raises(PurifyOptionError, match=r"method='auto': unknown option\(s\) \['nonsense'\]"):
         purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, nonsense=1)
     with pytest.raises(PurifyOptionError, match="rho"):  # auto's options are checked like any others
         purify(vit, DATA, method="auto", scan_report=report, clean_count=20, quiet=True, rho=0)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 from scan_reports import fake_report
 
-from timm_purify._auto import AUTO_OPTIONS, choose_method, untaken_options, unused_options
+from timm_purify._auto import AUTO_OPTIONS, choose_method, untaken_error, unused_options
 from timm_purify.cli import main
 
 
@@ -88,7 +88,8 @@ def test_auto_runs_awm_for_an_all_to_all_batchnorm_model():
     )
     assert unused_options("npd", given) == ["outer_steps"]
     # an option no candidate takes is the caller's mistake, refused before any work
-    assert untaken_options({**given, "nonsense": 1}) == ["nonsense"]
+    assert "unknown option(s) ['nonsense']" in untaken_error({**given, "nonsense": 1})
+    assert untaken_error(given) is None
     # an all-to-all LayerNorm model keeps the replica polarizer (AWM left 58% on the ConvNeXt)
     a2a.config = {"norm_family": "other"}
     assert choose_method("auto", a2a)[0] == "cnpd-r"

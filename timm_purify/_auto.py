@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .detection.report import ScanReport
 
-__all__ = ["AUTO", "AUTO_OPTIONS", "auto_options", "choose_method", "untaken_options", "unused_options"]
+__all__ = ["AUTO", "AUTO_OPTIONS", "auto_options", "choose_method", "untaken_error", "unused_options"]
 
 # The method name that lets the scan steer NPD.
 AUTO = "auto"
@@ -86,10 +86,16 @@ def unused_options(method: str, given: Mapping[str, Any]) -> list[str]:
     return sorted(set(given) - _takes(method))
 
 
-def untaken_options(given: Mapping[str, Any]) -> list[str]:
-    """The caller's options that no method ``auto`` may pick takes: refused before any work,
-    as a named method refuses an option it does not know."""
-    return sorted(set(given).difference(*(_takes(m) for m in AUTO_OPTIONS)))
+def untaken_error(given: Mapping[str, Any]) -> str | None:
+    """Why ``auto`` refuses the caller's options (``None``: it does not): an option that no method
+    it may pick takes is refused before any work, as a named method refuses one it does not know."""
+    untaken = sorted(set(given).difference(*(_takes(m) for m in AUTO_OPTIONS)))
+    if not untaken:
+        return None
+    return (
+        f"unknown option(s) {untaken}: no method auto may pick ({', '.join(AUTO_OPTIONS)}) takes "
+        "them; name a method to pass its own options"
+    )
 
 
 def auto_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .._auto import AUTO, AUTO_OPTIONS, auto_options, choose_method, untaken_options, unused_options
+from .._auto import AUTO, AUTO_OPTIONS, auto_options, choose_method, untaken_error, unused_options
 from ._common import open_model
 
 __all__ = ["purify", "reproduce_command"]
@@ -100,12 +100,9 @@ def _check_options(method: str, options: dict, *, scan: bool, num_classes: int, 
                 "--method npd-tp --option target=N",
                 param_hint="--option",
             )
-        untaken = untaken_options(options)
-        if untaken:
-            raise click.ClickException(
-                f"--method auto: unknown option(s) {untaken}: no method it may pick ({', '.join(AUTO_OPTIONS)}) "
-                "takes them; name a method to pass its own options"
-            )
+        refused = untaken_error(options)
+        if refused:
+            raise click.ClickException(f"--method auto: {refused}")
         # each candidate with the options it takes; npd-tp with a target the scan will supply
         candidates = [
             (name, {**auto_options(name, options), **({"target": 0} if name == "npd-tp" else {})})

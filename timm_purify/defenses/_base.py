@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .._auto import AUTO, AUTO_OPTIONS, choose_method, untaken_options, unused_options
+from .._auto import AUTO, choose_method, untaken_error, unused_options
 from .._device import get_device, module_device
 from .._layers import check_classifier
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
@@ -197,12 +197,9 @@ def _resolve_auto(report: ScanReport | None, options: dict[str, Any]) -> tuple[s
             "method='auto' takes the target from the scan; to choose it yourself use "
             "method='npd-tp', target=N"
         )
-    untaken = untaken_options(options)
-    if untaken:
-        raise PurifyOptionError(
-            f"unknown option(s) {untaken} for method='auto': no method it may pick ({', '.join(AUTO_OPTIONS)}) "
-            "takes them; name a method to pass its own options"
-        )
+    refused = untaken_error(options)
+    if refused:
+        raise PurifyOptionError(f"method='auto': {refused}")
     method, chosen = choose_method(AUTO, report, options)
     unused = unused_options(method, options)
     if unused:
