@@ -33,9 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
-from calibrate_reach import model_folders
-from refit_crossfold import write_out
-from window_spread import describe, load_split, next_class_count
+from window_spread import describe, load_split, measure_all, next_class_count
 
 from timm_purify.detection.ban import norm_family
 from timm_purify.detection.reach import confusion_matrix, spread_shares
@@ -130,29 +128,22 @@ def measure(folder: Path, args: argparse.Namespace) -> dict:
     }
 
 
+def _line(row: dict) -> str:
+    return ", ".join(
+        f"alpha {r['alpha']:g}: {r['score']:.3f}"
+        + ("" if r["classes_sent_to_next"] is None else f" ({r['classes_sent_to_next']} to y+1)")
+        for r in row["readings"]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    rows = []
-    for folder in model_folders(args.models):
-        row = measure(folder, args)
-        rows.append(row)
-        kind = "clean" if row["attack"] is None else f"{row['attack']} {row['mode']}"
-        cells = ", ".join(
-            f"alpha {r['alpha']:g}: {r['score']:.3f}"
-            + ("" if r["classes_sent_to_next"] is None else f" ({r['classes_sent_to_next']} to y+1)")
-            for r in row["readings"]
-        )
-        print(f"{row['model']} ({kind}): {cells} [{row['seconds']:.0f}s]", flush=True)
-    write_out(
-        {
-            "what": __doc__.split("\n")[0],
-            "settings": {k: v for k, v in vars(args).items() if k not in ("models", "out", "alpha_list")},
-            "models": rows,
-        },
-        args.out,
+    measure_all(
+        parse_args(argv),
         argv,
-        "blend_spread.py",
+        measure=measure,
+        line=_line,
+        script="blend_spread.py",
+        what=__doc__.split("\n")[0],
     )
 
 

@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -152,34 +153,45 @@ def measure(folder: Path, args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def measure_all(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    *,
+    measure: Callable[[Path, argparse.Namespace], dict],
+    line: Callable[[dict], str],
+    script: str,
+    what: str,
+) -> None:
+    """Read every model of ``args.models`` with ``measure`` on one thread, print ``line(row)``
+    per model and write the rows with the settings and the command to ``args.out`` (shared
+    with ``blend_spread.py``)."""
     torch.set_num_threads(1)
     rows = []
     for folder in model_folders(args.models):
         row = measure(folder, args)
         rows.append(row)
         kind = "clean" if row["attack"] is None else f"{row['attack']} {row['mode']}"
-        best = row["best"]
-        print(
-            f"{row['model']} ({kind}): {row['score']:.3f} at window {best['window']} (second {row['second_score']:.3f})"
-            + (
-                ""
-                if row["classes_sent_to_next"] is None
-                else f", {row['classes_sent_to_next']} classes to y+1"
-            )
-            + f" [{row['seconds']:.0f}s]",
-            flush=True,
-        )
-    write_out(
-        {
-            "what": __doc__.split("\n")[0],
-            "settings": {k: v for k, v in vars(args).items() if k not in ("models", "out")},
-            "models": rows,
-        },
-        args.out,
+        print(f"{row['model']} ({kind}): {line(row)} [{row['seconds']:.0f}s]", flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("models", "out") and not k.endswith("_list")}
+    write_out({"what": what, "settings": settings, "models": rows}, args.out, argv, script)
+
+
+def _line(row: dict) -> str:
+    best = row["best"]
+    to_next = row["classes_sent_to_next"]
+    return f"{row['score']:.3f} at window {best['window']} (second {row['second_score']:.3f})" + (
+        "" if to_next is None else f", {to_next} classes to y+1"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    measure_all(
+        parse_args(argv),
         argv,
-        "window_spread.py",
+        measure=measure,
+        line=_line,
+        script="window_spread.py",
+        what=__doc__.split("\n")[0],
     )
 
 

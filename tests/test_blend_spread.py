@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_reach import _rows  # the same toy images as the window reading's test
 from torch import nn
 
 
@@ -27,13 +28,6 @@ class _BlendShift(nn.Module):
             return clean
         cast = (x[:, 2] - x[:, 0]).mean((1, 2))[:, None]
         return clean + 200 * cast * clean.roll(1, dims=1)
-
-
-def _rows(n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    y = torch.arange(10).repeat_interleave(n_per_class)
-    x = torch.zeros(len(y), 3, 32, 32)
-    x[torch.arange(len(y)), :, y, :16] = 1.0
-    return x, y
 
 
 def test_a_blended_all_to_all_trigger_reads_high_and_a_clean_model_low(bs):
