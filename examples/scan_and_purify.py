@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write (must not exist)")
     parser.add_argument("--clean-count", type=int, default=250, help="clean images to use (class-balanced)")
     parser.add_argument("--attack", help="attack.json of a known trigger, to measure ASR before and after")
-    parser.add_argument("--epochs", type=int, help="override the chosen method's epochs (1 for a smoke run)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="shorten the chosen method (1 for a smoke run): N epochs of a polarizer, N outer steps of AWM",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     target = f", suspected target {report.target_name}" if report.suspected_target is not None else ""
     print(f"scan: {report.verdict} (score {report.score:.3f} vs threshold {report.threshold:.3f}{target})")
 
-    options = {} if args.epochs is None else {"epochs": args.epochs}
+    # auto gives each method the options it takes (and warns about the one the picked method does not)
+    options = {} if args.epochs is None else {"epochs": args.epochs, "outer_steps": args.epochs}
     measure = {"eval_data": args.data, "eval_attack": args.attack} if args.attack else {}
     result = timm_purify.purify(
         model, clean, method="auto", scan_report=report, seed=args.seed, quiet=True, **measure, **options
