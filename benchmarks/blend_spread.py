@@ -30,13 +30,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from window_spread import describe, load_split, measure_all, next_class_count
 
 from timm_purify.detection.ban import norm_family
-from timm_purify.detection.reach import confusion_matrix, spread_shares
+from timm_purify.detection.reach import (
+    class_destinations,
+    confusion_matrix,
+    fit_shared_pattern,
+    pattern_spread,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,27 +77,27 @@ def blend_reading(
     lr: float,
     generator: torch.Generator,
 ) -> dict:
-    """One blended pattern's spread score, moved share and per-class destinations."""
-    (xs, ys), (xh, yh) = search, held
-    pattern = torch.full((1, *xs.shape[1:]), 0.5, requires_grad=True)
-    opt = torch.optim.Adam([pattern], lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xs), (batch_size,), generator=generator)
-        loss = -F.cross_entropy(f(xs[idx] * (1 - alpha) + pattern.clamp(0, 1) * alpha), ys[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    """One blended pattern's spread score, moved share and per-class destinations (the window
+    reading's pattern search and score, :mod:`timm_purify.detection.reach`, with a blend for
+    the paste)."""
+
+    def blend(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        return x * (1 - alpha) + pattern * alpha
+
+    pattern = fit_shared_pattern(
+        f, search, blend, steps=steps, batch_size=batch_size, lr=lr, generator=generator
+    )
+    xh, yh = held
     with torch.no_grad():
-        pred = f(xh * (1 - alpha) + pattern.clamp(0, 1) * alpha).argmax(1)
+        pred = f(blend(xh, pattern)).argmax(1)
     confusion = confusion_matrix(yh, pred, num_classes)
-    top, moved, spread = spread_shares(confusion)
-    off = confusion.clone().fill_diagonal_(0)
+    score, top, moved, _ = pattern_spread(confusion)
     return {
         "alpha": alpha,
-        "score": float(spread[confusion.sum(1) > 0].mean()),
+        "score": score,
         "moved": float(moved.mean()),
         "top_destination": top,
-        "destinations": [int(row.argmax()) if int(row.sum()) else None for row in off],
+        "destinations": class_destinations(confusion),
     }
 
 

@@ -33,6 +33,7 @@ Choices, and why:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,8 +48,11 @@ __all__ = [
     "ReachResult",
     "SpreadResult",
     "WindowSpreadResult",
+    "class_destinations",
     "confusion_matrix",
+    "fit_shared_pattern",
     "grid_windows",
+    "pattern_spread",
     "project_l1_ball",
     "reach_matrix",
     "spread_shares",
@@ -389,6 +393,48 @@ def universal_spread(
     )
 
 
+def pattern_spread(confusion: torch.Tensor) -> tuple[float, int, torch.Tensor, torch.Tensor]:
+    """``(score, top destination, moved, spread)`` of one pattern shared by every image (a window's,
+    or a blend's): :func:`spread_shares`, scored by the mean of ``spread`` over the classes
+    present. The mean, not :func:`universal_spread`'s second-lowest class: the trigger's window
+    moved 8-10 of 10 classes on 14 all-to-all BatchNorm models, so one or two unmoved classes
+    should lower the score, not zero it."""
+    top, moved, spread = spread_shares(confusion)
+    return float(spread[confusion.sum(1) > 0].mean()), top, moved, spread
+
+
+def class_destinations(confusion: torch.Tensor) -> list[int | None]:
+    """Per source class of ``confusion[source][predicted]``, the class most of its moved images
+    went to (``None``: none moved); under an all-to-all backdoor, its map (``y -> y + 1``, say)."""
+    off = confusion.clone().fill_diagonal_(0)
+    return [int(row.argmax()) if int(row.sum()) else None for row in off]
+
+
+def fit_shared_pattern(
+    f: nn.Module,
+    search: tuple[torch.Tensor, torch.Tensor],
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One pattern (``(1, C, H, W)`` in [0, 1], from grey) that ``apply(images, pattern)`` puts
+    into every image, fitted by Adam on the negative cross-entropy of the true labels over random
+    batches of ``search``, to push images off their labels; returned clamped to [0, 1]."""
+    xs, ys = search
+    pattern = torch.full((1, *xs.shape[1:]), 0.5, device=xs.device, requires_grad=True)
+    opt = torch.optim.Adam([pattern], lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xs), (batch_size,), generator=generator).to(xs.device)
+        loss = -F.cross_entropy(f(apply(xs[idx], pattern.clamp(0, 1))), ys[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return pattern.detach().clamp(0, 1)
+
+
 def grid_windows(size: int, side: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners ``(row, col)`` of a grid of ``side``-sided squares over a ``size``-sided
     image, the last row and column flush with the far edges, so with ``stride <= side`` every
@@ -462,11 +508,9 @@ def window_spread(
     destination. So each window's pixels are replaced by a pattern fitted (Adam on the negative
     cross-entropy of the true labels) to push images off their labels, and scored on held-out
     images by the mean over classes of the share moved to a class other than the most common
-    destination: an all-to-one trigger moves every class but to one class and scores low; a
-    clean model's best window moves a few fragile classes. The best window's score is the model's.
-    The mean, not :func:`universal_spread`'s second-lowest class: measured on 14 all-to-all
-    BatchNorm models, the trigger's window moved 8-10 of 10 classes, so one or two unmoved
-    classes should lower the score, not zero it.
+    destination (:func:`pattern_spread`): an all-to-one trigger moves every class but to one
+    class and scores low; a clean model's best window moves a few fragile classes. The best
+    window's score is the model's.
 
     Args:
         f: the model as a function of [0, 1] pixels (``PixelModel``), in eval mode, frozen.
@@ -485,23 +529,18 @@ def window_spread(
     for r, c in grid_windows(size, side, step):
         mask = torch.zeros(1, 1, size, size, device=xs.device)
         mask[..., r : r + side, c : c + side] = 1.0
-        pattern = torch.full((1, xs.shape[1], size, size), 0.5, device=xs.device, requires_grad=True)
-        opt = torch.optim.Adam([pattern], lr=lr)
-        for _ in range(steps):
-            idx = torch.randint(0, len(xs), (batch_size,), generator=generator).to(xs.device)
-            loss = -F.cross_entropy(f(xs[idx] * (1 - mask) + pattern.clamp(0, 1) * mask), ys[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+        def paste(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
+            return x * (1 - mask) + pattern * mask
+
+        pattern = fit_shared_pattern(
+            f, search, paste, steps=steps, batch_size=batch_size, lr=lr, generator=generator
+        )
         with torch.no_grad():
-            pred = f(xh * (1 - mask) + pattern.clamp(0, 1) * mask).argmax(1).cpu()
+            pred = f(paste(xh, pattern)).argmax(1).cpu()
         confusion = confusion_matrix(yh.cpu(), pred, num_classes)
-        top, moved, spread = spread_shares(confusion)
-        score = float(spread[confusion.sum(1) > 0].mean())
-        readings.append((score, r, c, top, moved, spread, confusion))
-    best = max(readings, key=lambda w: w[0])
-    score, r, c, top, moved, spread, confusion = best
-    off = confusion.clone().fill_diagonal_(0)
+        readings.append((*pattern_spread(confusion), r, c, confusion))
+    score, top, moved, spread, r, c, confusion = max(readings, key=lambda w: w[0])
     return WindowSpreadResult(
         score=score,
         corner=[r, c],
@@ -509,9 +548,9 @@ def window_spread(
         moved=[float(v) for v in moved],
         spread=[float(v) for v in spread],
         top_destination=top,
-        destinations=[int(row.argmax()) if int(row.sum()) else None for row in off],
+        destinations=class_destinations(confusion),
         confusion=confusion.tolist(),
-        window_scores=[[w[1], w[2], w[0]] for w in readings],
+        window_scores=[[w[4], w[5], w[0]] for w in readings],
         window=window,
         stride=stride or window,
         side=side,
