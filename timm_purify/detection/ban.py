@@ -771,10 +771,11 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
                 "defaults, or pass reach_threshold= fitted at your budget".format(*used, *calibrated)
             )
     fitted, spread = config.get("spread_calibrated"), config.get("spread_budget")
-    if fitted and spread and spread != spread_budget(ScanOptions(), fitted):
+    calibrated_spread = spread_budget(ScanOptions(), fitted) if fitted and spread else None
+    if calibrated_spread is not None and spread != calibrated_spread:
         cautions.append(
             f"caution: the spread reading's shape and budget ({spread}) are not the ones this family's spread "
-            f"threshold was calibrated at ({spread_budget(ScanOptions(), fitted)}); leave spread_shape, "
+            f"threshold was calibrated at ({calibrated_spread}); leave spread_shape, "
             "spread_rho, spread_window and spread_steps at their defaults, or pass spread_threshold= fitted at yours"
         )
     floor = config.get("calibration_min_acc")
