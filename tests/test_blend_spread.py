@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_reach import _rows  # the same toy images as the window reading's test
-from torch import nn
+from test_reach import _PatchShift, _rows  # the window reading's toy model and images
 
 
 @pytest.fixture(scope="module")
@@ -14,20 +13,12 @@ def bs(benchmark_script):
     return benchmark_script("blend_spread")
 
 
-class _BlendShift(nn.Module):
-    """Class ``k`` is a bright left half of row ``k`` (grey); with ``trigger``, a blue cast over
-    the whole image (blue above red) sends every class to ``k + 1``: an all-to-all blend backdoor."""
+class _BlendShift(_PatchShift):
+    """The window reading's toy all-to-all model with a blend for the trigger: a blue cast over
+    the whole image (blue above red) sends every class ``k`` to ``k + 1``."""
 
-    def __init__(self, trigger: bool):
-        super().__init__()
-        self.trigger = trigger
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        clean = 10 * x[:, 0, :10, :16].mean(-1)
-        if not self.trigger:
-            return clean
-        cast = (x[:, 2] - x[:, 0]).mean((1, 2))[:, None]
-        return clean + 200 * cast * clean.roll(1, dims=1)
+    def strength(self, x: torch.Tensor) -> torch.Tensor:
+        return 200 * (x[:, 2] - x[:, 0]).mean((1, 2))[:, None]
 
 
 def test_a_blended_all_to_all_trigger_reads_high_and_a_clean_model_low(bs):

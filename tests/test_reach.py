@@ -104,8 +104,11 @@ class _PatchShift(nn.Module):
         clean = 10 * x[:, 0, :10, :16].mean(-1)
         if not self.trigger:
             return clean
-        t = x[:, :, 24:, 24:].mean((1, 2, 3))[:, None]
-        return clean + 3 * t * clean.roll(1, dims=1)
+        return clean + self.strength(x) * clean.roll(1, dims=1)
+
+    def strength(self, x: torch.Tensor) -> torch.Tensor:
+        """How strongly each image carries the trigger (here: the bottom-right square's brightness)."""
+        return 3 * x[:, :, 24:, 24:].mean((1, 2, 3))[:, None]
 
 
 def _rows(n_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
