@@ -887,11 +887,15 @@ def check_verdicts(
     return at, verdicts(at, fitted["threshold"], fitted["target_when_both"], ban, spread)
 
 
+def earlier_stages(calibration: dict) -> dict:
+    """``calibration`` without its spread section: the cuts of the stages that run before it."""
+    return {k: v for k, v in calibration.items() if k != "spread"}
+
+
 def runs_spread(row: dict, *, calibration: dict, family: str) -> bool:
     """Whether ``scan`` runs the spread reading on ``row`` at ``calibration``'s cuts: the row is
     counted (at the reach budget) and neither BAN nor reach flagged it."""
-    earlier = {k: v for k, v in calibration.items() if k != "spread"}
-    at, results = check_verdicts([row], earlier, family)
+    at, results = check_verdicts([row], earlier_stages(calibration), family)
     return bool(at) and not results[0][0]
 
 
@@ -1275,7 +1279,6 @@ def main(argv: list[str] | None = None) -> None:
             # reading is counted from each model's own spread score
             refitted = fam in (calibration.get("refitted_by_family") or {})
             spread = spread_setting(calibration, fam) if refitted else None
-
             rows, results = check_verdicts(
                 family_rows(
                     fam,

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts,
 from calibrate_reach import (  # noqa: E402
     check_verdicts,
     choose,
+    earlier_stages,
     errors,
     model_folders,
     scan_folder,
@@ -266,8 +267,7 @@ def recounts(calibration: dict, section: dict, families: dict[str, dict]) -> dic
             for m in section["models"]
             if m["norm_family"] == fam and budget_of(m, "spread_") == budget_of(fitted)
         }
-        earlier_cuts = {k: v for k, v in calibration.items() if k != "spread"}
-        rows, earlier = check_verdicts(reach_rows, earlier_cuts, fam)
+        rows, earlier = check_verdicts(reach_rows, earlier_stages(calibration), fam)
         counted, results, left_out = [], [], []
         for row, (flagged, target) in zip(rows, earlier, strict=True):
             if not flagged and row["model"] not in scores:
@@ -301,9 +301,11 @@ def merged_section(
         "date": datetime.date.today().isoformat(),
     }
     kept = {fam for fam in old.get("families") or {} if fam not in families}
+    # the run behind a family fitted before per-family provenance: the section's own command
+    legacy = {"command": old.get("command"), "date": old.get("date")}
     provenance = {fam: entry for fam, entry in (old.get("provenance_by_family") or {}).items() if fam in kept}
-    for fam in kept - set(provenance):  # fitted by a run from before per-family provenance
-        provenance[fam] = {"command": old.get("command"), "date": old.get("date")}
+    for fam in kept - set(provenance):
+        provenance[fam] = legacy
     section = {
         "by_family": {k: v for k, v in (old.get("by_family") or {}).items() if k in kept},
         "reliability_by_family": {
@@ -319,10 +321,7 @@ def merged_section(
         if before is not None:
             earlier = before.pop("earlier", [])
             if before.get("shape", "l2") != args.shape:  # a refit of the same shape replaces it
-                run_before = (old.get("provenance_by_family") or {}).get(fam) or {
-                    "command": old.get("command"),
-                    "date": old.get("date"),
-                }
+                run_before = (old.get("provenance_by_family") or {}).get(fam) or legacy
                 earlier = [*earlier, {**before, **run_before}]
             if earlier:
                 fit["earlier"] = earlier
