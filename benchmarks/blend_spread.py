@@ -1,20 +1,16 @@
-"""Measure a candidate all-to-all reading for blended triggers: one whole-image pattern blended in.
+"""Measure the blend reading of the scan's spread stage on model folders, at several blend weights.
 
-The scan's window reading (``window_spread.py``, the BatchNorm spread stage) finds all-to-all
-*patch* triggers, but a blended trigger covers the whole image, so no window carries it: the
-eighth held-out BatchNorm set (blended all-to-all) was found once in seven (``DETECTION.md``).
-The L2 whole-image perturbation the LayerNorm spread stage uses finds a sink class of clean
-BatchNorm models instead. This reading keeps the spread score and changes the shape to the
-trigger's: one pattern ``p`` blended into every image, ``x' = (1 - alpha) x + alpha p``, fitted
-(Adam on the negative cross-entropy of the true labels, ``p`` clamped to [0, 1]) to push images
-off their labels, and scored on held-out images by the mean over classes of the share moved to
-a class other than the most common destination, as the window reading scores a window. An
-all-to-one blend sends every class to its target and scores low; a clean model's blend pushes
-most images to one or two sink classes. One reading per ``--alphas`` value, each recorded with
-where each class went (an all-to-all map ``y -> y + 1`` shows there).
-
-Measured, not a scan stage: the scan's spread stage runs one shape per family, and this would
-have to run beside the window on BatchNorm models.
+The scan's window reading (``window_spread.py``) finds all-to-all *patch* triggers, but a
+blended trigger covers the whole image, so no window carries it: the eighth held-out BatchNorm
+set (blended all-to-all) was found once in seven (``DETECTION.md``). The L2 whole-image
+perturbation the LayerNorm spread stage uses finds a sink class of clean BatchNorm models
+instead. The blend reading (``timm_purify.detection.reach.blend_spread``) keeps the spread score
+and changes the shape to the trigger's: one pattern ``p`` blended into every image,
+``x' = (1 - alpha) x + alpha p``, fitted to push images off their labels. This script takes it
+on each model's own clean images, outside the scan (no BAN, no reach: about a second a model),
+at every ``--alphas`` value, with where each class went (an all-to-all map ``y -> y + 1`` shows
+there): it chose the weight the scan's stage was then calibrated at (calibrate_spread.py
+``--shape blend``), whose scores the scan takes on its own held-out images.
 
 Example::
 
@@ -35,12 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts
 from window_spread import describe, load_split, measure_all, next_class_count
 
 from timm_purify.detection.ban import norm_family
-from timm_purify.detection.reach import (
-    class_destinations,
-    confusion_matrix,
-    fit_shared_pattern,
-    pattern_spread,
-)
+from timm_purify.detection.reach import blend_spread
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,42 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def blend_reading(
-    f: torch.nn.Module,
-    search: tuple[torch.Tensor, torch.Tensor],
-    held: tuple[torch.Tensor, torch.Tensor],
-    num_classes: int,
-    *,
-    alpha: float,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    generator: torch.Generator,
-) -> dict:
-    """One blended pattern's spread score, moved share and per-class destinations (the window
-    reading's pattern search and score, :mod:`timm_purify.detection.reach`, with a blend for
-    the paste)."""
-
-    def blend(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-        return x * (1 - alpha) + pattern * alpha
-
-    pattern = fit_shared_pattern(
-        f, search, blend, steps=steps, batch_size=batch_size, lr=lr, generator=generator
-    )
-    xh, yh = held
-    with torch.no_grad():
-        pred = f(blend(xh, pattern)).argmax(1)
-    confusion = confusion_matrix(yh, pred, num_classes)
-    score, top, moved, _ = pattern_spread(confusion)
-    return {
-        "alpha": alpha,
-        "score": score,
-        "moved": float(moved.mean()),
-        "top_destination": top,
-        "destinations": class_destinations(confusion),
-    }
-
-
 def measure(folder: Path, args: argparse.Namespace) -> dict:
     """One model's readings, one per alpha, with what it is (its training.json)."""
     start = time.perf_counter()
@@ -110,7 +65,7 @@ def measure(folder: Path, args: argparse.Namespace) -> dict:
     )
     readings = []
     for alpha in args.alpha_list:
-        reading = blend_reading(
+        result = blend_spread(
             f,
             search,
             held,
@@ -121,8 +76,16 @@ def measure(folder: Path, args: argparse.Namespace) -> dict:
             lr=args.lr,
             generator=generator,
         )
-        reading["classes_sent_to_next"] = next_class_count(record, reading["destinations"])
-        readings.append(reading)
+        readings.append(
+            {
+                "alpha": alpha,
+                "score": result.score,
+                "moved": sum(result.moved) / len(result.moved),
+                "top_destination": result.top_destination,
+                "destinations": result.destinations,
+                "classes_sent_to_next": next_class_count(record, result.destinations),
+            }
+        )
     return {
         "model": folder.name,
         **describe(record),

@@ -73,6 +73,7 @@ from timm_purify.data import clean_subset, load_data  # noqa: E402
 from timm_purify.detection.ban import (  # noqa: E402
     CALIBRATION_FILE,
     DEFAULT_REACH,
+    SPREAD_SIZES,
     ScanOptions,
     agrees,
     calibrated_agreement,
@@ -85,7 +86,7 @@ from timm_purify.detection.ban import (  # noqa: E402
     family_cuts,
     family_fit,
     scan,
-    spread_budget,
+    spread_plan,
 )
 from timm_purify.detection.report import ScanReport  # noqa: E402
 
@@ -402,14 +403,15 @@ def verdicts(
     threshold: float | None,
     when_both: str = "ban",
     ban: BanCuts | None = None,
-    spread: float | None = None,
+    spread: list[dict] | None = None,
 ) -> list[tuple[bool, int | None]]:
     """``(flagged, reported target)`` per row: BAN alone (``threshold=None``) or both stages,
     combined by ``scan``'s own :func:`~timm_purify.detection.ban.combine_stages`; ``when_both``
     names whose target stands where both found an all-to-one backdoor; ``ban``: BAN's cuts
     (default: the verdicts the scans stored, which include the spread reading where the
-    calibration ran it); ``spread``: the spread reading's threshold, counted last on each row's
-    ``spread_score`` (only with ``ban``: the statistics are BAN's alone)."""
+    calibration ran it); ``spread``: the spread readings' settings (:func:`spread_setting`),
+    counted last on each row's ``spread_scores`` (only with ``ban``: the statistics are BAN's
+    alone)."""
     out = []
     for r in rows:
         earlier = {
@@ -422,7 +424,7 @@ def verdicts(
         if verdict == "clean" and spread is not None:
             # as the scan runs it: only where the earlier stages found nothing (so a row they
             # flagged needs no spread score)
-            verdict, _, target, _ = combine_stages(first, **earlier, spread_fired=r["spread_score"] > spread)
+            verdict, _, target, _ = combine_stages(first, **earlier, spread_fired=spread_fired(r, spread))
         out.append((verdict == "backdoored", target))
     return out
 
@@ -432,7 +434,7 @@ def record(
     threshold: float | None,
     when_both: str = "ban",
     ban: BanCuts | None = None,
-    spread: float | None = None,
+    spread: list[dict] | None = None,
 ) -> dict:
     """The stages' record on ``rows`` (see :func:`verdicts`), in ``reliability_by_family``'s keys."""
     return tally(rows, verdicts(rows, threshold, when_both, ban, spread))
@@ -477,12 +479,12 @@ def fit_family(
     rows: list[dict],
     budgets: list[tuple[str, float]],
     ban: BanCuts | None = None,
-    spread: float | None = None,
+    spread: list[dict] | None = None,
 ) -> dict:
     """Every (budget, cut, whose target where both fire) with both stages' errors on ``rows``; the
     chosen one (fewest errors, then the widest margin above the clean models, then the first);
     whether reach is enabled (fewer errors than BAN alone). ``ban``: BAN's cuts (default: the
-    verdicts the scans stored); ``spread``: the spread reading's threshold, counted last."""
+    verdicts the scans stored); ``spread``: the spread readings' settings, counted last."""
     trials = []
     for norm, rho in budgets:
         at = [r for r in rows if (r["reach_norm"], r["reach_rho"]) == (norm, rho)]
@@ -572,7 +574,7 @@ def refit_cuts(
     budgets: list[tuple[str, float]],
     target_source: str,
     eps: float,
-    spread: float | None = None,
+    spread: list[dict] | None = None,
     agreement: bool = False,
     split: float | None = None,
     pinned: BanCuts | None = None,
@@ -586,8 +588,8 @@ def refit_cuts(
     widest margins (reach's above the clean models, then BAN's cuts from the nearest score).
     Reach is kept only when the best trial with it makes fewer errors than the best without it.
     Returns the kept trial (``chosen``) and the best without reach (``without_reach``).
-    ``spread``: the spread reading's threshold where the family runs it, counted last in every
-    trial (its cut is calibrate_spread.py's; the rows carry ``spread_score``). ``agreement``: every
+    ``spread``: the spread readings' settings where the family runs them, counted last in every
+    trial (their cuts are calibrate_spread.py's; the rows carry ``spread_scores``). ``agreement``: every
     trial counts BAN's all-to-one verdict under the agreement condition (``--fit-under-agreement``);
     ``split``: every trial counts it with that split cut (``--split-cut``, :func:`fit_split_cut`).
     ``pinned``: BAN's cuts are not searched but held at these (``--keep-ban-cuts``).
@@ -657,7 +659,7 @@ def recounted(
     rows: list[dict],
     target_source: str,
     eps: float,
-    spread: float | None = None,
+    spread: list[dict] | None = None,
     *,
     agreement: bool,
 ) -> dict:
@@ -692,7 +694,7 @@ def refit_family(
     rows_by_eps: dict[float, list[dict]],
     budgets: list[tuple[str, float]],
     shipped: BanCuts,
-    spread: float | None = None,
+    spread: list[dict] | None = None,
     *,
     fit_under_agreement: bool = False,
     fit_split: bool = False,
@@ -704,8 +706,8 @@ def refit_family(
     ``shipped.eps`` among them), keeping the budget with the fewest errors, then the fewest false
     alarms, then the widest all-to-one margin (the cut's distance to the nearest score, as
     calibrate_scan.py's ``choose_budgets`` breaks ties), then ``shipped.eps`` (calibrate_scan.py's
-    choice, for BAN alone), then the smaller. ``spread``: the spread reading's threshold where the
-    family runs it, counted last throughout (every count here is of all the family's stages).
+    choice, for BAN alone), then the smaller. ``spread``: the spread readings' settings where the
+    family runs them, counted last throughout (every count here is of all the family's stages).
     Where ``shipped.agreement`` holds, the cuts are fitted without the agreement condition and the
     chosen setting is then counted with it, or, with ``fit_under_agreement``, every trial is counted
     with it; either way the record without it is kept beside (``without_agreement``).
@@ -788,7 +790,7 @@ def refit_family(
             if chosen["fit"]
             else " and no reach stage"
         )
-        + ("" if spread is None else f", with the spread reading at {spread:.3f} last")
+        + ("" if spread is None else f", with the spread readings ({spread_cuts(spread)}) last")
         + (
             ""
             if plain is None
@@ -826,7 +828,8 @@ def refit_family(
         # with --agreement: the chosen setting's record without the condition
         "without_agreement": plain
         and {key: plain[key] for key in ("errors", "reliability", "reliability_ban_alone")},
-        "spread_threshold": spread,
+        # the spread readings counted last in every trial (None: the family runs none)
+        "spread": spread,
         # the best setting at each budget, both stages together
         "by_eps": {
             f"{e:g}": {
@@ -850,14 +853,40 @@ def refit_family(
     }
 
 
-def spread_setting(calibration: dict, family: str) -> dict | None:
-    """The spread reading as the calibration runs it for ``family`` (its shape and budget as
-    ``scan`` resolves them, :func:`~timm_purify.detection.ban.spread_budget`, and ``threshold``;
-    ``None``: it does not run there)."""
+def spread_setting(calibration: dict, family: str) -> list[dict] | None:
+    """The spread readings as the calibration runs them for ``family``, in order: each one's shape,
+    budget and ``threshold`` as ``scan`` resolves them (:func:`~timm_purify.detection.ban.spread_plan`);
+    ``None``: the family runs none."""
     fitted = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
-    if fitted is None:
-        return None
-    return {**spread_budget(ScanOptions(), fitted), "threshold": fitted["threshold"]}
+    return spread_plan(ScanOptions(), fitted) if fitted else None
+
+
+def spread_label(setting: dict) -> str:
+    """A spread reading's shape, budget and steps in a few characters (``window:8-steps30``): its
+    part of the key its score is stored under, and of ``spread_scores``."""
+    return f"{setting['shape']}:{setting[SPREAD_SIZES[setting['shape']]]:g}-steps{setting['steps']}"
+
+
+def spread_cuts(spread: list[dict]) -> str:
+    """The spread readings' labels and cuts, for a reason or a report."""
+    return ", ".join(f"{spread_label(s)} at {s['threshold']:.3f}" for s in spread)
+
+
+def spread_scores(spread: list[dict], score: Callable[[dict], float]) -> dict[str, float]:
+    """``spread_scores`` of a row: each reading's ``score(setting)`` by :func:`spread_label`, in the
+    scan's order up to the first that fires (the scan runs none after it, so none is taken)."""
+    scores = {}
+    for setting in spread:
+        scores[spread_label(setting)] = score(setting)
+        if scores[spread_label(setting)] > setting["threshold"]:
+            break
+    return scores
+
+
+def spread_fired(row: dict, spread: list[dict]) -> bool:
+    """Whether one of the ``spread`` readings fires on ``row`` (its ``spread_scores``), taken in
+    the scan's order: a reading after one that fired needs no score, as the scan does not run it."""
+    return any(row["spread_scores"][spread_label(s)] > s["threshold"] for s in spread)
 
 
 def check_verdicts(
@@ -865,8 +894,8 @@ def check_verdicts(
 ) -> tuple[list[dict], list[tuple[bool, int | None]]]:
     """The rows counted and ``(flagged, reported target)`` of each at ``calibration``'s cuts for
     ``family``: where a refit replaced calibrate_scan.py's cuts (the stored verdicts may predate
-    it), BAN's from the stored statistics and the spread reading (where it runs) from each row's
-    ``spread_score``, else the stored verdicts (which include the spread reading); reach's where
+    it), BAN's from the stored statistics and the spread readings (where they run) from each row's
+    ``spread_scores``, else the stored verdicts (which include the spread reading); reach's where
     the calibration enables it (the rows at its budget)."""
     ban, spread = None, None
     if family in (calibration.get("refitted_by_family") or {}):
@@ -879,7 +908,7 @@ def check_verdicts(
             decision["agreement"],
             decision["split_threshold"],
         )
-        spread = (spread_setting(calibration, family) or {}).get("threshold")
+        spread = spread_setting(calibration, family)
     fitted = ((calibration.get("reach") or {}).get("by_family") or {}).get(family)
     if fitted is None:
         return rows, verdicts(rows, None, ban=ban, spread=spread)
@@ -908,7 +937,7 @@ def check_model(row: dict, flagged: bool, target: int | None) -> dict:
     else:
         right = flagged and (row["mode"] != "all-to-one" or target == row["target"])
     keep = ("model", "arch", "attack", "mode", "target", "acc", "asr", "ban_eps", "ban_statistics")
-    scores = ("reach_norm", "reach_rho", "reach_score", "reach_target", "spread_score", "scan_seconds")
+    scores = ("reach_norm", "reach_rho", "reach_score", "reach_target", "spread_scores", "scan_seconds")
     return {
         **{k: row.get(k) for k in keep},
         **{k: row[k] for k in scores if k in row},
@@ -1056,9 +1085,7 @@ def spread_options(spread: dict) -> dict:
 
 def spread_key(key: str, spread: dict) -> str:
     """The key a model's spread reading is stored under, beside its scan's ``key``."""
-    if spread["shape"] == "window":
-        return f"{key}|spread-window:{spread['window']}-steps{spread['steps']}"
-    return f"{key}|spread-l2:{spread['rho']:g}-steps{spread['steps']}"
+    return f"{key}|spread-{spread_label(spread)}"
 
 
 def stored_scan(stored: dict, results_file: Path, key: str, make: Callable[[], dict]) -> dict:
@@ -1218,12 +1245,12 @@ def main(argv: list[str] | None = None) -> None:
     calibration = json.loads(out.read_text()) if out.is_file() else {}
 
     def family_rows(
-        family: str, eps: float, spread: dict | None = None, needs: Callable[[dict], bool] | None = None
+        family: str, eps: float, spread: list[dict] | None = None, needs: Callable[[dict], bool] | None = None
     ) -> list[dict]:
         """The family's usable rows with BAN's part at noise budget ``eps``: the stored scan's own
         where it ran at that budget, else a BAN-only scan at it (stored under its own key); with
-        ``spread`` (the family's spread setting), each row's spread score too (likewise), or only
-        the rows ``needs`` picks."""
+        ``spread`` (the family's spread readings), each row's spread scores too (likewise, in the
+        scan's order up to the first that fires: ``spread_scores``), or only the rows ``needs`` picks."""
 
         def rescan(rescan_key: str, folder: Path, model: str) -> dict:
             extra = stored_scan(stored, results_file, rescan_key, lambda: ban_row(folder, eps, args))
@@ -1234,16 +1261,17 @@ def main(argv: list[str] | None = None) -> None:
             )
             return extra
 
-        def spread_scan(folder: Path, key: str, row: dict) -> dict:
+        def spread_score(folder: Path, key: str, row: dict, setting: dict) -> float:
             extra = stored_scan(
                 stored,
                 results_file,
-                spread_key(key, spread),
-                lambda: spread_row(folder, row["reach_norm"], row["reach_rho"], spread, args),
+                spread_key(key, setting),
+                lambda: spread_row(folder, row["reach_norm"], row["reach_rho"], setting, args),
             )
             drift = abs(extra["spread_scan_reach_score"] - row["reach_score"])
             print(
-                f"{row['model']}: spread {extra['spread_score']:.3f} [{extra['spread_seconds']:.0f}s]"
+                f"{row['model']}: spread {spread_label(setting)} {extra['spread_score']:.3f} "
+                f"[{extra['spread_seconds']:.0f}s]"
                 + (
                     f" (its scan's reach score differs from the stored one by {drift:.4f})"
                     if drift > 1e-6
@@ -1251,7 +1279,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
-            return extra
+            return extra["spread_score"]
 
         rows = []
         for folder, key, row in used:
@@ -1261,7 +1289,8 @@ def main(argv: list[str] | None = None) -> None:
                 at_eps(row, key, eps, lambda k, folder=folder, row=row: rescan(k, folder, row["model"]))
             )
             if spread is not None and (needs is None or needs(rows[-1])):
-                rows[-1] = {**rows[-1], **spread_scan(folder, key, row)}
+                scores = spread_scores(spread, partial(spread_score, folder, key, row))
+                rows[-1] = {**rows[-1], "spread_scores": scores}
         return rows
 
     present = sorted({row["norm_family"] for *_, row in used})
@@ -1332,7 +1361,7 @@ def main(argv: list[str] | None = None) -> None:
                 by_eps,
                 budgets,
                 refit[fam],
-                spread and spread["threshold"],
+                spread,
                 fit_under_agreement=args.fit_under_agreement,
                 fit_split=fam in args.split_cut,
                 pinned=pinned,

@@ -50,7 +50,10 @@ from calibrate_reach import (  # noqa: E402
     errors,
     model_folders,
     scan_folder,
+    spread_fired,
+    spread_label,
     spread_options,
+    spread_scores,
     stored_scan,
     tally,
     threshold_candidates,
@@ -60,7 +63,16 @@ from calibrate_scan import recorded_command  # noqa: E402
 
 from timm_purify._train import environment_info  # noqa: E402
 from timm_purify._version import __version__  # noqa: E402
-from timm_purify.detection.ban import CALIBRATION_FILE, DEFAULT_SPREAD, SPREAD_SHAPES, combine_stages  # noqa: E402
+from timm_purify.detection.ban import (  # noqa: E402
+    CALIBRATION_FILE,
+    DEFAULT_SPREAD,
+    SPREAD_SHAPES,
+    SPREAD_SIZES,
+    ScanOptions,
+    combine_stages,
+    spread_entries,
+    spread_plan,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rhos", default="2", help="candidate L2 budgets at 3x32x32, comma list (--shape l2)")
     p.add_argument(
         "--windows", default="8", help="candidate window sides at 3x32x32, comma list (--shape window)"
+    )
+    p.add_argument("--alphas", default="0.1", help="candidate blend weights, comma list (--shape blend)")
+    p.add_argument(
+        "--alongside",
+        action="store_true",
+        help="keep the family's calibrated readings of other shapes, run before this one (their verdicts "
+        "count as the earlier stages'); default: this shape replaces them",
     )
     p.add_argument(
         "--steps",
@@ -106,24 +125,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# the option naming each shape's candidate sizes, and how a size is read
+_CANDIDATES = {"l2": ("rhos", float), "window": ("windows", int), "blend": ("alphas", float)}
+
+
 def budgets(args: argparse.Namespace) -> list[dict]:
-    """The candidate budgets in ``scan``'s spelling (:func:`~timm_purify.detection.ban.spread_budget`)."""
-    size = "rho" if args.shape == "l2" else "window"
-    values = args.rhos if args.shape == "l2" else args.windows
-    cast = float if args.shape == "l2" else int
-    return [{"shape": args.shape, size: cast(v), "steps": args.steps} for v in values.split(",") if v]
+    """The candidate budgets in ``scan``'s spelling (:func:`~timm_purify.detection.ban.spread_plan`)."""
+    option, cast = _CANDIDATES[args.shape]
+    size = SPREAD_SIZES[args.shape]
+    return [
+        {"shape": args.shape, size: cast(v), "steps": args.steps}
+        for v in getattr(args, option).split(",")
+        if v
+    ]
 
 
 def budget_of(entry: dict, prefix: str = "") -> tuple[str, float]:
-    """The spread shape and size (L2 radius or window side) of a trial or calibration entry, or
-    with ``prefix="spread_"`` of a scan row; those written before the window shape carry only
-    ``rho``."""
+    """The spread shape and size (L2 radius, window side or blend weight) of a trial or calibration
+    entry, or with ``prefix="spread_"`` of a scan row; those written before the window shape carry
+    only ``rho``."""
     shape = entry.get(f"{prefix}shape", "l2")
-    return shape, entry[f"{prefix}rho"] if shape == "l2" else entry[f"{prefix}window"]
+    return shape, entry[f"{prefix}{SPREAD_SIZES[shape]}"]
 
 
 def budget_label(shape: str, size: float) -> str:
-    return f"L2 {size:g}" if shape == "l2" else f"window {size:g}"
+    return {"l2": "L2", "window": "window", "blend": "blend"}[shape] + f" {size:g}"
+
+
+def row_key(folder: Path, budget: dict, args: argparse.Namespace) -> str:
+    """The key a model's scan with the spread reading at ``budget`` is stored under in ``--results``
+    (the stored l2 results' keys name steps only where not 40)."""
+    shape, size = budget_of(budget)
+    if shape == "l2":
+        key = f"{folder.name}|l2:{size:g}" + ("" if budget["steps"] == 40 else f"|steps{budget['steps']}")
+    else:
+        key = f"{folder.name}|{shape}:{size:g}|steps{budget['steps']}"
+    return key + f"|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
 
 
 def scan_row(folder: Path, budget: dict, args: argparse.Namespace) -> dict:
@@ -148,14 +185,16 @@ def scan_row(folder: Path, budget: dict, args: argparse.Namespace) -> dict:
 
 
 def record(rows: list[dict], threshold: float | None) -> dict:
-    """All stages' record on ``rows`` (``threshold=None``: the earlier stages alone)."""
+    """All stages' record on ``rows`` (``threshold=None``: the earlier stages alone, with the
+    family's readings of other shapes where this one runs beside them, ``--alongside``)."""
     results = []
     for r in rows:
         verdict, _, target, _ = combine_stages(
             (r["verdict"], r["pattern"], r["suspected_target"]),
             reach_fired=False,  # reach's part is already in the stored verdict
             reach_target=None,
-            spread_fired=threshold is not None and r["spread_score"] > threshold,
+            spread_fired=r.get("alongside_fired", False)
+            or (threshold is not None and r["spread_score"] > threshold),
         )
         results.append((verdict == "backdoored", target))
     return tally(rows, results)
@@ -169,7 +208,9 @@ def fit_family(rows: list[dict], sizes: list[tuple[str, float]]) -> dict:
         at = [r for r in rows if budget_of(r, "spread_") == (shape, size)]
         negatives = [r["spread_score"] for r in at if r["attack"] is None]
         positives = [
-            r["spread_score"] for r in at if r["attack"] is not None and r["verdict"] != "backdoored"
+            r["spread_score"]
+            for r in at
+            if r["attack"] is not None and r["verdict"] != "backdoored" and not r.get("alongside_fired")
         ]
         if not negatives or not positives:
             continue
@@ -179,7 +220,7 @@ def fit_family(rows: list[dict], sizes: list[tuple[str, float]]) -> dict:
             trials.append(
                 {
                     "shape": shape,
-                    "rho" if shape == "l2" else "window": size,
+                    SPREAD_SIZES[shape]: size,
                     "fit": fit,
                     "errors": errors(after),
                     "errors_before": errors(before),
@@ -203,6 +244,18 @@ def fit_family(rows: list[dict], sizes: list[tuple[str, float]]) -> dict:
     }
 
 
+def alongside(calibration: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Per family, the calibrated readings of other shapes this one runs beside (``--alongside``:
+    they run first, each at its own cut), as ``scan`` resolves them; none without the flag."""
+    if not args.alongside:
+        return {}
+    by_family = (calibration.get("spread") or {}).get("by_family") or {}
+    return {
+        fam: [s for s in spread_plan(ScanOptions(), entry) if s["shape"] != args.shape]
+        for fam, entry in by_family.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -210,31 +263,35 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [budget_of(b) for b in candidates]
     results_file = Path(args.results)
     stored = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    out = Path(args.out)
+    calibration = json.loads(out.read_text()) if out.is_file() else {}
+    before = alongside(calibration, args)
+
+    def scanned(folder: Path, budget: dict) -> dict:
+        row = stored_scan(
+            stored, results_file, row_key(folder, budget, args), lambda: scan_row(folder, budget, args)
+        )
+        print(
+            f"{row['model']} {budget_label(*budget_of(budget))}: spread {row['spread_score']:.3f} "
+            f"({row['mode'] or 'clean'}) earlier {row['verdict']} [{row['scan_seconds']:.0f}s]",
+            flush=True,
+        )
+        return row
+
     rows = []
     for folder in model_folders(args.models, stored):
-        for budget, (shape, size) in zip(candidates, sizes, strict=True):
-            if shape == "l2":  # the stored l2 results' keys name steps only where not 40
-                steps = "" if args.steps == 40 else f"|steps{args.steps}"
-                key = f"{folder.name}|l2:{size:g}{steps}"
-            else:
-                key = f"{folder.name}|window:{size}|steps{args.steps}"
-            key += f"|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
-            row = stored_scan(
-                stored, results_file, key, lambda folder=folder, budget=budget: scan_row(folder, budget, args)
-            )
+        for budget in candidates:
+            row = scanned(folder, budget)
+            others = before.get(row["norm_family"])
+            if others:  # the family's other readings, in the scan's order, up to the first that fires
+                scores = spread_scores(others, lambda s, folder=folder: scanned(folder, s)["spread_score"])
+                row = {**row, "alongside_fired": spread_fired({"spread_scores": scores}, others)}
             rows.append(row)
-            print(
-                f"{row['model']} {budget_label(shape, size)}: spread {row['spread_score']:.3f} "
-                f"({row['mode'] or 'clean'}) earlier {row['verdict']} [{row['scan_seconds']:.0f}s]",
-                flush=True,
-            )
     used = [r for r in rows if usable(r, args)]
     families = {
         fam: fit_family([r for r in used if r["norm_family"] == fam], sizes)
         for fam in sorted({r["norm_family"] for r in used})
     }
-    out = Path(args.out)
-    calibration = json.loads(out.read_text()) if out.is_file() else {}
     section = merged_section(calibration.get("spread") or {}, families, rows, args, argv)
     for fam, recount in recounts(calibration, section, families).items():
         print(f"{fam}: all stages on the reach section's models: {json.dumps(recount['reliability'])}")
@@ -248,9 +305,10 @@ def main(argv: list[str] | None = None) -> None:
 def recounts(calibration: dict, section: dict, families: dict[str, dict]) -> dict[str, dict]:
     """Per family enabled here whose reach stage was fitted on models of its own (the ``reach``
     section's ``models``), all stages' record on those: the earlier stages' verdicts at the
-    calibration's cuts, and the spread reading counted, as the scan runs it, where they found
-    nothing, from the score this run took of the same model (by name). A model the earlier stages
-    missed whose spread score this run did not take is left out of the record and listed, so the
+    calibration's cuts, and the family's spread readings counted, as the scan runs them, where they
+    found nothing, from the scores taken of the same model (by name; this run's, and the section's
+    of the readings it runs beside). A model the earlier stages missed without a score the scan
+    would read is left out of the record and listed, so the
     record the scan quotes covers the calibration's models, not only the ones this run scanned."""
     out = {}
     for fam, fit in families.items():
@@ -261,20 +319,22 @@ def recounts(calibration: dict, section: dict, families: dict[str, dict]) -> dic
         ]
         if not fit["enabled"] or not reach_rows:
             continue
-        fitted = section["by_family"][fam]
-        scores = {
-            m["model"]: m["spread_score"]
-            for m in section["models"]
-            if m["norm_family"] == fam and budget_of(m, "spread_") == budget_of(fitted)
-        }
+        settings = spread_plan(ScanOptions(), section["by_family"][fam])
+        scores: dict[str, dict[str, float]] = {}  # per model, its score at each reading (spread_scores)
+        for setting in settings:
+            for m in section["models"]:
+                if m["norm_family"] == fam and budget_of(m, "spread_") == budget_of(setting):
+                    scores.setdefault(m["model"], {})[spread_label(setting)] = m["spread_score"]
         rows, earlier = check_verdicts(reach_rows, earlier_stages(calibration), fam)
         counted, results, left_out = [], [], []
         for row, (flagged, target) in zip(rows, earlier, strict=True):
-            if not flagged and row["model"] not in scores:
-                left_out.append(row["model"])
-                continue
-            if not flagged and scores[row["model"]] > fitted["threshold"]:
-                flagged, target = True, None  # an all-to-all verdict, as combine_stages gives it
+            if not flagged:
+                try:
+                    flagged = spread_fired({"spread_scores": scores.get(row["model"], {})}, settings)
+                except KeyError:  # a reading the scan would run on it that this run did not take
+                    left_out.append(row["model"])
+                    continue
+                target = None if flagged else target  # an all-to-all verdict, as combine_stages gives it
             counted.append(row)
             results.append((flagged, target))
         out[fam] = {
@@ -318,33 +378,48 @@ def merged_section(
         print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
         fit = {**fit, "shape": args.shape}
         before = (old.get("families") or {}).get(fam)
+        run_before = (old.get("provenance_by_family") or {}).get(fam) or legacy
+        # the family's readings of other shapes this one runs beside (--alongside), kept as they were
+        beside = (
+            [
+                e
+                for e in spread_entries((old.get("by_family") or {}).get(fam))
+                if e.get("shape", "l2") != args.shape
+            ]
+            if args.alongside
+            else []
+        )
         if before is not None:
-            earlier = before.pop("earlier", [])
-            if before.get("shape", "l2") != args.shape:  # a refit of the same shape replaces it
-                run_before = (old.get("provenance_by_family") or {}).get(fam) or legacy
-                earlier = [*earlier, {**before, **run_before}]
-            if earlier:
-                fit["earlier"] = earlier
+            if beside:  # the fit of the readings this one runs beside, with the run behind it
+                fit["alongside"] = {**before, **run_before}
+            else:
+                earlier = before.pop("earlier", [])
+                if before.get("shape", "l2") != args.shape:  # a refit of the same shape replaces it
+                    earlier = [*earlier, {**before, **run_before}]
+                if earlier:
+                    fit["earlier"] = earlier
         section["families"][fam] = fit
         provenance[fam] = run
         if fit["enabled"]:
             best = fit["chosen"]
             shape, size = budget_of(best)
-            section["by_family"][fam] = {
+            entry = {
                 "shape": shape,
-                "rho" if shape == "l2" else "window": size,
+                SPREAD_SIZES[shape]: size,
                 "steps": args.steps,
                 "threshold": best["fit"]["threshold"],
             }
+            section["by_family"][fam] = [*beside, entry] if beside else entry
             section["reliability_by_family"][fam] = best["reliability"]
     return {
         **section,
         **({"recounted_by_family": recounted} if recounted else {}),
         "provenance_by_family": provenance,
         "rule": (
-            "per normalisation family and candidate budget (an L2 radius, or a window side), the candidate spread "
-            "thresholds lie midway between the highest score of a clean model and each score above it of an "
-            "implanted backdoor the earlier stages (BAN, reach where enabled) missed; all stages together (the "
+            "per normalisation family and candidate budget (an L2 radius, a window side or a blend weight), the "
+            "candidate spread thresholds lie midway between the highest score of a clean model and each score above "
+            "it of an implanted backdoor the earlier stages (BAN, reach where enabled, and the family's readings of "
+            "other shapes where this one runs beside them) missed; all stages together (the "
             "earlier verdict where it fired, else an all-to-all verdict where spread fires) are counted against the "
             "earlier stages alone and the budget and cut with the fewest errors are kept (ties: the widest margin); "
             "enabled for a family only with fewer errors than without it. Clean models below "
@@ -352,7 +427,7 @@ def merged_section(
         ),
         "min_acc": args.min_acc,
         "min_asr": args.min_asr,
-        # the models behind every entry kept, and behind a fitted family's earlier fit of the other shape
+        # the models behind every entry kept, and behind a fitted family's fits of other shapes
         "models": [
             m
             for m in old.get("models") or []

@@ -42,6 +42,8 @@ from calibrate_reach import (  # noqa: E402
     refit_family,
     scan_key,
     spread_key,
+    spread_label,
+    spread_scores,
     spread_setting,
     usable,
 )
@@ -100,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fold_rows(
-    patterns: list[str], eps: float, stored: dict, args: argparse.Namespace, spread: dict | None = None
+    patterns: list[str], eps: float, stored: dict, args: argparse.Namespace, spread: list[dict] | None = None
 ) -> list[dict]:
     """The fold's usable models of the family, with BAN's part at ``eps`` (as calibrate_reach.py
     merges a BAN-only rescan into the scan taken at the calibration's budget) and, where the
@@ -124,11 +126,15 @@ def fold_rows(
 
         rows.append(at_eps(row, key, eps, stored_ban))
         if spread is not None:
-            if spread_key(key, spread) not in stored:
-                raise SystemExit(
-                    f"{folder.name}: no spread score stored; refit with --refit-ban over it first"
-                )
-            rows[-1] = {**rows[-1], **stored[spread_key(key, spread)]}
+
+            def stored_spread(setting: dict, key: str = key, name: str = folder.name) -> float:
+                if spread_key(key, setting) not in stored:
+                    raise SystemExit(
+                        f"{name}: no spread score stored at {spread_label(setting)}; refit with --refit-ban over it first"
+                    )
+                return stored[spread_key(key, setting)]["spread_score"]
+
+            rows[-1] = {**rows[-1], "spread_scores": spread_scores(spread, stored_spread)}
     return rows
 
 
@@ -139,7 +145,7 @@ def one_way(
     shipped: BanCuts,
     stored: dict,
     args,
-    spread: dict | None = None,
+    spread: list[dict] | None = None,
     *,
     fit_split: bool = False,
 ) -> dict:
@@ -148,12 +154,11 @@ def one_way(
     spread setting where it runs (its threshold is counted last on both folds, as the refit does);
     ``fit_split``: the refit fits a split cut (``calibrate_reach.py --split-cut``)."""
     reach_budget = [parse_budgets(args.budget)[0]]
-    cut = spread and spread["threshold"]
     fit = refit_family(
         {e: fold_rows(fit_on, e, stored, args, spread) for e in budgets},
         reach_budget,
         shipped,
-        cut,
+        spread,
         fit_under_agreement=args.fit_under_agreement,
         fit_split=fit_split,
         count_original=False,  # calibrate_scan.py's cuts are not what is checked here
@@ -167,7 +172,7 @@ def one_way(
         split=chosen["split_threshold"],
     )
     test = fold_rows(test_on, chosen["eps"], stored, args, spread)
-    rel = record(test, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], ban, cut)
+    rel = record(test, chosen["fit"] and chosen["fit"]["threshold"], chosen["target_when_both"], ban, spread)
     return {
         "budgets_offered": budgets,
         "chosen_eps": chosen["eps"],

@@ -24,6 +24,8 @@ from pathlib import Path
 import timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, also when imported by a test
+from calibrate_reach import spread_cuts, spread_fired  # noqa: E402
+
 from timm_purify._train import TrainConfig, build_backdoored_model, environment_info
 from timm_purify.attacks import build_attack, from_json
 from timm_purify.data import clean_subset, load_data
@@ -310,6 +312,23 @@ def _scan_row(model, train, suite: Suite, seed: int, *, backdoored: bool, target
     }
 
 
+def _spread_counted(fit: dict) -> str | None:
+    """The spread readings a reach refit counted last, as text (``None``: none): ``spread``, the
+    readings' settings, or ``spread_threshold``, one cut, as refits before several readings wrote it."""
+    if fit.get("spread"):
+        return spread_cuts(fit["spread"])
+    return None if fit.get("spread_threshold") is None else f"{fit['spread_threshold']:.3f}"
+
+
+def _spread_fires(model: dict, fit: dict) -> bool:
+    """Whether the spread readings a reach refit counted fire on one of its models (a model without
+    a score, as a backdoor that did not implant, which the refit does not use: no)."""
+    if fit.get("spread"):
+        return "spread_scores" in model and spread_fired(model, fit["spread"])
+    score, cut = model.get("spread_score"), fit.get("spread_threshold")
+    return score is not None and cut is not None and score > cut
+
+
 def _cut(value: float | None) -> str:
     """A threshold, or "not used" where the calibration left a statistic out for a family."""
     return "not used" if value is None else f"{value:.3f}"
@@ -482,7 +501,7 @@ def _reach_section() -> list[str]:
         # a refit that found reach no help keeps BAN's cuts and no reach cut
         reach = f"{best['fit']['threshold']:.3f} | {best['target_when_both']}" if best["fit"] else "- | -"
         # a family refitted with the spread reading counts it in every column but BAN alone's
-        label = fam if fit.get("spread_threshold") is None else f"{fam} (with spread)"
+        label = fam if _spread_counted(fit) is None else f"{fam} (with spread)"
         lines.append(
             f"| {label} | {'yes' if fit['enabled'] else 'no'} | {best['norm']} {best['rho']:g} | "
             f"{reach} | {best['errors']} / {best['errors_ban_alone']} | "
@@ -500,12 +519,12 @@ def _reach_section() -> list[str]:
             f"{_cut(before['all_to_all_threshold'])} -> {_cut(best['all_to_all_threshold'])}; errors of both stages "
             f"{'not counted' if before['errors'] is None else before['errors']} -> {best['errors']} "
             "(the best BAN cuts without reach"
-            + ("" if fit.get("spread_threshold") is None else ", spread counted")
+            + ("" if _spread_counted(fit) is None else ", spread counted")
             + f": {best['errors_best_ban_alone']})"
             + (
                 ""
-                if fit.get("spread_threshold") is None
-                else f"; every count here includes the spread reading at {fit['spread_threshold']:.3f}, counted last"
+                if _spread_counted(fit) is None
+                else f"; every count here includes the spread reading at {_spread_counted(fit)}, counted last"
             )
             + ".",
             "",
@@ -540,10 +559,8 @@ def _reach_section() -> list[str]:
         stats = m.get("ban_statistics")
         if m["norm_family"] in section.get("ban_refitted", []):
             verdict, _, target, _, _ = decide(stats, **calibrated_decision(calibration, m["norm_family"]))
-            spread = section["families"][m["norm_family"]].get("spread_threshold")
             # the refit reads spread on the models it uses only (a backdoor that did not implant has none)
-            score = m.get("spread_score")
-            if verdict == "clean" and spread is not None and score is not None and score > spread:
+            if verdict == "clean" and _spread_fires(m, section["families"][m["norm_family"]]):
                 verdict = "backdoored (spread)"
         ban = verdict + ("" if target is None else f" ({target})")
         ban_scores = (

@@ -424,20 +424,27 @@ def test_refit_counts_the_spread_reading_last_where_the_family_runs_it(cal):
     """A family with the spread reading: its stored verdicts include spread, but a refit
     recomputes BAN's from the statistics, so spread is counted from each model's own score; an
     all-to-all backdoor only spread sees is then not a miss that a lower BAN cut must buy."""
+    spread = [{"shape": "l2", "rho": 2.0, "steps": 40, "threshold": 0.4}]
+
+    def scored(score: float) -> dict:
+        return {"spread_scores": {"l2:2-steps40": score}}
+
     rows = [
-        {**_scored(None, 0.27, 0.10), "spread_score": 0.0},
-        {**_scored(None, 0.10, 0.08), "spread_score": 0.0},
-        {**_scored("badnets", 0.31, 0.10, target=3), "spread_score": 0.0},
-        {**_scored("blended", 0.12, 0.50, target=1), "spread_score": 0.0},
+        {**_scored(None, 0.27, 0.10), **scored(0.0)},
+        {**_scored(None, 0.10, 0.08), **scored(0.0)},
+        {**_scored("badnets", 0.31, 0.10, target=3), **scored(0.0)},
+        {**_scored("blended", 0.12, 0.50, target=1), **scored(0.0)},
         # all-to-all: BAN reads it at 0.25, under the clean model at 0.27; only spread sees it
-        {**_scored("badnets", 0.25, 0.07), "mode": "all-to-all", "spread_score": 0.8},
+        {**_scored("badnets", 0.25, 0.07), "mode": "all-to-all", **scored(0.8)},
     ]
     shipped = cal.BanCuts(0.176, None, "noisy_masked", 0.5)
-    with_spread = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped, 0.4)
+    with_spread = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped, spread)
     best = with_spread["chosen"]
     assert best["all_to_one_threshold"] == pytest.approx((0.27 + 0.31) / 2) and best["errors"] == 0
     assert best["reliability"]["detected"] == 3 and best["reliability"]["false_positives"] == 0
-    assert with_spread["spread_threshold"] == 0.4 and "spread reading at 0.400" in with_spread["reason"]
+    assert (
+        with_spread["spread"] == spread and "spread readings (l2:2-steps40 at 0.400)" in with_spread["reason"]
+    )
     # BAN's own record (the BAN section's) leaves spread out
     assert best["reliability_ban_alone"]["detected"] == 1
     # the shipped cut (0.176) flags the clean model at 0.27: one error, spread counted
@@ -445,7 +452,12 @@ def test_refit_counts_the_spread_reading_last_where_the_family_runs_it(cal):
     without = cal.refit_family({0.5: rows}, [("l2", 1.0)], shipped)["chosen"]
     assert without["errors"] == 1  # the all-to-all model is missed without spread
     # spread's own threshold is not refitted: a score at it does not fire
-    at = cal.record(rows[4:], None, ban=cal.BanCuts(0.29, None, "noisy_masked", 0.5), spread=0.8)
+    at = cal.record(
+        rows[4:],
+        None,
+        ban=cal.BanCuts(0.29, None, "noisy_masked", 0.5),
+        spread=[{**spread[0], "threshold": 0.8}],
+    )
     assert at["detected"] == 0
 
 
@@ -485,28 +497,45 @@ def test_check_counts_held_out_models_at_the_shipped_cuts(cal):
     # (a missed all-to-all backdoor it sees), at the calibration's threshold
     a2a = {**_scored("badnets", 0.10, 0.10), "mode": "all-to-all"}
     spread = {**calibration, "spread": {"by_family": {"batchnorm": {"rho": 2.0, "threshold": 0.4}}}}
-    spread_rows = [{**r, "spread_score": 0.0} for r in rows] + [{**a2a, "spread_score": 0.6}]
+    spread_rows = [{**r, "spread_scores": {"l2:2-steps40": 0.0}} for r in rows] + [
+        {**a2a, "spread_scores": {"l2:2-steps40": 0.6}}
+    ]
     assert _checked(cal, spread_rows, spread, "batchnorm")["detected"] == 3
-    assert cal.spread_setting(spread, "batchnorm") == {
-        "shape": "l2",
-        "rho": 2.0,
-        "steps": 40,
-        "threshold": 0.4,
-    }
+    assert cal.spread_setting(spread, "batchnorm") == [
+        {"shape": "l2", "rho": 2.0, "steps": 40, "threshold": 0.4}
+    ]
     assert cal.spread_setting(calibration, "batchnorm") is None
     # as the scan runs it, only where BAN and reach found nothing: the rows they flagged need no score
     assert [cal.runs_spread(r, calibration=spread, family="batchnorm") for r in rows] == [True, False, False]
-    lazy = [{**rows[0], "spread_score": 0.0}, rows[1], rows[2], {**a2a, "spread_score": 0.6}]
+    lazy = [spread_rows[0], rows[1], rows[2], spread_rows[3]]
     assert _checked(cal, lazy, spread, "batchnorm")["detected"] == 3
-    with pytest.raises(KeyError, match="spread_score"):  # a row the reading must see, without its score
+    with pytest.raises(KeyError, match="spread_scores"):  # a row the reading must see, without its score
         _checked(cal, [rows[0]], spread, "batchnorm")
     # the window shape: its own options and store key; the l2 keys stay those already stored
     entry = {"shape": "window", "window": 8, "steps": 30, "threshold": 0.5}
-    setting = cal.spread_setting({**calibration, "spread": {"by_family": {"batchnorm": entry}}}, "batchnorm")
+    (setting,) = cal.spread_setting(
+        {**calibration, "spread": {"by_family": {"batchnorm": entry}}}, "batchnorm"
+    )
     assert setting == entry
     assert cal.spread_options(setting) == {"spread_shape": "window", "spread_window": 8, "spread_steps": 30}
     assert cal.spread_key("k", setting) == "k|spread-window:8-steps30"
-    assert cal.spread_key("k", cal.spread_setting(spread, "batchnorm")) == "k|spread-l2:2-steps40"
+    assert cal.spread_key("k", cal.spread_setting(spread, "batchnorm")[0]) == "k|spread-l2:2-steps40"
+    # two readings (window, then blend): either firing flags an all-to-all model; the blend is read
+    # only where the window did not fire, as the scan runs them
+    blend = {"shape": "blend", "alpha": 0.1, "steps": 30, "threshold": 0.6}
+    both = {**calibration, "spread": {"by_family": {"batchnorm": [entry, blend]}}}
+    assert cal.spread_setting(both, "batchnorm") == [entry, blend]
+    assert cal.spread_key("k", blend) == "k|spread-blend:0.1-steps30"
+    assert cal.spread_options(blend) == {"spread_shape": "blend", "spread_alpha": 0.1, "spread_steps": 30}
+    window_fired = {**a2a, "spread_scores": {"window:8-steps30": 0.7}}
+    blend_fired = {**a2a, "spread_scores": {"window:8-steps30": 0.2, "blend:0.1-steps30": 0.8}}
+    neither = {**a2a, "spread_scores": {"window:8-steps30": 0.2, "blend:0.1-steps30": 0.5}}
+    assert _checked(cal, [window_fired, blend_fired, neither], both, "batchnorm")["detected"] == 2
+    asked = []
+    assert cal.spread_scores([entry, blend], lambda s: asked.append(s["shape"]) or 0.7) == {
+        "window:8-steps30": 0.7
+    }
+    assert asked == ["window"]
 
 
 def _fold_model(tmp_path, stored: dict, name: str, row: dict, *, ban_eps: float) -> tuple[str, str]:

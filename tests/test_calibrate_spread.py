@@ -181,3 +181,88 @@ def test_the_record_quoted_counts_all_stages_on_the_reach_sections_models(cal):
     )
     assert rel["targets_correct"] == 1 and "3 of the reach section's 4" in recount["note"]
     assert cal.recounts(calibration, section, {"batchnorm": {**fit, "enabled": False}}) == {}
+
+
+def test_a_blend_fit_alongside_the_window_counts_it_first_and_keeps_it(cal):
+    """``--alongside``: the family's window reading runs before the blend, so a backdoor the window
+    found is not one the blend's cut must buy, the fitted family runs both (window first), the
+    window's fit stays on record beside the new one, and the recount reads both scores."""
+
+    def blend_row(attack, score, *, window_fired, mode="all-to-all"):
+        return {
+            **_row(attack, score, mode=mode),
+            "arch": "resnet18",
+            "norm_family": "batchnorm",
+            "spread_shape": "blend",
+            "spread_alpha": 0.1,
+            "alongside_fired": window_fired,
+            "acc": 0.9,
+            "asr": 0.9 if attack else None,
+        }
+
+    rows = [
+        blend_row(None, 0.4, window_fired=False),
+        blend_row("badnets", 0.5, window_fired=True),  # the window's: above the clean model, not a candidate
+        blend_row("blended", 0.8, window_fired=False),
+    ]
+    fit = cal.fit_family(rows, [("blend", 0.1)])
+    best = fit["chosen"]
+    assert [t["fit"]["threshold"] for t in fit["trials"]] == [pytest.approx(0.6)]
+    assert best["errors"] == 0 and best["errors_before"] == 1 and best["reliability"]["detected"] == 2
+    args = cal.parse_args(["m", "--shape", "blend", "--alongside"])
+    assert cal.budgets(args) == [{"shape": "blend", "alpha": 0.1, "steps": 30}]
+    window = {"shape": "window", "window": 8, "steps": 30, "threshold": 0.55}
+    calibration = {"spread": {"by_family": {"batchnorm": window}}}
+    assert cal.alongside(calibration, args) == {"batchnorm": [window]}
+    assert cal.alongside(calibration, cal.parse_args(["m", "--shape", "blend"])) == {}
+    old = {
+        "by_family": {"batchnorm": window},
+        "families": {"batchnorm": {"enabled": True, "shape": "window", "reason": "window fit"}},
+        "provenance_by_family": {"batchnorm": {"command": "window run", "date": "2026-11-20"}},
+        "models": [{"model": "w", "norm_family": "batchnorm", "spread_shape": "window", "spread_window": 8}],
+    }
+    section = cal.merged_section(
+        old, {"batchnorm": fit}, rows, args, ["--shape", "blend", "--alongside", "m"]
+    )
+    assert section["by_family"]["batchnorm"] == [
+        window,
+        {"shape": "blend", "alpha": 0.1, "steps": 30, "threshold": pytest.approx(0.6)},
+    ]
+    assert section["families"]["batchnorm"]["alongside"]["reason"] == "window fit"
+    assert section["families"]["batchnorm"]["alongside"]["command"] == "window run"
+    assert [m.get("spread_shape") for m in section["models"]] == ["window", "blend", "blend", "blend"]
+    # the recount: a model the earlier stages missed is found by either reading; one whose window
+    # did not fire and that has no blend score is left out
+    reach = {"norm": "l2", "rho": 1.0, "threshold": 0.9, "target_when_both": "ban"}
+
+    def reach_row(name, attack):
+        return {
+            "model": name, "arch": "resnet18", "norm_family": "batchnorm", "used": True, "attack": attack,
+            "mode": "all-to-all" if attack else None, "target": None, "reach_norm": "l2", "reach_rho": 1.0,
+            "reach_score": 0.1, "reach_target": 0, "verdict": "clean", "pattern": None, "suspected_target": None,
+            "ban_verdict": "clean", "ban_target": None,
+        }  # fmt: skip
+
+    calibration = {"reach": {"by_family": {"batchnorm": reach}, "models": [reach_row(n, a) for n, a in (
+        ("clean", None), ("patch-a2a", "badnets"), ("blend-a2a", "blended"), ("unread", "blended"))]}}  # fmt: skip
+
+    def scored(name, shape, score):
+        size = {"window": ("spread_window", 8), "blend": ("spread_alpha", 0.1)}[shape]
+        return {
+            "model": name,
+            "norm_family": "batchnorm",
+            "spread_shape": shape,
+            size[0]: size[1],
+            "spread_score": score,
+        }
+
+    section["models"] = [
+        scored("clean", "window", 0.3), scored("clean", "blend", 0.4),
+        scored("patch-a2a", "window", 0.8),  # the window fires: no blend score needed
+        scored("blend-a2a", "window", 0.3), scored("blend-a2a", "blend", 0.8),
+        scored("unread", "window", 0.3),
+    ]  # fmt: skip
+    recount = cal.recounts(calibration, section, {"batchnorm": fit})["batchnorm"]
+    assert recount["left_out"] == ["unread"]
+    rel = recount["reliability"]
+    assert (rel["false_positives"], rel["detected"], rel["backdoored_models"]) == (0, 2, 2)

@@ -131,6 +131,29 @@ def test_stages_the_scan_skipped_are_named() -> None:
     report.config = {**report.config, "spread_calibrated": {"shape": "window", "window": 8, "threshold": 0.5}}
     body = _card(scan_report=report).text
     assert "could not change the verdict or target: universal reach, window spread" in body
+    # a family calibrated with two readings names both
+    both = [
+        {"shape": "window", "window": 8, "threshold": 0.5},
+        {"shape": "blend", "alpha": 0.1, "threshold": 0.6},
+    ]
+    report.config = {**report.config, "spread_calibrated": both}
+    body = _card(scan_report=report).text
+    assert "could not change the verdict or target: universal reach, window spread, blend spread" in body
+
+
+def test_every_spread_reading_that_ran_is_listed_and_only_the_decider_marked() -> None:
+    report = _scan()
+    blend = {"shape": "blend", "alpha": 0.1, "score": 0.81, "threshold": 0.6, "fired": True}
+    window = {"shape": "window", "window": 8, "score": 0.3, "threshold": 0.5, "fired": False}
+    report.spread = {**blend, "others": [window]}
+    report.config = {**report.config, "decided_by": "spread"}
+    lines = [x for x in _card(scan_report=report).text.splitlines() if "spread (all-to-all reading" in x]
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "- Blend spread (all-to-all reading: one pattern shared by all images, blended"
+    )
+    assert "score 0.8100, threshold 0.6 (this reading decided the verdict)" in lines[0]
+    assert lines[1].startswith("- Window spread") and "decided" not in lines[1]
 
 
 def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from timm_purify.detection.reach import (
+    blend_spread,
     confusion_matrix,
     grid_windows,
     project_l1_ball,
@@ -135,6 +136,38 @@ def test_spread_shares_count_classes_moved_apart_not_to_one_sink():
     sink = confusion_matrix(y, torch.full_like(y, 3), 10)  # every class to class 3
     top, moved, spread = spread_shares(sink)
     assert top == 3 and float(spread.sum()) == 0.0
+
+
+class _BlendShift(_PatchShift):
+    """The window reading's toy all-to-all model with a blend for the trigger: a blue cast over
+    the whole image (blue above red) sends every class ``k`` to ``k + 1``."""
+
+    def strength(self, x: torch.Tensor) -> torch.Tensor:
+        return 200 * (x[:, 2] - x[:, 0]).mean((1, 2))[:, None]
+
+
+def test_a_blended_all_to_all_trigger_reads_high_and_a_clean_model_low():
+    """The blend reading fits one pattern blended into every image: a blended all-to-all trigger
+    moves every class to the next; where the model has none, a tenth of a pattern cannot outshine
+    a class's own row, so nothing moves."""
+    search, held = _rows(4), _rows(3)
+    options = dict(alpha=0.1, steps=40, batch_size=20, lr=0.1)
+    backdoored = blend_spread(
+        _BlendShift(True), search, held, 10, **options, generator=torch.Generator().manual_seed(0)
+    )
+    assert backdoored.score > 0.8 and min(backdoored.moved) > 0.9
+    assert backdoored.destinations == [(k + 1) % 10 for k in range(10)]
+    assert (backdoored.alpha, backdoored.num_search, backdoored.num_held_out) == (0.1, 40, 30)
+    assert sum(map(sum, backdoored.confusion)) == 30
+    clean = blend_spread(
+        _BlendShift(False), search, held, 10, **options, generator=torch.Generator().manual_seed(0)
+    )
+    assert clean.score < 0.1 and max(clean.moved) < 0.1
+    # the patch model's trigger is a bright square: a blend cannot light it, so it reads low too
+    patch = blend_spread(
+        _PatchShift(True), search, held, 10, **options, generator=torch.Generator().manual_seed(0)
+    )
+    assert patch.score < backdoored.score - 0.5
 
 
 def test_the_trigger_window_recovers_an_all_to_all_patch_and_a_clean_model_reads_low():

@@ -153,8 +153,11 @@ def test_clean_model_is_not_flagged(clean_report):
     r = clean_report
     assert r.verdict == "clean"
     # every stage ran, the last the BatchNorm family's window-shaped spread reading
-    assert r.reach is not None and r.spread["shape"] == "window" and not r.spread["fired"]
-    assert r.config["spread_budget"] == {"shape": "window", "window": 8, "steps": 30}
+    assert r.reach is not None and not r.spread["fired"]
+    # the BatchNorm family's spread readings, all of them (none fired), in the calibration's order
+    plan = ban.spread_plan(ban.ScanOptions(), load_calibration()["spread"]["by_family"]["batchnorm"])
+    assert r.config["spread_budgets"] == [ban.budget_of(s) for s in plan] and plan[0]["shape"] == "window"
+    assert sorted(x["shape"] for x in [r.spread, *r.spread["others"]]) == sorted(s["shape"] for s in plan)
     assert r.pattern is None and r.suspected_target is None
     assert r.score <= r.threshold
     cut = r.config["all_to_all_threshold"]  # None where the calibration found that statistic useless
@@ -372,7 +375,7 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     assert spread["fired"] and spread["score"] > 0.5
     assert min(spread["moved"]) > 0.9
     # the shipped LayerNorm entry records neither shape nor steps: the l2 reading, 40 steps
-    assert report.config["spread_budget"] == {"shape": "l2", "rho": 2.0, "steps": 40}
+    assert report.config["spread_budgets"] == [{"shape": "l2", "rho": 2.0, "steps": 40}]
     assert sum(row.index(max(row)) == (k + 1) % 10 for k, row in enumerate(spread["confusion"])) >= 9
     assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-all", None)
     assert report.config["decided_by"] == "spread" and (report.score, report.threshold) == (
@@ -424,7 +427,7 @@ def test_window_spread_finds_the_pixel_trigger_in_its_corner(tmp_path):
     shifted = _PixelShift(copy.deepcopy(clean), strength=200.0).eval()
     report = scan(shifted, clean_images(), spread="on", spread_shape="window", spread_steps=20, **SPREAD)
     spread = report.spread
-    assert report.config["spread_budget"] == {"shape": "window", "window": 8, "steps": 20}
+    assert report.config["spread_budgets"] == [{"shape": "window", "window": 8, "steps": 20}]
     assert spread["shape"] == "window" and spread["corner"] == [0, 0] and spread["side"] == 8
     assert spread["fired"] and spread["score"] > 0.5
     assert sum(d == (k + 1) % 10 for k, d in enumerate(spread["destinations"])) >= 8
@@ -460,17 +463,67 @@ def test_the_calibrated_spread_shape_is_used_and_kept_apart_from_the_other(monke
     calibrated = {"other": entry, "batchnorm": entry}  # _Exploding is a BatchNorm model
     monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "spread": {"by_family": calibrated}})
     report = scan(shifted, clean_images(), **cheap)
-    assert report.config["spread_budget"] == {"shape": "window", "window": 8, "steps": 10}
+    assert report.config["spread_budgets"] == [{"shape": "window", "window": 8, "steps": 10}]
     assert report.spread["threshold"] == 0.4 and report.pattern == "all-to-all"
     assert not [c for c in report.config["cautions"] if "spread reading" in c]
-    with pytest.raises(ScanOptionError, match="spread_rho is the budget of the 'l2' spread shape"):
+    with pytest.raises(ScanOptionError, match="spread_rho is the budget of the 'l2' spread reading"):
         scan(_Exploding(), clean_images(), spread_rho=2.0, **cheap)
-    with pytest.raises(ScanOptionError, match="a cut on the 'window' reading's score"):
+    with pytest.raises(ScanOptionError, match=r"cuts on the \['window'\] readings' scores"):
         scan(_Exploding(), clean_images(), spread_shape="l2", **cheap)
     other = scan(shifted, clean_images(), spread_shape="l2", spread_threshold=0.3, **cheap)
-    assert other.config["spread_budget"] == {"shape": "l2", "rho": 2.0, "steps": 40}
+    assert other.config["spread_budgets"] == [{"shape": "l2", "rho": 2.0, "steps": 40}]
     longer = scan(shifted, clean_images(), spread_steps=12, **cheap)
-    assert [c for c in longer.config["cautions"] if "spread reading's shape and budget" in c]
+    assert [c for c in longer.config["cautions"] if "spread readings' shape and budget" in c]
+
+
+def test_a_family_calibrated_with_two_readings_runs_them_in_order(monkeypatch, tmp_path):
+    """A family calibrated with the window and then the blend reading: under ``"auto"`` the blend
+    runs only where the window found nothing (the report shows the reading nearest its cut, the
+    other under ``others``), under ``"on"`` both; one threshold for both, or a budget of a shape
+    neither is, is refused before any work."""
+    from timm_purify.cli.scan import _summary
+    from timm_purify.cli.scan import scan as scan_command
+
+    # the CLI offers every shape (its module names them without importing the scan)
+    option = next(p for p in scan_command.params if p.name == "spread_shape")
+    assert tuple(option.type.choices) == ban.SPREAD_SHAPES
+    clean, _ = pixel_models()
+    shifted = _PixelShift(copy.deepcopy(clean), strength=200.0).eval()
+    twin = _PixelShift(copy.deepcopy(clean), strength=0.0).eval()
+    shipped = load_calibration()
+    cheap = {k: v for k, v in SPREAD.items() if k != "spread_threshold"}
+    window = {"shape": "window", "window": 8, "steps": 10, "threshold": 0.4}
+    blend = {"shape": "blend", "alpha": 0.1, "steps": 10, "threshold": 0.6}
+    both = {"other": [window, blend], "batchnorm": [window, blend]}
+    monkeypatch.setattr(ban, "load_calibration", lambda: {**shipped, "spread": {"by_family": both}})
+    found = scan(shifted, clean_images(), **cheap)
+    assert found.spread["shape"] == "window" and found.spread["fired"] and found.spread["others"] == []
+    assert found.config["spread_budgets"] == [{"shape": "window", "window": 8, "steps": 10}]
+    quiet = scan(twin, clean_images(), **cheap)
+    shown = [quiet.spread, *quiet.spread["others"]]
+    assert sorted(r["shape"] for r in shown) == ["blend", "window"] and not any(r["fired"] for r in shown)
+    # the reading shown is the one nearest its cut
+    assert quiet.spread["score"] - quiet.spread["threshold"] == max(
+        r["score"] - r["threshold"] for r in shown
+    )
+    assert [b["shape"] for b in quiet.config["spread_budgets"]] == ["window", "blend"]
+    assert quiet.verdict == "clean" and not [c for c in quiet.config["cautions"] if "spread readings" in c]
+    text = _summary(quiet, "twin")
+    assert "window spread score" in text and "blend spread score" in text and "blend weight 0.1" in text
+    quiet.to_json(tmp_path / "r.json")
+    assert ScanReport.from_json(tmp_path / "r.json") == quiet
+    every = scan(shifted, clean_images(), spread="on", **cheap)
+    assert every.spread["shape"] == "window" and [r["shape"] for r in every.spread["others"]] == ["blend"]
+    # the blend reading draws from its own generator: the same score whether the window ran before it
+    alone = scan(twin, clean_images(), spread="on", spread_shape="blend", **cheap)
+    blend_read = next(r for r in shown if r["shape"] == "blend")
+    assert alone.spread["score"] == blend_read["score"] and alone.spread["others"] == []
+    with pytest.raises(ScanOptionError, match="to name the one spread_threshold= cuts"):
+        scan(_Exploding(), clean_images(), spread_threshold=0.5, **cheap)
+    with pytest.raises(ScanOptionError, match="spread_rho is the budget of the 'l2' spread reading"):
+        scan(_Exploding(), clean_images(), spread_rho=2.0, **cheap)
+    with pytest.raises(ScanOptionError, match="spread_alpha is a blend weight"):
+        scan(_Exploding(), clean_images(), spread_alpha=1.5, **cheap)
 
 
 # ------------------------------------------------------------------ the statistic
@@ -1220,7 +1273,12 @@ class _Exploding(nn.Module):
         (dict(spread_shape="square"), "spread_shape must be one of"),
         (
             dict(spread_shape="l2", spread_window=8),
-            "spread_window is the budget of the 'window' spread shape",
+            "spread_window is the budget of the 'window' spread reading",
+        ),
+        (dict(spread_alpha=0.0), "spread_alpha is a blend weight in"),
+        (
+            dict(spread_shape="window", spread_alpha=0.1),
+            "spread_alpha is the budget of the 'blend' spread reading",
         ),
         (dict(reach_threshold="low"), "reach_threshold must be a number"),
         # BAN's thresholds given, so no calibration is read: nothing to judge the reach score by

@@ -29,7 +29,7 @@ def _histogram_lines(counts: list[int], names: list[str] | None, *, mark: int | 
 
 
 def _summary(report, model: str) -> str:
-    from ..detection.report import stage_label
+    from ..detection.report import SPREAD_NAMES, spread_readings, stage_label
 
     cfg = report.config
     verdict = report.verdict.upper() + (f" ({report.pattern})" if report.pattern else "")
@@ -72,16 +72,17 @@ def _summary(report, model: str) -> str:
             f"  universal reach score {compare(reach['score'], reach['threshold'])} "
             f"(class {reach['suspected_target']}; {reach['norm']} budget {reach['rho']:g}, {reach['seconds']:.1f} s)"
         )
-    spread = report.spread
-    if spread is not None:
-        where = (
-            f"best {spread['side']}-pixel window at row {spread['corner'][0]}, column {spread['corner'][1]}"
-            if spread.get("shape") == "window"
-            else f"L2 budget {spread['rho']:g}"
-        )
+    for reading in spread_readings(report.spread):
+        where = {
+            "window": lambda r: (
+                f"best {r['side']}-pixel window at row {r['corner'][0]}, column {r['corner'][1]}"
+            ),
+            "blend": lambda r: f"blend weight {r['alpha']:g}",
+            "l2": lambda r: f"L2 budget {r['rho']:g}",
+        }[reading["shape"]](reading)
         lines.append(
-            f"  {stage_label(cfg, 'spread')} score "
-            f"{compare(spread['score'], spread['threshold'])} (all-to-all reading; {where}, {spread['seconds']:.1f} s)"
+            f"  {SPREAD_NAMES[reading['shape']]} score {compare(reading['score'], reading['threshold'])} "
+            f"(all-to-all reading; {where}, {reading['seconds']:.1f} s)"
         )
     for stage in cfg.get("skipped_stages", []):
         lines.append(
@@ -171,15 +172,23 @@ def _summary(report, model: str) -> str:
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="All-to-all reading, spread (one untargeted perturbation shared by all images, over the whole image "
-    "or, on families calibrated so, pasted in one window of a grid): 'auto' runs it where the calibration "
-    "fitted it for the model's normalisation family.",
+    help="All-to-all readings, spread (one untargeted perturbation shared by all images: over the whole image, "
+    "pasted in one window of a grid, or blended into the whole image, as calibrated per normalisation family): "
+    "'auto' runs them where the calibration fitted them for the model's family, until one fires; 'on' all.",
+)
+@click.option(
+    "--spread-shape",
+    type=click.Choice(["l2", "window", "blend"]),
+    default=None,
+    help="Run this spread reading only (default: the ones calibrated for the model's family); another than "
+    "those needs --spread-threshold.",
 )
 @click.option(
     "--spread-threshold",
     type=float,
     default=None,
-    help="Threshold of the spread score (default: the calibrated one; needed for --spread on where none is).",
+    help="Threshold of the spread score (default: the calibrated one; needed for --spread on where none is, "
+    "and with --spread-shape for a family calibrated with several readings).",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: accelerate's choice).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -195,13 +204,14 @@ def scan(
     reach: str,
     reach_threshold: float | None,
     spread: str,
+    spread_shape: str | None,
     spread_threshold: float | None,
     device: str | None,
     quiet: bool,
 ) -> None:
     """Scan MODEL for a backdoor (BAN: adversarial neuron noise and a feature mask; where
     calibrated also universal reach, one small perturbation per class, and spread, one untargeted
-    perturbation or pasted pattern that moves every class elsewhere: the all-to-all reading).
+    perturbation, pasted or blended pattern that moves every class elsewhere: the all-to-all readings).
 
     MODEL is a local timm folder, a Hub id or an architecture name. The files of a folder
     or of the downloaded Hub snapshot are first inspected without loading them; the behavioural scan then needs a few
@@ -241,6 +251,8 @@ def scan(
     if reach_threshold is not None:
         options["reach_threshold"] = reach_threshold
     options["spread"] = spread
+    if spread_shape is not None:
+        options["spread_shape"] = spread_shape
     if spread_threshold is not None:
         options["spread_threshold"] = spread_threshold
     net = open_model(model, snapshot=files if kind == "hub" else None)  # no second Hub request

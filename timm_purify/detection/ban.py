@@ -43,7 +43,9 @@ What runs (the reference code's order and defaults, ``shared/notes/methods.md``)
    perturbation over the whole image (:func:`~timm_purify.detection.reach.universal_spread`);
    on BatchNorm ones, where that perturbation finds a sink class of the clean model instead,
    one pattern pasted in each window of a grid in turn
-   (:func:`~timm_purify.detection.reach.window_spread`), which finds all-to-all patch triggers.
+   (:func:`~timm_purify.detection.reach.window_spread`), which finds all-to-all patch triggers,
+   then, where the window found nothing, one pattern blended into the whole image
+   (:func:`~timm_purify.detection.reach.blend_spread`), which finds blended ones.
 
 Where this departs from the reference, and why:
 
@@ -126,7 +128,14 @@ from .._layers import check_classifier
 from .._progress import progress
 from ..data import DataError, ImageData, Normalizer, clean_subset, load_data
 from ..defenses._common import _NORM_TYPES, NormNoise, PixelModel
-from .reach import REACH_NORMS, confusion_matrix, universal_reach, universal_spread, window_spread
+from .reach import (
+    REACH_NORMS,
+    blend_spread,
+    confusion_matrix,
+    universal_reach,
+    universal_spread,
+    window_spread,
+)
 from .report import ScanReport, all_to_one_found
 
 __all__ = [
@@ -136,6 +145,7 @@ __all__ = [
     "CALLER_THRESHOLDS",
     "REACH_MODES",
     "SPREAD_SHAPES",
+    "SPREAD_SIZES",
     "DEFAULT_EPS",
     "DEFAULT_SPREAD",
     "TARGET_SOURCES",
@@ -149,7 +159,9 @@ __all__ = [
     "family_cuts",
     "family_fit",
     "heldout_record",
-    "spread_budget",
+    "budget_of",
+    "spread_entries",
+    "spread_plan",
     "norm_family",
     "CALIBRATION_FILE",
     "scan_statistics",
@@ -175,13 +187,23 @@ REACH_MODES = ("auto", "on", "off")
 # its budget where neither the caller nor the calibration gives one (benchmarks/DETECTION.md)
 DEFAULT_REACH = {"norm": "l2", "rho": 1.0, "steps": 40}
 # the shapes of the spread reading's perturbation: one L2-bounded perturbation over the whole
-# image (universal_spread) or one pasted pattern per window of a grid (window_spread)
-SPREAD_SHAPES = ("l2", "window")
+# image (universal_spread), one pasted pattern per window of a grid (window_spread: patch
+# triggers) or one whole-image pattern blended in (blend_spread: blended triggers)
+SPREAD_SHAPES = ("l2", "window", "blend")
+# the size of each shape's budget: its ScanOptions field is ``spread_<size>``, and a calibrated
+# entry stores it under ``<size>``
+SPREAD_SIZES = {"l2": "rho", "window": "window", "blend": "alpha"}
 # each shape's budget and steps where neither the caller nor the calibration gives them: the L2
-# radius at 3x32x32 and ascent steps (the shipped LayerNorm threshold records no steps: 40), and
-# the window side at 3x32x32 and Adam steps (benchmarks/DETECTION.md: 30 steps of 32 images read
-# as 60 of 64 did, at a third of the time)
-DEFAULT_SPREAD = {"l2": {"rho": 2.0, "steps": 40}, "window": {"window": 8, "steps": 30}}
+# radius at 3x32x32 and ascent steps (the shipped LayerNorm threshold records no steps: 40), the
+# window side at 3x32x32 and Adam steps (benchmarks/DETECTION.md: 30 steps of 32 images read as
+# 60 of 64 did, at a third of the time), and the blend weight and Adam steps (DETECTION.md: 0.1
+# separated blended all-to-all models from every other BatchNorm model, 0.05 and 0.2 less)
+DEFAULT_SPREAD = {
+    "l2": {"rho": 2.0, "steps": 40},
+    "window": {"window": 8, "steps": 30},
+    "blend": {"alpha": 0.1, "steps": 30},
+}
+_SPREAD_READINGS = {"l2": universal_spread, "window": window_spread, "blend": blend_spread}
 
 # the paper's noise budget for 32x32 images: used when the caller gives the thresholds but no eps,
 # and for a normalisation family the calibration records no budget for
@@ -236,19 +258,25 @@ class ScanOptions:
             the family's reach threshold was calibrated with (``steps`` in ``calibration.json``),
             else 40.
         reach_threshold: override the calibrated threshold of the reach score.
-        spread: the all-to-all reading, run as ``reach`` is (``"auto"``: where a threshold is
+        spread: the all-to-all readings, run as ``reach`` is (``"auto"``: where a threshold is
             calibrated or given, and no earlier stage fired). Where BAN and reach find nothing
-            and it fires, the model is backdoored with an all-to-all pattern.
-        spread_shape: its perturbation: ``"l2"``, universal spread
+            and one fires, the model is backdoored with an all-to-all pattern. A family may be
+            calibrated with several shapes (BatchNorm: window, then blend); they run in that
+            order, under ``"auto"`` until one fires, under ``"on"`` all.
+        spread_shape: run this one shape only: ``"l2"``, universal spread
             (:func:`~timm_purify.detection.reach.universal_spread`, one L2-bounded perturbation
-            over the whole image), or ``"window"``, window spread
+            over the whole image), ``"window"``, window spread
             (:func:`~timm_purify.detection.reach.window_spread`, one pasted pattern per window of
-            a grid: patch triggers); ``None``: the calibrated one for the family, else ``"l2"``.
+            a grid: patch triggers), or ``"blend"``, blend spread
+            (:func:`~timm_purify.detection.reach.blend_spread`, one whole-image pattern blended
+            in: blended triggers); ``None``: the calibrated ones for the family, else ``"l2"``.
         spread_rho: the ``"l2"`` shape's budget at 3x32x32; ``spread_window``: the ``"window"``
-            shape's window side at 3x32x32; ``spread_steps``: either's steps. ``None``: the
-            calibrated ones, else :data:`DEFAULT_SPREAD`'s. Giving the other shape's budget is
-            an error.
-        spread_threshold: override the calibrated threshold of the spread score.
+            shape's window side at 3x32x32; ``spread_alpha``: the ``"blend"`` shape's weight;
+            ``spread_steps``: every shape's steps. ``None``: the calibrated ones, else
+            :data:`DEFAULT_SPREAD`'s. Giving the budget of a shape the scan does not run is an
+            error.
+        spread_threshold: override the calibrated threshold of the spread score (of the one
+            shape the scan runs: with several, name it with ``spread_shape``).
     """
 
     eps: float | None = None
@@ -272,6 +300,7 @@ class ScanOptions:
     spread_shape: str | None = None
     spread_rho: float | None = None
     spread_window: int | None = None
+    spread_alpha: float | None = None
     spread_steps: int | None = None
     spread_threshold: float | None = None
 
@@ -318,6 +347,14 @@ class ScanOptions:
         if self.spread_shape is not None and self.spread_shape not in SPREAD_SHAPES:
             raise ScanOptionError(
                 f"spread_shape must be one of {SPREAD_SHAPES} or None, got {self.spread_shape!r}"
+            )
+        if self.spread_alpha is not None and (
+            isinstance(self.spread_alpha, bool)
+            or not isinstance(self.spread_alpha, (int, float))
+            or not 0 < self.spread_alpha < 1
+        ):
+            raise ScanOptionError(
+                f"spread_alpha is a blend weight in (0, 1) or None, got {self.spread_alpha!r}"
             )
         if self.reach_norm is not None and self.reach_norm not in REACH_NORMS:
             raise ScanOptionError(f"reach_norm must be one of {REACH_NORMS} or None, got {self.reach_norm!r}")
@@ -473,7 +510,7 @@ def _cuts(
     split_threshold: float | None,
     search: ScanOptions,
     reach: dict | None,
-    spread: dict | None,
+    spread: list[dict] | None,
 ) -> dict[str, Any]:
     """The one spelling of a scan's cuts, so a stored set compares equal to a scan's own."""
     return {
@@ -770,13 +807,16 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
                 "was calibrated at ({} {:g}, {} steps); leave reach_norm, reach_rho and reach_steps at their "
                 "defaults, or pass reach_threshold= fitted at your budget".format(*used, *calibrated)
             )
-    fitted, spread = config.get("spread_calibrated"), config.get("spread_budget")
-    calibrated_spread = spread_budget(ScanOptions(), fitted) if fitted and spread else None
-    if calibrated_spread is not None and spread != calibrated_spread:
+    fitted, spread = config.get("spread_calibrated"), config.get("spread_budgets")
+    calibrated_spread = (
+        [budget_of(r) for r in spread_plan(ScanOptions(), fitted)] if fitted and spread else []
+    )
+    uncalibrated = [budget for budget in spread or [] if budget not in calibrated_spread]
+    if fitted and uncalibrated:
         cautions.append(
-            f"caution: the spread reading's shape and budget ({spread}) are not the ones this family's spread "
-            f"threshold was calibrated at ({calibrated_spread}); leave spread_shape, "
-            "spread_rho, spread_window and spread_steps at their defaults, or pass spread_threshold= fitted at yours"
+            f"caution: the spread readings' shape and budget ({uncalibrated}) are not the ones this family's "
+            f"spread thresholds were calibrated at ({calibrated_spread}); leave spread_shape, spread_rho, "
+            "spread_window, spread_alpha and spread_steps at their defaults, or pass spread_threshold= fitted at yours"
         )
     floor = config.get("calibration_min_acc")
     if floor is not None and clean_acc < floor:
@@ -920,45 +960,119 @@ def _later_stage(
     return calibrated, threshold, run
 
 
-def spread_budget(opts: ScanOptions, calibrated: dict | None) -> dict[str, Any]:
-    """The spread reading's shape and budget, ``{"shape": "l2", "rho", "steps"}`` or
-    ``{"shape": "window", "window", "steps"}``: the caller's where given, else the family's
-    ``calibrated`` entry (``calibration["spread"]["by_family"]``; no ``shape``: ``"l2"``, as the
-    first calibration wrote them) where it is of the same shape, else :data:`DEFAULT_SPREAD`'s.
+def spread_entries(calibrated: dict | list | None) -> list[dict]:
+    """A family's calibrated spread readings (``calibration["spread"]["by_family"][family]``), in
+    the order the scan runs them: a list, or one entry as a dict (as calibrations wrote it before
+    a family could have several); an entry without ``shape`` is ``"l2"``, as the first wrote it."""
+    return [calibrated] if isinstance(calibrated, dict) else list(calibrated or [])
+
+
+def spread_plan(opts: ScanOptions, calibrated: dict | list | None) -> list[dict[str, Any]]:
+    """The spread readings a scan with ``opts`` runs, in order, each ``{"shape", <size>, "steps",
+    "threshold"}`` (the size named by :data:`SPREAD_SIZES`; ``threshold`` ``None`` where neither
+    calibrated nor given): ``opts.spread_shape`` alone where given, else every shape calibrated for
+    the family (``calibrated``, see :func:`spread_entries`), else ``"l2"``. Each budget is the
+    caller's where given, else the calibrated entry's of that shape, else :data:`DEFAULT_SPREAD`'s.
 
     Raises:
-        ScanOptionError: the other shape's budget was given, or another shape than the calibrated
-            one without a threshold (the calibrated one is a cut on the other reading's score).
+        ScanOptionError: the budget of a shape the scan does not run; another shape than the
+            calibrated ones without a threshold (theirs are cuts on other readings' scores); one
+            threshold for several readings.
     """
-    calibrated = calibrated or {}
-    fitted_shape = calibrated.get("shape", "l2") if calibrated else None
-    shape = opts.spread_shape or fitted_shape or "l2"
-    other, foreign = ("window", "spread_window") if shape == "l2" else ("l2", "spread_rho")
-    if getattr(opts, foreign) is not None:
+    fitted = {entry.get("shape", "l2"): entry for entry in spread_entries(calibrated)}
+    shapes = [opts.spread_shape] if opts.spread_shape else list(fitted) or ["l2"]
+    for shape in SPREAD_SHAPES:
+        option = f"spread_{SPREAD_SIZES[shape]}"
+        if shape not in shapes and getattr(opts, option) is not None:
+            raise ScanOptionError(
+                f"{option} is the budget of the {shape!r} spread reading, and this scan runs {shapes}; "
+                f"drop it, or pass spread_shape={shape!r}"
+            )
+    if fitted and opts.spread_shape not in (None, *fitted) and opts.spread_threshold is None:
         raise ScanOptionError(
-            f"{foreign} is the budget of the {other!r} spread shape, and this scan's is {shape!r}; "
-            f"drop it, or pass spread_shape={other!r}"
+            f"the calibrated spread thresholds for this model's family are cuts on the {list(fitted)} "
+            f"readings' scores, not on the {opts.spread_shape!r} one's; pass spread_threshold= "
+            f"(CLI: --spread-threshold) with spread_shape={opts.spread_shape!r}, or leave spread_shape unset"
         )
-    if fitted_shape not in (None, shape) and opts.spread_threshold is None:
+    if opts.spread_threshold is not None and len(shapes) > 1:
         raise ScanOptionError(
-            f"the calibrated spread threshold for this model's family is a cut on the {fitted_shape!r} "
-            f"reading's score, not on the {shape!r} one's; pass spread_threshold= (CLI: --spread-threshold) "
-            f"with spread_shape={shape!r}, or leave spread_shape unset"
+            f"this family's spread stage runs {shapes}, each with its own cut; pass spread_shape= (CLI: "
+            "--spread-shape) to name the one spread_threshold= cuts"
         )
-    fitted = calibrated if fitted_shape == shape else {}
-    default = DEFAULT_SPREAD[shape]
-    steps = int(opts.spread_steps or fitted.get("steps") or default["steps"])
-    if shape == "l2":
-        return {
-            "shape": "l2",
-            "rho": float(opts.spread_rho or fitted.get("rho") or default["rho"]),
-            "steps": steps,
-        }
-    return {
-        "shape": "window",
-        "window": int(opts.spread_window or fitted.get("window") or default["window"]),
-        "steps": steps,
-    }
+    plan = []
+    for shape in shapes:
+        entry, default, size = fitted.get(shape, {}), DEFAULT_SPREAD[shape], SPREAD_SIZES[shape]
+        value = getattr(opts, f"spread_{size}") or entry.get(size) or default[size]
+        threshold = opts.spread_threshold if opts.spread_threshold is not None else entry.get("threshold")
+        plan.append(
+            {
+                "shape": shape,
+                size: int(value) if shape == "window" else float(value),
+                "steps": int(opts.spread_steps or entry.get("steps") or default["steps"]),
+                "threshold": None if threshold is None else float(threshold),
+            }
+        )
+    return plan
+
+
+def budget_of(reading: dict[str, Any]) -> dict[str, Any]:
+    """A spread reading's shape, budget and steps (of a plan entry or a report's reading)."""
+    size = SPREAD_SIZES[reading["shape"]]
+    return {"shape": reading["shape"], size: reading[size], "steps": reading["steps"]}
+
+
+def _spread_stage(
+    calibration: dict, family: str, opts: ScanOptions
+) -> tuple[dict | list | None, list[dict[str, Any]], bool]:
+    """``(calibrated entries, plan, whether it runs)`` of the spread stage, as
+    :func:`_later_stage` has them for reach: ``"auto"`` runs it where every reading of the plan
+    has a threshold, ``"on"`` always (an error where one has none)."""
+    calibrated = ((calibration.get("spread") or {}).get("by_family") or {}).get(family)
+    plan = spread_plan(opts, calibrated)
+    complete = all(reading["threshold"] is not None for reading in plan)
+    if opts.spread == "on" and not complete:
+        raise ScanOptionError(
+            "spread='on' needs a threshold for the spread score, and the calibration records none for this "
+            f"model's normalisation family ({family}); pass spread_threshold= (CLI: --spread-threshold), "
+            "or leave spread='auto'"
+        )
+    return calibrated, plan, opts.spread == "on" or (opts.spread == "auto" and complete)
+
+
+def _spread_readings(
+    plan: list[dict[str, Any]],
+    run: Callable[[dict[str, Any], Callable, torch.Generator], Any],
+    *,
+    every: bool,
+    seed: int,
+    shared: torch.Generator,
+) -> dict[str, Any]:
+    """Run the ``plan``'s readings in order (``run(budget, reading, generator)``), all where
+    ``every``, else until one fires; the report's ``spread``: the reading that fired (else the
+    one nearest its cut) with the others that ran under ``"others"``.
+
+    The blend reading draws from a generator of its own, seeded with the scan's ``seed``, so its
+    score does not depend on which readings ran before it: a calibration can take it alone. The
+    L2 and window readings draw from the scan's (``shared``), as they did when their cuts were fitted.
+    """
+    readings = []
+    for at in plan:
+        budget = {k: v for k, v in at.items() if k not in ("shape", "threshold")}
+        generator = torch.Generator().manual_seed(seed) if at["shape"] == "blend" else shared
+        result = run(budget, _SPREAD_READINGS[at["shape"]], generator)
+        readings.append(
+            {
+                "shape": at["shape"],
+                **result.to_dict(),
+                "threshold": at["threshold"],
+                "fired": result.score > at["threshold"],
+            }
+        )
+        if readings[-1]["fired"] and not every:
+            break
+    fired = [r for r in readings if r["fired"]]
+    shown = fired[0] if fired else max(readings, key=lambda r: r["score"] - r["threshold"])
+    return {**shown, "others": [r for r in readings if r is not shown]}
 
 
 def _stratified_split(
@@ -1049,10 +1163,9 @@ class _Settings:
     run_reach: bool
     reach_budget: dict[str, Any]
     target_when_both: str
-    spread_calibrated: dict | None
-    spread_threshold: float | None
+    spread_calibrated: dict | list | None
+    spread_plan: list[dict[str, Any]]
     run_spread: bool
-    spread_budget: dict[str, Any]
 
     def cuts(self, opts: ScanOptions) -> dict[str, Any]:
         """The cuts in :func:`family_cuts`' spelling, as this scan uses them."""
@@ -1071,9 +1184,7 @@ class _Settings:
             }
             if self.run_reach
             else None,
-            spread={**self.spread_budget, "threshold": float(self.spread_threshold)}
-            if self.run_spread
-            else None,
+            spread=self.spread_plan if self.run_spread else None,
         )
 
 
@@ -1100,9 +1211,7 @@ def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _S
     reach_calibrated, reach_threshold, run_reach = _later_stage(
         calibration, "reach", family, opts.reach, opts.reach_threshold
     )
-    spread_calibrated, spread_threshold, run_spread = _later_stage(
-        calibration, "spread", family, opts.spread, opts.spread_threshold
-    )
+    spread_calibrated, plan, run_spread = _spread_stage(calibration, family, opts)
     return _Settings(
         threshold=float(opts.threshold if opts.threshold is not None else fitted_one),
         a2a_threshold=float(opts.all_to_all_threshold)
@@ -1126,9 +1235,8 @@ def _settings(opts: ScanOptions, calibration: dict[str, Any], family: str) -> _S
         },
         target_when_both=(reach_calibrated or {}).get("target_when_both", "ban"),
         spread_calibrated=spread_calibrated,
-        spread_threshold=spread_threshold,
+        spread_plan=plan,
         run_spread=run_spread,
-        spread_budget=spread_budget(opts, spread_calibrated),
     )
 
 
@@ -1181,8 +1289,7 @@ def scan(
     threshold, a2a_threshold, fitted_eps, eps = st.threshold, st.a2a_threshold, st.fitted_eps, st.eps
     reach_calibrated, reach_threshold, run_reach = st.reach_calibrated, st.reach_threshold, st.run_reach
     reach_budget, target_when_both = st.reach_budget, st.target_when_both
-    spread_calibrated, spread_threshold, run_spread = st.spread_calibrated, st.spread_threshold, st.run_spread
-    spread_at = st.spread_budget
+    spread_calibrated, run_spread = st.spread_calibrated, st.run_spread
     # the record on held-out models, where this scan decides with the cuts it was counted at
     heldout = heldout_record(calibration, family, st.cuts(opts)) if calibration else None
     try:
@@ -1348,17 +1455,17 @@ def scan(
     if run_spread and not do_spread:
         skipped.append("spread")
     if do_spread:
-        # the shape's reading, at its budget (window side or L2 radius) and steps
-        reading = window_spread if spread_at["shape"] == "window" else universal_spread
-        budget = {k: v for k, v in spread_at.items() if k != "shape"}
-        result = reading(pixels, right_search, right_held, num_classes, **budget, generator=gen)
-        spread = {
-            "shape": spread_at["shape"],
-            **result.to_dict(),
-            "threshold": float(spread_threshold),
-            "fired": result.score > spread_threshold,
-        }
-        timings["spread"] = result.seconds
+        # each shape's reading, at its budget (L2 radius, window side or blend weight) and steps
+        spread = _spread_readings(
+            st.spread_plan,
+            lambda budget, reading, generator: reading(
+                pixels, right_search, right_held, num_classes, **budget, generator=generator
+            ),
+            every=opts.spread == "on",
+            seed=seed,
+            shared=gen,
+        )
+        timings["spread"] = sum(r["seconds"] for r in [spread, *spread["others"]])
     verdict, pattern, target, decided_by = combine_stages(
         (verdict, pattern, target),
         reach_fired=reach_fired,
@@ -1408,10 +1515,13 @@ def scan(
         # later stages the calibration runs for this family that were skipped because an earlier
         # stage's verdict and target already stood ("reach", "spread")
         "skipped_stages": skipped,
-        # the same for the spread reading: its shape and budget (an L2 radius, or a window side,
-        # at 3x32x32) and steps where it ran
+        # the same for the spread readings: each one's shape and budget (an L2 radius or a window
+        # side at 3x32x32, or a blend weight) and steps, where the stage ran
         "spread_calibrated": spread_calibrated,
-        "spread_budget": spread_at if spread is not None else None,
+        # (in the order they ran: the plan's first ones)
+        "spread_budgets": [budget_of(at) for at in st.spread_plan[: 1 + len(spread["others"])]]
+        if spread is not None
+        else None,
         # the calibration left out models below this clean accuracy (they collapse under the noise)
         "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,

@@ -45,9 +45,11 @@ from ..defenses._common import clamp_pixels, project_l2, scale_budget
 
 __all__ = [
     "REACH_NORMS",
+    "BlendSpreadResult",
     "ReachResult",
     "SpreadResult",
     "WindowSpreadResult",
+    "blend_spread",
     "class_destinations",
     "confusion_matrix",
     "fit_shared_pattern",
@@ -554,6 +556,98 @@ def window_spread(
         window=window,
         stride=stride or window,
         side=side,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        num_search=len(ys),
+        num_held_out=len(yh),
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class BlendSpreadResult:
+    """What :func:`blend_spread` measured.
+
+    Attributes:
+        score: the mean over classes of ``spread``; high when one blended pattern moves every
+            class, each to its own destination.
+        moved, spread, top_destination, confusion, destinations: as :class:`WindowSpreadResult`
+            has them, for the one pattern.
+        alpha: the pattern's weight in the blend; ``steps, batch_size, lr``: of its Adam search.
+        num_search, num_held_out: correctly classified images that fitted / measured the pattern.
+        seconds: wall time.
+    """
+
+    score: float
+    moved: list[float]
+    spread: list[float]
+    top_destination: int
+    destinations: list[int | None]
+    confusion: list[list[int]]
+    alpha: float
+    steps: int
+    batch_size: int
+    lr: float
+    num_search: int
+    num_held_out: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def blend_spread(
+    f: nn.Module,
+    search: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    *,
+    alpha: float = 0.1,
+    steps: int = 30,
+    batch_size: int = 32,
+    lr: float = 0.1,
+    generator: torch.Generator,
+) -> BlendSpreadResult:
+    """The all-to-all reading for blended triggers: one whole-image pattern blended into every
+    image, ``(1 - alpha) x + alpha p``, and where it sends each class.
+
+    Why beside :func:`window_spread`: a blended trigger covers the whole image, so no window
+    carries it (the window reading found one of seven blended all-to-all BatchNorm models), and
+    an L2 perturbation over the whole image finds a clean BatchNorm model's sink class. The
+    pattern is fitted as a window's is (:func:`fit_shared_pattern`) and scored the same way
+    (:func:`pattern_spread`): an all-to-one blend sends every class to its target and scores
+    low; a clean model's blend pushes most images into one or two sink classes
+    (``benchmarks/DETECTION.md`` has the measurements behind ``alpha``).
+
+    Args:
+        f: the model as a function of [0, 1] pixels (``PixelModel``), in eval mode, frozen.
+        search, held: ``(images in [0, 1], labels)`` of correctly classified clean images.
+        alpha: the pattern's weight in the blend, in (0, 1).
+        steps, batch_size, lr: of the Adam search, on random batches of ``search``.
+        generator: drives the batches (seeded by the caller).
+    """
+    start = time.perf_counter()
+    ys, (xh, yh) = search[1], held
+
+    def blend(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        return x * (1 - alpha) + pattern * alpha
+
+    pattern = fit_shared_pattern(
+        f, search, blend, steps=steps, batch_size=batch_size, lr=lr, generator=generator
+    )
+    with torch.no_grad():
+        pred = f(blend(xh, pattern)).argmax(1).cpu()
+    confusion = confusion_matrix(yh.cpu(), pred, num_classes)
+    score, top, moved, spread = pattern_spread(confusion)
+    return BlendSpreadResult(
+        score=score,
+        moved=[float(v) for v in moved],
+        spread=[float(v) for v in spread],
+        top_destination=top,
+        destinations=class_destinations(confusion),
+        confusion=confusion.tolist(),
+        alpha=alpha,
         steps=steps,
         batch_size=batch_size,
         lr=lr,

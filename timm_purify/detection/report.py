@@ -16,18 +16,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ScanReport", "REPORT_KEYS", "VERDICTS", "PATTERNS", "all_to_one_found", "stage_label"]
+__all__ = [
+    "ScanReport",
+    "REPORT_KEYS",
+    "VERDICTS",
+    "PATTERNS",
+    "SPREAD_NAMES",
+    "all_to_one_found",
+    "spread_readings",
+    "stage_label",
+]
 
 VERDICTS = ("backdoored", "clean")
 PATTERNS = ("all-to-one", "all-to-all")
 
 
+# how a report names each shape of the spread reading (ScanOptions.spread_shape)
+SPREAD_NAMES = {"l2": "universal spread", "window": "window spread", "blend": "blend spread"}
+
+
+def spread_readings(spread: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    """Every spread reading a report's ``spread`` holds: the one shown (the one that fired, else
+    the one nearest its cut) and the ``others`` that ran (none in reports of one reading)."""
+    return [] if spread is None else [spread, *(spread.get("others") or [])]
+
+
 def stage_label(config: Mapping[str, Any], stage: str) -> str:
-    """How a report names a later stage, ``"reach"`` or ``"spread"``: the spread reading by its
-    shape where the family's calibration gives one (``"window spread"``), as the summary and the
-    card print it, also where the stage was skipped."""
-    shape = ((config.get("spread_budget") or config.get("spread_calibrated") or {}).get("shape")) or "l2"
-    return "window spread" if stage == "spread" and shape == "window" else f"universal {stage}"
+    """How a report names a later stage, ``"reach"`` or ``"spread"``: the spread readings by their
+    shapes, those that ran or else those the family's calibration gives (``"window spread,
+    blend spread"``), as the summary and the card print them, also where the stage was skipped."""
+    if stage != "spread":
+        return f"universal {stage}"
+    entries = config.get("spread_budgets") or config.get("spread_calibrated") or []
+    shapes = [e.get("shape", "l2") for e in ([entries] if isinstance(entries, Mapping) else entries)]
+    return ", ".join(SPREAD_NAMES[shape] for shape in shapes or ["l2"])
 
 
 @dataclass
@@ -58,9 +80,10 @@ class ScanReport:
         reach: the universal-reach stage's result (per-class reach, score, suspected target,
             budget, ``threshold`` and whether it ``fired``; see
             :mod:`timm_purify.detection.reach`), or ``None`` when the stage did not run.
-        spread: the all-to-all reading's result (per-class share moved elsewhere, score, budget,
-            ``threshold``, ``fired``; :func:`timm_purify.detection.reach.universal_spread`), or
-            ``None`` when it did not run.
+        spread: the all-to-all readings' result (per-class share moved elsewhere, score, shape,
+            budget, ``threshold``, ``fired``; :mod:`timm_purify.detection.reach`) of the reading
+            that fired, else of the one nearest its cut, with the other readings that ran under
+            ``others`` (:func:`spread_readings`); ``None`` when the stage did not run.
     """
 
     verdict: str

@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCard, ModelCardData
 
 from .._version import __version__
-from ..detection.report import all_to_one_found, stage_label
+from ..detection.report import SPREAD_NAMES, all_to_one_found, spread_readings, stage_label
 from ..metrics import EvalResult, der
 from .plots import PLOT_CAPTIONS
 
@@ -212,20 +212,21 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
             f"all images): score {reach['score']:.4f}, threshold {_short(reach.get('threshold'))}, most reachable class "
             f"{_class_name(reach.get('suspected_target'), class_names)}{role}"
         )
-    spread = scan.get("spread")
-    if isinstance(spread, Mapping) and isinstance(spread.get("score"), int | float):
-        # the all-to-all reading: it decides only where the stages before it found nothing
-        decided = (scan.get("config") or {}).get("decided_by") == "spread"
-        windowed = spread.get("shape") == "window"
-        what = (
-            "one pattern shared by all images, pasted in each window of a grid in turn"
-            if windowed
-            else "one untargeted L2 perturbation shared by all images"
-        )
+    # the all-to-all readings: they decide only where the stages before them found nothing
+    decided = (scan.get("config") or {}).get("decided_by") == "spread"
+    spread = scan.get("spread") if isinstance(scan.get("spread"), Mapping) else None
+    for reading in spread_readings(spread):
+        if not isinstance(reading.get("score"), int | float):
+            continue
+        what = {
+            "window": "one pattern shared by all images, pasted in each window of a grid in turn",
+            "blend": "one pattern shared by all images, blended into the whole image",
+        }.get(reading.get("shape"), "one untargeted L2 perturbation shared by all images")
         lines.append(
-            f"- {'Window' if windowed else 'Universal'} spread (all-to-all reading: {what}, "
-            f"how many classes it moves, each elsewhere): score {spread['score']:.4f}, threshold "
-            f"{_short(spread.get('threshold'))}" + (" (this reading decided the verdict)" if decided else "")
+            f"- {SPREAD_NAMES.get(reading.get('shape'), 'universal spread').capitalize()} (all-to-all reading: "
+            f"{what}, how many classes it moves, each elsewhere): score {reading['score']:.4f}, threshold "
+            f"{_short(reading.get('threshold'))}"
+            + (" (this reading decided the verdict)" if decided and reading is spread else "")
         )
     skipped = (scan.get("config") or {}).get("skipped_stages") or []
     if skipped:  # calibrated for this model's family, but the verdict and target already stood
