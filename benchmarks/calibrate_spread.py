@@ -1,14 +1,18 @@
 """Calibrate the universal-spread reading of ``timm_purify.scan`` (its all-to-all stage).
 
 ``calibrate_scan.py`` fits BAN, ``calibrate_reach.py`` the per-class reach; this script fits the
-last reading (``timm_purify/detection/reach.py``), in one of two shapes (``--shape``): ``l2``,
-one untargeted universal perturbation over the whole image (``universal_spread``), or
-``window``, one pattern pasted in each window of a grid in turn (``window_spread``: patch
-triggers); either is scored by how many classes it moves, each elsewhere. It scans each given
-model folder (written by ``build_backdoored_model``) with the shipped calibration (BAN, and
-reach where enabled) and the spread reading forced on at every candidate budget (``--rhos``
-for ``l2``, ``--windows`` for ``window``), then, per normalisation family, follows
-``calibrate_reach.py``'s rule:
+last readings (``timm_purify/detection/reach.py``), one shape per run (``--shape``): ``l2``,
+one untargeted universal perturbation over the whole image (``universal_spread``), ``window``,
+one pattern pasted in each window of a grid in turn (``window_spread``: patch triggers), or
+``blend``, one pattern blended into the whole image (``blend_spread``: blended triggers); each
+is scored by how many classes it moves, each elsewhere. It scans each given model folder
+(written by ``build_backdoored_model``) with the shipped calibration (BAN, and reach where
+enabled) and the spread reading forced on at every candidate budget (``--rhos`` for ``l2``,
+``--windows`` for ``window``, ``--alphas`` for ``blend``), then, per normalisation family,
+follows ``calibrate_reach.py``'s rule. With ``--alongside`` the family's calibrated readings of
+other shapes stay and run first: each model's scores at them are taken too (stored beside), a
+model one of them flags counts as found by the earlier stages, and the fitted reading is
+appended to the family's list; without it the fitted shape replaces the family's readings:
 
 1. candidate thresholds above every clean model: midway between the highest clean score and
    each score above it of an implanted backdoor the earlier stages missed (the reading is
@@ -29,6 +33,8 @@ Example (the commands behind the shipped entries are recorded in ``provenance_by
     python benchmarks/calibrate_spread.py --rhos 2 'benchmarks/cache/calibrate_scan/*' \\
         'benchmarks/cache/fashion-mnist-*'
     python benchmarks/calibrate_spread.py --shape window --windows 8 --steps 30 \\
+        'benchmarks/cache/calibrate_scan/resnet18-*' 'benchmarks/cache/calibrate_scan/test_resnet-*'
+    python benchmarks/calibrate_spread.py --shape blend --alphas 0.1 --alongside \\
         'benchmarks/cache/calibrate_scan/resnet18-*' 'benchmarks/cache/calibrate_scan/test_resnet-*'
 """
 

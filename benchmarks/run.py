@@ -341,16 +341,18 @@ def _shipped_cuts() -> dict[float, list[tuple[float, bool, float | None]]]:
     from one taken with an earlier calibration (a row recorded before the condition or the split
     cut existed had neither)."""
     from timm_purify.detection import load_calibration
-    from timm_purify.detection.ban import calibrated_decision
+    from timm_purify.detection.ban import calibrated_decision, spread_entries
 
     cal = load_calibration()
     out: dict[float, list[tuple[float, bool, float | None]]] = {}
     for fam, eps in cal.get("eps_by_family", {}).items():
         decision = calibrated_decision(cal, fam)
         cuts = [decision["threshold"], decision["all_to_all_threshold"]]
+        cuts.append(((cal.get("reach") or {}).get("by_family", {}).get(fam) or {}).get("threshold"))
+        # every spread reading's cut (a family may run several)
         cuts += [
-            ((cal.get(stage) or {}).get("by_family", {}).get(fam) or {}).get("threshold")
-            for stage in ("reach", "spread")
+            e.get("threshold")
+            for e in spread_entries((cal.get("spread") or {}).get("by_family", {}).get(fam))
         ]
         out.setdefault(float(eps), []).extend(
             (c, decision["agreement"], decision["split_threshold"]) for c in cuts if c is not None
@@ -607,15 +609,26 @@ def _spread_section() -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     earlier = []
-    for fam, fit in section["families"].items():
+    # a family's readings in the order the scan runs them: a fit run beside earlier ones
+    # (--alongside) keeps theirs under "alongside"
+    fits = [
+        (fam, label, f)
+        for fam, fit in section["families"].items()
+        for label, f in (
+            [(f"{fam} (first)", fit["alongside"]), (f"{fam} (then)", fit)]
+            if fit.get("alongside")
+            else [(fam, fit)]
+        )
+    ]
+    for fam, label, fit in fits:
         earlier += [(fam, e) for e in fit.get("earlier", [])]
         best = fit.get("chosen")
         if best is None:
-            lines.append(f"| {fam} | no | - | - | - | - | - | - |")
+            lines.append(f"| {label} | no | - | - | - | - | - | - |")
             continue
         after, before = best["reliability"], best["reliability_before"]
         lines.append(
-            f"| {fam} | {'yes' if fit['enabled'] else 'no'} | {budget_label(*budget_of(best))} | "
+            f"| {label} | {'yes' if fit['enabled'] else 'no'} | {budget_label(*budget_of(best))} | "
             f"{best['fit']['threshold']:.3f} | {best['errors']} / {best['errors_before']} | "
             f"{after['false_positives']}/{after['clean_models']} | "
             f"{after['detected']}/{after['backdoored_models']} ({before['detected']}) | "

@@ -1013,25 +1013,36 @@ def test_the_spread_calibration_matches_its_recorded_scans():
             (m["verdict"], m["pattern"], m["suspected_target"]),
             reach_fired=False,  # reach's part is in the stored verdict
             reach_target=None,
-            spread_fired=m["spread_score"] > cut,
+            # a reading run before this one (--alongside) fired
+            spread_fired=m.get("alongside_fired", False) or m["spread_score"] > cut,
         )
         return verdict == "backdoored", target
 
-    for family, fitted in section["by_family"].items():
-        cut = fitted["threshold"]
-        shape = fitted.get("shape", "l2")  # the first calibration wrote l2 entries without a shape
-        size = "rho" if shape == "l2" else "window"
-        rows = [
+    def at_budget(family: str, entry: dict) -> list[dict]:
+        shape = entry.get("shape", "l2")  # the first calibration wrote l2 entries without a shape
+        size = ban.SPREAD_SIZES[shape]
+        return [
             m
             for m in section["models"]
             if m["used"]
             and m["norm_family"] == family
             and m.get("spread_shape", "l2") == shape
-            and m[f"spread_{size}"] == fitted[size]
+            and m[f"spread_{size}"] == entry[size]
         ]
+
+    for family, entries in section["by_family"].items():
+        entries = ban.spread_entries(entries)
+        for entry in entries:  # every reading's cut lies above every clean model it was fitted on
+            assert (
+                max(m["spread_score"] for m in at_budget(family, entry) if m["attack"] is None)
+                < entry["threshold"]
+            )
+        # the family's fit record is of its last reading (the others ran before it)
+        fitted = entries[-1]
+        cut = fitted["threshold"]
+        rows = at_budget(family, fitted)
         clean = [m for m in rows if m["attack"] is None]
         bad = [m for m in rows if m["attack"] is not None]
-        assert max(m["spread_score"] for m in clean) < cut
         rel = (
             recounted[family]["reliability_before"]
             if family in recounted
@@ -1050,7 +1061,8 @@ def test_the_spread_calibration_matches_its_recorded_scans():
         # the recount: every stage on the refit's scans (BAN at its refitted cuts, reach, then spread)
         reach = cal["reach"]
         assert family in reach["ban_refitted"]
-        fitted, cut = reach["by_family"][family], section["by_family"][family]["threshold"]
+        fitted = reach["by_family"][family]
+        entries = ban.spread_entries(section["by_family"][family])
         rows = [
             m
             for m in reach["models"]
@@ -1063,16 +1075,20 @@ def test_the_spread_calibration_matches_its_recorded_scans():
         # fitted shape's) and leaves out, listed, the missed models it has none of; the refit's
         # recount from the reach section's rows
         left_out = recounted[family].get("left_out")
-        entry = section["by_family"][family]
-        shape = entry.get("shape", "l2")
-        own = {
-            m["model"]: m["spread_score"]
-            for m in section["models"]
-            if m["norm_family"] == family
-            and m.get("spread_shape", "l2") == shape
-            and m.get("spread_window" if shape == "window" else "spread_rho")
-            == entry["window" if shape == "window" else "rho"]
-        }
+        # per reading, in the scan's order, each model's score at its budget
+        own = []
+        for entry in entries:
+            shape = entry.get("shape", "l2")
+            size = ban.SPREAD_SIZES[shape]
+            own.append(
+                {
+                    m["model"]: m["spread_score"]
+                    for m in section["models"]
+                    if m["norm_family"] == family
+                    and m.get("spread_shape", "l2") == shape
+                    and m.get(f"spread_{size}") == entry[size]
+                }
+            )
 
         found = []  # (model, flagged, target) with every stage
         for m in rows:
@@ -1084,11 +1100,19 @@ def test_the_spread_calibration_matches_its_recorded_scans():
             verdict, _, target, _ = combine_stages(decide(m["ban_statistics"], **ban_cuts)[:3], **earlier)
             if verdict == "clean":  # the spread reading runs only here
                 if left_out is not None and m["model"] in left_out:
-                    assert m["model"] not in own
+                    assert any(m["model"] not in scores for scores in own)
                     continue
-                score = own[m["model"]] if left_out is not None else m["spread_score"]
+                if left_out is None:  # the refit's recount: one reading, the score on the reach row
+                    (entry,) = entries
+                    fired = m["spread_score"] > entry["threshold"]
+                else:  # the readings in order, until one fires
+                    fired = False
+                    for entry, scores in zip(entries, own, strict=True):
+                        fired = scores[m["model"]] > entry["threshold"]
+                        if fired:
+                            break
                 verdict, _, target, _ = combine_stages(
-                    decide(m["ban_statistics"], **ban_cuts)[:3], **earlier, spread_fired=score > cut
+                    decide(m["ban_statistics"], **ban_cuts)[:3], **earlier, spread_fired=fired
                 )
             found.append((m, verdict == "backdoored", target))
         rel = section["reliability_by_family"][family]
@@ -1177,9 +1201,9 @@ def test_the_held_out_record_is_quoted_only_at_the_cuts_it_was_counted_at():
             {"bn_mode": "running"},
         ):
             assert not quoted(family, **options), options
-    # the spread reading: calibrated (and run) for LayerNorm only
+    # the spread readings: another cut, or one left out, is not what was counted
     assert not quoted("other", spread="off")
-    assert not quoted("batchnorm", spread="on", spread_threshold=0.5)
+    assert not quoted("batchnorm", spread="on", spread_shape="blend", spread_threshold=0.5)
 
 
 def test_cautions_where_the_calibration_missed_backdoors():
@@ -1438,7 +1462,7 @@ def test_cli_reach_stage_on_demand(saved, monkeypatch):
     assert "universal reach score" in res.output and "threshold 0.900" in res.output
     # reach ran though BAN fired; the spread reading, left at auto, is skipped behind them
     assert "(percent):" in res.output and "universal reach: skipped" not in res.output
-    assert "window spread: skipped" in res.output
+    assert "window spread, blend spread: skipped" in res.output
 
     shipped = load_calibration()
     fitted = {k: v for k, v in shipped["reach"]["by_family"].items() if k != "batchnorm"}
