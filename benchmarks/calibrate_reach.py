@@ -424,7 +424,9 @@ def verdicts(
         if verdict == "clean" and spread is not None:
             # as the scan runs it: only where the earlier stages found nothing (so a row they
             # flagged needs no spread score)
-            verdict, _, target, _ = combine_stages(first, **earlier, spread_fired=spread_fired(r, spread))
+            verdict, _, target, _ = combine_stages(
+                first, **earlier, spread_fired=spread_fired(r["spread_scores"], spread)
+            )
         out.append((verdict == "backdoored", target))
     return out
 
@@ -883,10 +885,11 @@ def spread_scores(spread: list[dict], score: Callable[[dict], float]) -> dict[st
     return scores
 
 
-def spread_fired(row: dict, spread: list[dict]) -> bool:
-    """Whether one of the ``spread`` readings fires on ``row`` (its ``spread_scores``), taken in
-    the scan's order: a reading after one that fired needs no score, as the scan does not run it."""
-    return any(row["spread_scores"][spread_label(s)] > s["threshold"] for s in spread)
+def spread_fired(scores: dict[str, float], spread: list[dict]) -> bool:
+    """Whether one of the ``spread`` readings fires on a row's ``spread_scores``, taken in the
+    scan's order: a reading after one that fired needs no score, as the scan does not run it (a
+    missing score the scan would read raises KeyError)."""
+    return any(scores[spread_label(s)] > s["threshold"] for s in spread)
 
 
 def check_verdicts(

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             others = before.get(row["norm_family"])
             if others:  # the family's other readings, in the scan's order, up to the first that fires
                 scores = spread_scores(others, lambda s, folder=folder: scanned(folder, s)["spread_score"])
-                row = {**row, "alongside_fired": spread_fired({"spread_scores": scores}, others)}
+                row = {**row, "alongside_fired": spread_fired(scores, others)}
             rows.append(row)
     used = [r for r in rows if usable(r, args)]
     families = {
@@ -336,7 +336,7 @@ def recounts(calibration: dict, section: dict, families: dict[str, dict]) -> dic
         for row, (flagged, target) in zip(rows, earlier, strict=True):
             if not flagged:
                 try:
-                    flagged = spread_fired({"spread_scores": scores.get(row["model"], {})}, settings)
+                    flagged = spread_fired(scores.get(row["model"], {}), settings)
                 except KeyError:  # a reading the scan would run on it that this run did not take
                     left_out.append(row["model"])
                     continue

@@ -324,7 +324,7 @@ def _spread_fires(model: dict, fit: dict) -> bool:
     """Whether the spread readings a reach refit counted fire on one of its models (a model without
     a score, as a backdoor that did not implant, which the refit does not use: no)."""
     if fit.get("spread"):
-        return "spread_scores" in model and spread_fired(model, fit["spread"])
+        return "spread_scores" in model and spread_fired(model["spread_scores"], fit["spread"])
     score, cut = model.get("spread_score"), fit.get("spread_threshold")
     return score is not None and cut is not None and score > cut
 

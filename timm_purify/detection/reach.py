@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -437,6 +438,31 @@ def fit_shared_pattern(
     return pattern.detach().clamp(0, 1)
 
 
+def _pattern_fields(
+    f: nn.Module,
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    pattern: torch.Tensor,
+    held: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+) -> dict[str, Any]:
+    """What one fitted shared pattern does to the held-out images, in the fields the pattern
+    readings' results share: ``score``, ``top_destination``, ``moved`` and ``spread``
+    (:func:`pattern_spread`), ``destinations`` (:func:`class_destinations`) and ``confusion``."""
+    xh, yh = held
+    with torch.no_grad():
+        pred = f(apply(xh, pattern)).argmax(1).cpu()
+    confusion = confusion_matrix(yh.cpu(), pred, num_classes)
+    score, top, moved, spread = pattern_spread(confusion)
+    return {
+        "score": score,
+        "moved": [float(v) for v in moved],
+        "spread": [float(v) for v in spread],
+        "top_destination": top,
+        "destinations": class_destinations(confusion),
+        "confusion": confusion.tolist(),
+    }
+
+
 def grid_windows(size: int, side: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners ``(row, col)`` of a grid of ``side``-sided squares over a ``size``-sided
     image, the last row and column flush with the far edges, so with ``stride <= side`` every
@@ -523,7 +549,7 @@ def window_spread(
         generator: drives the batches (seeded by the caller).
     """
     start = time.perf_counter()
-    (xs, ys), (xh, yh) = search, held
+    (xs, ys), yh = search, held[1]
     size = xs.shape[-1]
     side = max(1, min(size, round(window * size / 32)))
     step = max(1, round((stride or window) * size / 32))
@@ -538,21 +564,13 @@ def window_spread(
         pattern = fit_shared_pattern(
             f, search, paste, steps=steps, batch_size=batch_size, lr=lr, generator=generator
         )
-        with torch.no_grad():
-            pred = f(paste(xh, pattern)).argmax(1).cpu()
-        confusion = confusion_matrix(yh.cpu(), pred, num_classes)
-        readings.append((*pattern_spread(confusion), r, c, confusion))
-    score, top, moved, spread, r, c, confusion = max(readings, key=lambda w: w[0])
+        readings.append((_pattern_fields(f, paste, pattern, held, num_classes), r, c))
+    best, r, c = max(readings, key=lambda w: w[0]["score"])
     return WindowSpreadResult(
-        score=score,
+        **best,
         corner=[r, c],
-        second_score=sorted((w[0] for w in readings), reverse=True)[1] if len(readings) > 1 else 0.0,
-        moved=[float(v) for v in moved],
-        spread=[float(v) for v in spread],
-        top_destination=top,
-        destinations=class_destinations(confusion),
-        confusion=confusion.tolist(),
-        window_scores=[[w[4], w[5], w[0]] for w in readings],
+        second_score=sorted((w[0]["score"] for w in readings), reverse=True)[1] if len(readings) > 1 else 0.0,
+        window_scores=[[r_, c_, w["score"]] for w, r_, c_ in readings],
         window=window,
         stride=stride or window,
         side=side,
@@ -628,7 +646,7 @@ def blend_spread(
         generator: drives the batches (seeded by the caller).
     """
     start = time.perf_counter()
-    ys, (xh, yh) = search[1], held
+    ys, yh = search[1], held[1]
 
     def blend(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
         return x * (1 - alpha) + pattern * alpha
@@ -636,17 +654,8 @@ def blend_spread(
     pattern = fit_shared_pattern(
         f, search, blend, steps=steps, batch_size=batch_size, lr=lr, generator=generator
     )
-    with torch.no_grad():
-        pred = f(blend(xh, pattern)).argmax(1).cpu()
-    confusion = confusion_matrix(yh.cpu(), pred, num_classes)
-    score, top, moved, spread = pattern_spread(confusion)
     return BlendSpreadResult(
-        score=score,
-        moved=[float(v) for v in moved],
-        spread=[float(v) for v in spread],
-        top_destination=top,
-        destinations=class_destinations(confusion),
-        confusion=confusion.tolist(),
+        **_pattern_fields(f, blend, pattern, held, num_classes),
         alpha=alpha,
         steps=steps,
         batch_size=batch_size,
