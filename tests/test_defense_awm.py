@@ -18,7 +18,7 @@ from torch import nn
 from timm_purify.data import ImageData
 from timm_purify.defenses import PurifyOptionError, purify
 from timm_purify.defenses._common import universal_perturbation, weight_layers
-from timm_purify.defenses.awm import AWMConfig, random_resized_crop, with_augmented_copies
+from timm_purify.defenses.awm import AWMConfig, _choose_window, random_resized_crop, with_augmented_copies
 
 
 def toy_data(n: int, num_classes: int = 10) -> ImageData:
@@ -35,6 +35,10 @@ def test_few_shot_mode_is_automatic_and_overridable():
     assert many == {"few_shot": False, "alpha": 0.9, "trigger_norm": 1000.0, "augment_copies": 0}
     forced = AWMConfig(few_shot=False, alpha=0.5).resolved(num_clean=10, num_classes=10)
     assert forced == {"few_shot": False, "alpha": 0.5, "trigger_norm": 1000.0, "augment_copies": 0}
+    # a shaped trigger weighs the clean and the triggered loss equally unless alpha is given
+    for trigger in ("window", "blend"):
+        assert AWMConfig(trigger=trigger).resolved(num_clean=250, num_classes=10)["alpha"] == 0.5
+        assert AWMConfig(trigger=trigger, alpha=0.8).resolved(num_clean=10, num_classes=10)["alpha"] == 0.8
 
 
 def test_augmented_copies_keep_labels_and_originals():
@@ -134,6 +138,103 @@ def test_awm_vit_one_shot_masks_linear_layers_without_merge():
 
 
 @pytest.mark.slow
+def test_awm_window_trigger_finds_the_patch_and_lowers_asr():
+    """The shaped trigger: the window chosen is one where a pasted pattern fires the BadNets
+    backdoor, and masking against that pattern lowers the ASR, masks only."""
+    model, attack = backdoored("resnet18")
+    before_input = state(model)
+    result = purify(
+        model,
+        "fashion-mnist-mini",
+        method="awm",
+        trigger="window",
+        window_stride=8,  # 16 windows instead of 49: the patch lies whole in the last one
+        clean_count=200,
+        eval_data=eval_images(),
+        eval_attack=attack,
+        quiet=True,
+        outer_steps=4,
+        inner_steps=5,
+        batch_size=64,
+    )
+    assert all(torch.equal(before_input[k], v) for k, v in state(model).items())  # input untouched
+    first, last = result.history[0], result.history[-1]
+    assert first["trigger"] == "window" and first["alpha"] == 0.5 and "trigger_l1" not in first
+    # the 6x6 patch sits bottom-right, but this 3-epoch model's backdoor fires from the top-left
+    # corner too (patterns fitted there moved 86-87% of the clean images, 99-100% into one class;
+    # every other window of the grid at most 57%): either is a trigger of it
+    assert first["window"] in ([24, 24, 8], [0, 0, 8])
+    assert first["trigger_moved"] > 0.5  # the pattern found there fires the backdoor
+    assert last["trigger_moved"] < first["trigger_moved"]  # and stops firing as the masks learn
+    assert result.before.asr > 0.8
+    assert result.after.asr < result.before.asr - 0.3, (result.before, result.after)
+    assert result.after.acc > 0.5
+    assert_merged_is_plain_timm(result.model, "resnet18", model)
+
+
+def test_the_window_chosen_is_the_one_whose_pattern_moves_most_images():
+    """A bright pixel in the bottom-left window flips this model's answer; the grid search
+    must choose that window, and its pattern must draw the pixel."""
+    linear = nn.Linear(3 * 8 * 8, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[0, :] = 0.1  # class 0: overall brightness
+        linear.weight[1, 2 * 64 + 7 * 8 + 1] = 50.0  # class 1: row 7, column 1 of the last channel
+    f = nn.Sequential(nn.Flatten(), linear)
+    pool = torch.zeros(16, 3, 8, 8)
+    pool[:, :, :2, 5:] = 0.6
+    assert (f(pool).argmax(1) == 0).all()
+    config = AWMConfig(window=16, window_stride=16)  # at 8x8: side 4, stride 4, four windows
+    apply, window = _choose_window(f, pool, config, torch.Generator().manual_seed(0))
+    assert window == [4, 0, 4]
+    stamped = apply(pool, torch.ones(1, 3, 8, 8))
+    assert torch.equal(stamped[:, :, 4:, :4], torch.ones(16, 3, 4, 4))  # pasted inside the window
+    assert torch.equal(stamped[:, :, :4], pool[:, :, :4])  # and nowhere else
+    assert torch.equal(stamped[:, :, 4:, 4:], pool[:, :, 4:, 4:])
+
+
+@pytest.mark.slow
+def test_awm_blend_trigger_runs_and_records_what_it_found():
+    model, _ = backdoored("vit")
+    result = purify(
+        model,
+        "fashion-mnist-mini",
+        method="awm",
+        trigger="blend",
+        clean_count=20,
+        quiet=True,
+        outer_steps=2,
+        inner_steps=2,
+        batch_size=16,
+        merge=False,
+    )
+    for record in result.history:
+        assert record["trigger"] == "blend" and 0.0 <= record["trigger_moved"] <= 1.0
+        assert "window" not in record and "trigger_l1" not in record
+    masks = [v for k, v in result.model.named_parameters() if k.endswith(".mask")]
+    assert masks and any(not torch.allclose(m, torch.ones_like(m)) for m in masks)
+    assert_originals_untouched(result.model, model)
+
+
+def test_awm_window_trigger_on_non_square_images_is_refused():
+    inner = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 16, 16), nn.ReLU(), nn.Linear(16, 10))
+    inner.num_classes = 10
+    inner.get_classifier = lambda: inner[-1]
+    inner.pretrained_cfg = {"input_size": (3, 32, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    net = _Counting(inner)
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(
+        torch.randint(0, 256, (20, 3, 32, 16), generator=g, dtype=torch.uint8),
+        torch.arange(20) % 10,
+        [f"c{i}" for i in range(10)],
+        "toy",
+    )
+    with pytest.raises(PurifyOptionError, match="square"):
+        purify(net, data, method="awm", trigger="window", quiet=True, outer_steps=1, inner_steps=1)
+    assert net.calls == 0
+
+
+@pytest.mark.slow
 def test_awm_same_seed_same_result_and_layer_options():
     model, _ = backdoored("vit")
     kw = dict(clean_count=20, quiet=True, outer_steps=1, inner_steps=2, batch_size=16)
@@ -163,6 +264,11 @@ def test_awm_same_seed_same_result_and_layer_options():
         {"augment_copies": -1},
         {"batch_size": 0},
         {"tau": 100},
+        {"trigger": "patch"},
+        {"window": 0},
+        {"window_stride": 0},
+        {"blend_alpha": 0.0},
+        {"blend_alpha": 1.0},
     ],
 )
 def test_awm_bad_options_fail_before_any_work(options):

@@ -76,10 +76,29 @@ def test_auto_runs_awm_for_an_all_to_all_batchnorm_model():
     a2a = fake_report(
         verdict="backdoored", target=None, pattern="all-to-all", config={"norm_family": "batchnorm"}
     )
-    assert choose_method("auto", a2a) == ("awm", {})
+    # BAN's all-to-all statistic (or the window reading) decided: the trigger search takes a window
+    assert choose_method("auto", a2a) == ("awm", {"trigger": "window"})
+    # the blend reading decided: a blended pattern; a reading that ran but did not decide does not count
+    blended = fake_report(
+        verdict="backdoored",
+        target=None,
+        pattern="all-to-all",
+        config={"norm_family": "batchnorm", "decided_by": "spread"},
+        spread={"shape": "blend", "fired": True, "others": [{"shape": "window", "fired": False}]},
+    )
+    assert choose_method("auto", blended) == ("awm", {"trigger": "blend"})
+    assert choose_method("auto", blended, {"trigger": "l1"}) == (
+        "awm",
+        {"trigger": "l1"},
+    )  # the caller's wins
+    blended.config = {"norm_family": "batchnorm", "decided_by": "ban"}
+    assert choose_method("auto", blended) == ("awm", {"trigger": "window"})
     # each candidate gets the caller's options it takes: the polarizer's epochs are not AWM's
     given = {"epochs": 2, "outer_steps": 3, "batch_size": 16}
-    assert choose_method("auto", a2a, given) == ("awm", {"outer_steps": 3, "batch_size": 16})
+    assert choose_method("auto", a2a, given) == (
+        "awm",
+        {"trigger": "window", "outer_steps": 3, "batch_size": 16},
+    )
     assert unused_options("awm", given) == ["epochs"]
     clean = fake_report(verdict="clean", target=None)
     assert choose_method("auto", clean, given) == (

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from timm_purify.defenses._common import grid_windows
 from timm_purify.detection.reach import (
     blend_spread,
     confusion_matrix,
-    grid_windows,
     project_l1_ball,
     spread_shares,
     universal_reach,

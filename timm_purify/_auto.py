@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .detection.report import ScanReport
 
-__all__ = ["AUTO", "AUTO_OPTIONS", "auto_options", "choose_method", "untaken_error", "unused_options"]
+__all__ = [
+    "AUTO",
+    "AUTO_OPTIONS",
+    "auto_options",
+    "choose_method",
+    "trigger_shape",
+    "untaken_error",
+    "unused_options",
+]
 
 # The method name that lets the scan steer NPD.
 AUTO = "auto"
@@ -58,15 +66,16 @@ AUTO_OPTIONS: dict[str, dict] = {
         "pgd_steps": 5,
         "stop_fraction": 1.0,
     },
-    # A BatchNorm model the scan reads as all-to-all: AWM at the reference's defaults. Its
-    # universal trigger search (L1 budget) looks for a small patch, which NPD's per-image
-    # runner-up targets do not aim at. Neither method removes these backdoors reliably; over the
-    # seven all-to-all resnet18/test_resnet models where both ran, AWM left less on five and kept
-    # more accuracy on five (mean ASR 13.1% against plain npd's 16.7%, this table's npd options):
-    # on two builds of the fully trained resnet18, 1.26% against 23.4% and 22.2% against 16.9%;
-    # on five weakly implanted 2,000-image models, 7.7-18.8% against 11.0-18.8%. It costs 1.4x
-    # npd's time on the fully trained model (860 s against 609 s), 3-4x on the small ones.
-    # LayerNorm models keep cnpd-r (AWM left 58% on the all-to-all ConvNeXt). PURIFICATION.md.
+    # A BatchNorm model the scan reads as all-to-all: AWM, its trigger search shaped as the scan's
+    # deciding reading found the trigger (choose_method adds trigger="window" or "blend": a pattern
+    # pasted into one window, or blended into the whole image, instead of the reference's L1-bounded
+    # perturbation, which the all-to-all backdoor often escaped: 22% left on one build of the fully
+    # trained resnet18, 7.7-18.8% on 2,000-image models, 15-17% on blended ones). On the fully trained
+    # all-to-all resnet18 (build A) the window took it 91.18% -> 0.59% at -0.67 points (DER 95.0,
+    # 434 s; the reference's 1.26% at -1.03, 916 s); on 2,000-image models the window left
+    # 2.0-3.1% where the reference left 1.5-10.3%, and the blend 0.5-3.7% on blended all-to-all
+    # models where the reference left 15-17%. LayerNorm models keep cnpd-r (AWM left 58% on the
+    # all-to-all ConvNeXt, cnpd-r 33%; the shaped triggers not tried there). PURIFICATION.md.
     "awm": {},
 }
 
@@ -115,8 +124,10 @@ def choose_method(
     ``auto`` lets the scan's finding steer the choice: with a suspected all-to-one target, NPD's
     known-target variant (npd-tp) attacks towards that class (plain NPD's per-image guess, the
     runner-up class, misses a patch trigger whose target is not the images' natural neighbour:
-    ``benchmarks/PURIFICATION.md``); an all-to-all pattern on a BatchNorm model gets AWM, whose
-    universal trigger search finds the patch no single target describes; otherwise (a clean
+    ``benchmarks/PURIFICATION.md``); an all-to-all pattern on a BatchNorm model gets AWM with
+    its trigger search shaped as the scan's deciding reading found the trigger
+    (:func:`trigger_shape`: a pasted window or a blend), which finds the trigger no single
+    target describes; otherwise (a clean
     verdict) plain npd estimates a target per image. A backdoored LayerNorm model (the scan's
     ``norm_family`` "other": ConvNeXt, ViT) gets the per-class replica polarizer (cnpd-r, with
     the larger attack budget) instead, which needs no target: on the fully trained ConvNeXt it
@@ -131,5 +142,14 @@ def choose_method(
     if backdoored and report.suspected_target is not None:
         return "npd-tp", {**auto_options("npd-tp", given), "target": int(report.suspected_target)}
     if backdoored and report.pattern == "all-to-all":
-        return "awm", auto_options("awm", given)
+        return "awm", {"trigger": trigger_shape(report), **auto_options("awm", given)}
     return "npd", auto_options("npd", given)
+
+
+def trigger_shape(report: ScanReport) -> str:
+    """The shape AWM's trigger search takes for an all-to-all verdict: ``"blend"`` where the
+    scan's blend reading decided it (a whole-image trigger), else ``"window"`` (the window
+    reading, or BAN's all-to-all statistic, which has so far fired on patch triggers)."""
+    spread = report.spread or {}
+    decided = (report.config or {}).get("decided_by")
+    return "blend" if decided == "spread" and spread.get("shape") == "blend" else "window"

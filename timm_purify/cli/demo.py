@@ -44,7 +44,8 @@ METHOD_OPTIONS = {name: _POLARIZER for name in ("npd", "npd-tp", "npd-tu", "cnpd
     show_default=True,
     help="Purification method; 'auto' lets the scan choose, as `timm-purify purify --method auto` "
     "does: npd-tp towards the scan's suspected target (with a larger attack budget) when it names "
-    "one, awm for an all-to-all pattern, else npd.",
+    "one, awm (its trigger search shaped as the scan's reading found it) for an all-to-all "
+    "pattern, else npd.",
 )
 @click.option(
     "--epochs", type=int, default=5, show_default=True, help="Epochs to train the backdoored model."

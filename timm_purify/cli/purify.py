@@ -133,7 +133,8 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     default="npd",
     show_default=True,
     help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
-    "suspected target when it names one, awm for an all-to-all pattern (cnpd-r for a backdoored "
+    "suspected target when it names one, awm for an all-to-all pattern (its trigger search a "
+    "window or a blend, as the scan's reading found it; cnpd-r for a backdoored "
     "LayerNorm model), else npd; with the options measured best on fully trained models (see "
     "README), unless given.",
 )

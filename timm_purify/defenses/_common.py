@@ -21,6 +21,11 @@ __all__ = [
     "CleanForward",
     "targeted_pgd",
     "universal_perturbation",
+    "window_mask",
+    "paste",
+    "blend",
+    "grid_windows",
+    "fit_shared_pattern",
     "clamp_pixels",
     "project_l2",
     "project_l1",
@@ -201,6 +206,64 @@ def universal_perturbation(
                 break
     with torch.no_grad():
         return project_l1(delta.detach(), l1_budget)
+
+
+def window_mask(
+    size: int, corner: tuple[int, int], side: int, *, device: torch.device | None = None
+) -> torch.Tensor:
+    """``(1, 1, size, size)``: 1 on the ``side``-sided square whose top-left pixel is ``corner``
+    (row, col), 0 elsewhere."""
+    mask = torch.zeros(1, 1, size, size, device=device)
+    r, c = corner
+    mask[..., r : r + side, c : c + side] = 1.0
+    return mask
+
+
+def paste(x: torch.Tensor, pattern: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
+    """``pattern`` pasted into ``x`` where ``mask`` is 1 (a patch trigger's shape)."""
+    return x * (1 - mask) + pattern * mask
+
+
+def blend(x: torch.Tensor, pattern: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) x + alpha pattern`` (a blended trigger's shape)."""
+    return x * (1 - alpha) + pattern * alpha
+
+
+def grid_windows(size: int, side: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners ``(row, col)`` of a grid of ``side``-sided squares over a ``size``-sided
+    image, the last row and column flush with the far edges, so with ``stride <= side`` every
+    pixel lies in some window (a trigger no larger than ``side - stride + 1`` fits whole in one)."""
+    starts = sorted({*range(0, size - side + 1, stride), size - side})
+    return [(r, c) for r in starts for c in starts]
+
+
+def fit_shared_pattern(
+    f: Forward,
+    search: tuple[torch.Tensor, torch.Tensor],
+    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One pattern (``(1, C, H, W)`` in [0, 1], from grey) that ``apply(images, pattern)`` puts
+    into every image, fitted by Adam on the negative cross-entropy of the labels over random
+    batches of ``search``, to push images off their labels; returned clamped to [0, 1].
+
+    A trigger of known shape (a pasted patch, a blend), recovered without a norm budget: the
+    shape is the constraint. The scan scores such patterns (``detection.reach``); AWM's shaped
+    triggers train against them."""
+    xs, ys = search
+    pattern = torch.full((1, *xs.shape[1:]), 0.5, device=xs.device, requires_grad=True)
+    opt = torch.optim.Adam([pattern], lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xs), (batch_size,), generator=generator).to(xs.device)
+        loss = -F.cross_entropy(f(apply(xs[idx], pattern.clamp(0, 1))), ys[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return pattern.detach().clamp(0, 1)
 
 
 def mixup(

@@ -32,6 +32,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._progress import progress
-from ..defenses._common import clamp_pixels, project_l2, scale_budget
+from ..defenses._common import (
+    blend,
+    clamp_pixels,
+    fit_shared_pattern,
+    grid_windows,
+    paste,
+    project_l2,
+    scale_budget,
+    window_mask,
+)
 
 __all__ = [
     "REACH_NORMS",
@@ -53,8 +63,6 @@ __all__ = [
     "blend_spread",
     "class_destinations",
     "confusion_matrix",
-    "fit_shared_pattern",
-    "grid_windows",
     "pattern_spread",
     "project_l1_ball",
     "reach_matrix",
@@ -413,31 +421,6 @@ def class_destinations(confusion: torch.Tensor) -> list[int | None]:
     return [int(row.argmax()) if int(row.sum()) else None for row in off]
 
 
-def fit_shared_pattern(
-    f: nn.Module,
-    search: tuple[torch.Tensor, torch.Tensor],
-    apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """One pattern (``(1, C, H, W)`` in [0, 1], from grey) that ``apply(images, pattern)`` puts
-    into every image, fitted by Adam on the negative cross-entropy of the true labels over random
-    batches of ``search``, to push images off their labels; returned clamped to [0, 1]."""
-    xs, ys = search
-    pattern = torch.full((1, *xs.shape[1:]), 0.5, device=xs.device, requires_grad=True)
-    opt = torch.optim.Adam([pattern], lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xs), (batch_size,), generator=generator).to(xs.device)
-        loss = -F.cross_entropy(f(apply(xs[idx], pattern.clamp(0, 1))), ys[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return pattern.detach().clamp(0, 1)
-
-
 def _pattern_fields(
     f: nn.Module,
     apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -461,14 +444,6 @@ def _pattern_fields(
         "destinations": class_destinations(confusion),
         "confusion": confusion.tolist(),
     }
-
-
-def grid_windows(size: int, side: int, stride: int) -> list[tuple[int, int]]:
-    """Top-left corners ``(row, col)`` of a grid of ``side``-sided squares over a ``size``-sided
-    image, the last row and column flush with the far edges, so with ``stride <= side`` every
-    pixel lies in some window (a trigger no larger than ``side - stride + 1`` fits whole in one)."""
-    starts = sorted({*range(0, size - side + 1, stride), size - side})
-    return [(r, c) for r in starts for c in starts]
 
 
 @dataclass
@@ -555,16 +530,11 @@ def window_spread(
     step = max(1, round((stride or window) * size / 32))
     readings = []
     for r, c in grid_windows(size, side, step):
-        mask = torch.zeros(1, 1, size, size, device=xs.device)
-        mask[..., r : r + side, c : c + side] = 1.0
-
-        def paste(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-            return x * (1 - mask) + pattern * mask
-
+        apply = functools.partial(paste, mask=window_mask(size, (r, c), side, device=xs.device))
         pattern = fit_shared_pattern(
-            f, search, paste, steps=steps, batch_size=batch_size, lr=lr, generator=generator
+            f, search, apply, steps=steps, batch_size=batch_size, lr=lr, generator=generator
         )
-        readings.append((_pattern_fields(f, paste, pattern, held, num_classes), r, c))
+        readings.append((_pattern_fields(f, apply, pattern, held, num_classes), r, c))
     best, r, c = max(readings, key=lambda w: w[0]["score"])
     return WindowSpreadResult(
         **best,
@@ -647,15 +617,12 @@ def blend_spread(
     """
     start = time.perf_counter()
     ys, yh = search[1], held[1]
-
-    def blend(x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-        return x * (1 - alpha) + pattern * alpha
-
+    apply = functools.partial(blend, alpha=alpha)
     pattern = fit_shared_pattern(
-        f, search, blend, steps=steps, batch_size=batch_size, lr=lr, generator=generator
+        f, search, apply, steps=steps, batch_size=batch_size, lr=lr, generator=generator
     )
     return BlendSpreadResult(
-        **_pattern_fields(f, blend, pattern, held, num_classes),
+        **_pattern_fields(f, apply, pattern, held, num_classes),
         alpha=alpha,
         steps=steps,
         batch_size=batch_size,
