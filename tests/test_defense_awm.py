@@ -16,7 +16,7 @@ from test_defense_nft import (
 from torch import nn
 
 from timm_purify.data import ImageData
-from timm_purify.defenses import PurifyOptionError, purify
+from timm_purify.defenses import PurifyOptionError, PurifyResult, purify
 from timm_purify.defenses._common import universal_perturbation, weight_layers
 from timm_purify.defenses.awm import AWMConfig, _choose_window, random_resized_crop, with_augmented_copies
 
@@ -66,8 +66,9 @@ def test_random_resized_crop_identity_and_range():
         assert torch.allclose(a, b, atol=1e-5) or torch.allclose(a, b.flip(-1), atol=1e-5)
 
 
-@pytest.mark.slow
-def test_awm_cnn_lowers_asr_masks_convs_only_and_merges():
+def awm_on_backdoored_resnet(**options: object) -> tuple[nn.Module, PurifyResult]:
+    """AWM on the tiny BadNets resnet18 with 200 clean images, evaluated; checks that the
+    caller's model is left untouched and returns it with the result."""
     model, attack = backdoored("resnet18")
     before_input = state(model)
     result = purify(
@@ -78,11 +79,18 @@ def test_awm_cnn_lowers_asr_masks_convs_only_and_merges():
         eval_data=eval_images(),
         eval_attack=attack,
         quiet=True,
-        outer_steps=8,
         inner_steps=5,
         batch_size=64,
+        **options,
     )
     assert all(torch.equal(before_input[k], v) for k, v in state(model).items())  # input untouched
+    return model, result
+
+
+@pytest.mark.slow
+def test_awm_cnn_lowers_asr_masks_convs_only_and_merges():
+    model, result = awm_on_backdoored_resnet(outer_steps=8)
+    before_input = state(model)
     assert result.before.asr > 0.8
     # 8 short outer iterations: drops of 21-24 points seen across runs
     assert result.after.asr < result.before.asr - 0.15, (result.before, result.after)
@@ -141,23 +149,8 @@ def test_awm_vit_one_shot_masks_linear_layers_without_merge():
 def test_awm_window_trigger_finds_the_patch_and_lowers_asr():
     """The shaped trigger: the window chosen is one where a pasted pattern fires the BadNets
     backdoor, and masking against that pattern lowers the ASR, masks only."""
-    model, attack = backdoored("resnet18")
-    before_input = state(model)
-    result = purify(
-        model,
-        "fashion-mnist-mini",
-        method="awm",
-        trigger="window",
-        window_stride=8,  # 16 windows instead of 49: the patch lies whole in the last one
-        clean_count=200,
-        eval_data=eval_images(),
-        eval_attack=attack,
-        quiet=True,
-        outer_steps=4,
-        inner_steps=5,
-        batch_size=64,
-    )
-    assert all(torch.equal(before_input[k], v) for k, v in state(model).items())  # input untouched
+    # window_stride 8: 16 windows instead of 49, the patch lies whole in the last one
+    model, result = awm_on_backdoored_resnet(trigger="window", window_stride=8, outer_steps=4)
     first, last = result.history[0], result.history[-1]
     assert first["trigger"] == "window" and first["alpha"] == 0.5 and "trigger_l1" not in first
     # the 6x6 patch sits bottom-right, but this 3-epoch model's backdoor fires from the top-left
