@@ -70,12 +70,13 @@ AUTO_OPTIONS: dict[str, dict] = {
     # deciding reading found the trigger (choose_method adds trigger="window" or "blend": a pattern
     # pasted into one window, or blended into the whole image, instead of the reference's L1-bounded
     # perturbation, which the all-to-all backdoor often escaped: 22% left on one build of the fully
-    # trained resnet18, 7.7-18.8% on 2,000-image models, 15-17% on blended ones). On the fully trained
-    # all-to-all resnet18 (build A) the window took it 91.18% -> 0.59% at -0.67 points (DER 95.0,
-    # 434 s; the reference's 1.26% at -1.03, 916 s); on 2,000-image models the window left
-    # 2.0-3.1% where the reference left 1.5-10.3%, and the blend 0.5-3.7% on blended all-to-all
-    # models where the reference left 15-17%. LayerNorm models keep cnpd-r (AWM left 58% on the
-    # all-to-all ConvNeXt, cnpd-r 33%; the shaped triggers not tried there). PURIFICATION.md.
+    # trained resnet18, 7.7-18.8% on 2,000-image models, 15-17% on blended ones). On the two builds
+    # of the fully trained all-to-all resnet18 the window took it to 0.59% at -0.67 points and
+    # 0.36% at -1.18 (the reference's search: 1.26% and 22.16%); on 2,000-image models the window
+    # left 1.3-4.6% (mean 2.9%) where the reference left 1.5-10.3% (4.6%), and the blend 0.5-3.7% on
+    # blended all-to-all models where the reference left 7.9-24.9%. LayerNorm models keep cnpd-r
+    # (AWM left 58% on the all-to-all ConvNeXt, cnpd-r 33%; the shaped triggers not tried there).
+    # PURIFICATION.md.
     "awm": {},
 }
 
