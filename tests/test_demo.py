@@ -72,7 +72,7 @@ def test_auto_method_follows_the_scan():
     assert choose_method("auto", layernorm) == ("npd", AUTO_OPTIONS["npd"])
 
 
-def test_auto_runs_awm_for_an_all_to_all_batchnorm_model():
+def test_auto_runs_awm_for_an_all_to_all_model():
     a2a = fake_report(
         verdict="backdoored", target=None, pattern="all-to-all", config={"norm_family": "batchnorm"}
     )
@@ -109,6 +109,6 @@ def test_auto_runs_awm_for_an_all_to_all_batchnorm_model():
     # an option no candidate takes is the caller's mistake, refused before any work
     assert "unknown option(s) ['nonsense']" in untaken_error({**given, "nonsense": 1})
     assert untaken_error(given) is None
-    # an all-to-all LayerNorm model keeps the replica polarizer (AWM left 58% on the ConvNeXt)
+    # an all-to-all LayerNorm model takes AWM too (the window removed the ConvNeXt's, cnpd-r left 33%)
     a2a.config = {"norm_family": "other"}
-    assert choose_method("auto", a2a)[0] == "cnpd-r"
+    assert choose_method("auto", a2a) == ("awm", {"trigger": "window"})

@@ -46,13 +46,14 @@ AUTO_OPTIONS: dict[str, dict] = {
         "stop_fraction": 1.0,
         "epochs": 10,
     },
-    # LayerNorm models (ConvNeXt, ViT): the per-class replica polarizer (no target needed) on the
-    # last stage, lr 0.1, 30 epochs, with the larger attack budget that removed the resnet18 suite's
-    # backdoors when NPD was told the target (radius 10, 5 steps, not stopped early). On the fully
-    # trained convnext_atto suite it took BadNets to 0.12% at 3.8
+    # LayerNorm models (ConvNeXt, ViT) not read as all-to-all: the per-class replica polarizer (no
+    # target needed) on the last stage, lr 0.1, 30 epochs, with the larger attack budget that
+    # removed the resnet18 suite's backdoors when NPD was told the target (radius 10, 5 steps, not
+    # stopped early). On the fully trained convnext_atto suite it took BadNets to 0.12% at 3.8
     # points (DER 98.1) and Blended to 3.2% at 1.2 (DER 97.8), where NPD-TP towards the scan's
     # (right) target left 46% / 51% and the attention polarizer (cnpd-a, the paper's budget) 0.80% /
-    # 49%; the all-to-all backdoor stays at 33% (cnpd-a 32%). It leaves SIG at 81% (cnpd-a: 0.00%),
+    # 49%; it left the all-to-all backdoor at 33% (cnpd-a 32%), which AWM's window removes (below).
+    # It leaves SIG at 81% (cnpd-a: 0.00%),
     # which the scan reads as clean on that suite, so auto's plain npd removes it (0.00%); a SIG
     # ConvNeXt the scan does flag would keep its backdoor. The middle budget (rho 6) leaves the
     # smallest worst case of the three attacks (BadNets 12.7%, Blended 2.7%, SIG 6.9%) but the scan
@@ -66,7 +67,7 @@ AUTO_OPTIONS: dict[str, dict] = {
         "pgd_steps": 5,
         "stop_fraction": 1.0,
     },
-    # A BatchNorm model the scan reads as all-to-all: AWM, its trigger search shaped as the scan's
+    # A model the scan reads as all-to-all: AWM, its trigger search shaped as the scan's
     # deciding reading found the trigger (choose_method adds trigger="window" or "blend": a pattern
     # pasted into one window, or blended into the whole image, instead of the reference's L1-bounded
     # perturbation, which the all-to-all backdoor often escaped: 22% left on one build of the fully
@@ -74,8 +75,9 @@ AUTO_OPTIONS: dict[str, dict] = {
     # of the fully trained all-to-all resnet18 the window took it to 0.59% at -0.67 points and
     # 0.36% at -1.18 (the reference's search: 1.26% and 22.16%); on 2,000-image models the window
     # left 1.3-4.6% (mean 2.9%) where the reference left 1.5-10.3% (4.6%), and the blend 0.5-3.7% on
-    # blended all-to-all models where the reference left 7.9-24.9%. LayerNorm models keep cnpd-r
-    # (AWM left 58% on the all-to-all ConvNeXt, cnpd-r 33%; the shaped triggers not tried there).
+    # blended all-to-all models where the reference left 7.9-24.9%. On the fully trained all-to-all
+    # ConvNeXt the window took it 87.68% -> 1.16% at -0.63 points, where the reference's search left
+    # 58% and cnpd-r 33%, so LayerNorm models take this rule too (no all-to-all ViT tried).
     # PURIFICATION.md.
     "awm": {},
 }
@@ -125,25 +127,25 @@ def choose_method(
     ``auto`` lets the scan's finding steer the choice: with a suspected all-to-one target, NPD's
     known-target variant (npd-tp) attacks towards that class (plain NPD's per-image guess, the
     runner-up class, misses a patch trigger whose target is not the images' natural neighbour:
-    ``benchmarks/PURIFICATION.md``); an all-to-all pattern on a BatchNorm model gets AWM with
-    its trigger search shaped as the scan's deciding reading found the trigger
+    ``benchmarks/PURIFICATION.md``). An all-to-all pattern, on any model, gets AWM with its
+    trigger search shaped as the scan's deciding reading found the trigger
     (:func:`trigger_shape`: a pasted window or a blend), which finds the trigger no single
-    target describes; otherwise (a clean
-    verdict) plain npd estimates a target per image. A backdoored LayerNorm model (the scan's
-    ``norm_family`` "other": ConvNeXt, ViT) gets the per-class replica polarizer (cnpd-r, with
-    the larger attack budget) instead, which needs no target: on the fully trained ConvNeXt it
-    removed the BadNets and Blended backdoors npd-tp left (:data:`AUTO_OPTIONS`). Any other
-    method runs with the caller's options alone."""
+    target describes. Any other backdoored LayerNorm model (the scan's ``norm_family``
+    "other": ConvNeXt, ViT) gets the per-class replica polarizer (cnpd-r, with the larger attack
+    budget) instead of npd-tp, which needs no target: on the fully trained ConvNeXt it removed
+    the BadNets and Blended backdoors npd-tp left (:data:`AUTO_OPTIONS`). Otherwise (a clean
+    verdict) plain npd estimates a target per image. Any other method runs with the caller's
+    options alone."""
     given = dict(given or {})
     if method != AUTO:
         return method, given
     backdoored = report.verdict == "backdoored"
+    if backdoored and report.pattern == "all-to-all":
+        return "awm", {"trigger": trigger_shape(report), **auto_options("awm", given)}
     if backdoored and (report.config or {}).get("norm_family") == "other":
         return "cnpd-r", auto_options("cnpd-r", given)
     if backdoored and report.suspected_target is not None:
         return "npd-tp", {**auto_options("npd-tp", given), "target": int(report.suspected_target)}
-    if backdoored and report.pattern == "all-to-all":
-        return "awm", {"trigger": trigger_shape(report), **auto_options("awm", given)}
     return "npd", auto_options("npd", given)
 
 

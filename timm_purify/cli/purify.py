@@ -133,9 +133,9 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict:
     default="npd",
     show_default=True,
     help="Purification method (npd, cnpd-*, nft, awm, ft...), or 'auto': npd-tp towards the scan's "
-    "suspected target when it names one, awm for an all-to-all pattern (its trigger search a "
-    "window or a blend, as the scan's reading found it; cnpd-r for a backdoored "
-    "LayerNorm model), else npd; with the options measured best on fully trained models (see "
+    "suspected target when it names one, awm for an all-to-all pattern on any model (its trigger "
+    "search a window or a blend, as the scan's reading found it), cnpd-r for another backdoored "
+    "LayerNorm model, else npd; with the options measured best on fully trained models (see "
     "README), unless given.",
 )
 @click.option(
