@@ -298,11 +298,17 @@ def _predict(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_shaped(
-    f: nn.Module, pool: torch.Tensor, apply: Callable, *, steps: int, generator: torch.Generator
+    f: nn.Module,
+    pool: torch.Tensor,
+    own: torch.Tensor,
+    apply: Callable,
+    *,
+    steps: int,
+    generator: torch.Generator,
 ) -> tuple[_Stamp, float]:
-    """A shaped trigger's pattern fitted to move ``pool`` off ``f``'s own predictions, and the
-    share of ``pool`` it moves."""
-    own = _predict(f, pool)
+    """A shaped trigger's pattern fitted to move ``pool`` off ``own``, ``f``'s predictions for
+    it (computed by the caller, once for as long as the masks stay as they are), and the share
+    of ``pool`` it moves."""
     pattern = fit_shared_pattern(f, (pool, own), apply, steps=steps, generator=generator, **_PATTERN)
     moved = float((_predict(f, apply(pool, pattern)) != own).float().mean())
     return (lambda x: apply(x, pattern)), moved
@@ -315,10 +321,11 @@ def _choose_window(
     as a paste function, with its ``[row, col, side]`` at this image size."""
     size = pool.shape[-1]
     side, stride = (max(1, min(size, round(v * size / 32))) for v in (config.window, config.window_stride))
+    own = _predict(f, pool)  # the masks are constant through the whole grid
     best: tuple[float, Callable, list[int]] | None = None
     for corner in grid_windows(size, side, stride):
         apply = functools.partial(paste, mask=window_mask(size, corner, side, device=pool.device))
-        _, moved = _fit_shaped(f, pool, apply, steps=_SEARCH_STEPS, generator=generator)
+        _, moved = _fit_shaped(f, pool, own, apply, steps=_SEARCH_STEPS, generator=generator)
         if best is None or moved > best[0]:
             best = (moved, apply, [*corner, side])
     assert best is not None  # the grid always holds a window
@@ -357,8 +364,9 @@ def run_awm(model: nn.Module, clean: ImageData, config: AWMConfig, ctx: PurifyCo
                 if config.trigger == "l1":
                     stamp, found = _l1_trigger(f, sampler, config, tau)
                 else:
+                    own = _predict(f, pool)  # the masks moved since the last refit
                     stamp, moved = _fit_shaped(
-                        f, pool, apply, steps=config.inner_steps, generator=ctx.generator
+                        f, pool, own, apply, steps=config.inner_steps, generator=ctx.generator
                     )
                     found = {"trigger_moved": moved, **shape}
             loss_sum = torch.zeros((), device=ctx.device)  # read once per outer iteration
