@@ -233,7 +233,8 @@ def purify(
             ``train`` split is used).
         method: a registered method (``timm_purify.defenses.DEFENSES``), or ``"auto"``: the
             finding of ``scan_report`` picks it (npd-tp towards a suspected all-to-one target,
-            awm for an all-to-all pattern, cnpd-r for a backdoored LayerNorm model, else npd) with
+            awm for an all-to-all pattern on any model, cnpd-r for another backdoored LayerNorm
+            model, else npd) with
             the options measured best (``timm_purify._auto.AUTO_OPTIONS``); ``**options`` override
             them where the picked method takes them (a warning names those it does not), except
             the target, which is the scan's.
