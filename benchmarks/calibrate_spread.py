@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         for budget in candidates:
             row = scanned(folder, budget)
             others = before.get(row["norm_family"])
-            if others:  # the family's other readings, in the scan's order, up to the first that fires
+            # the family's other readings, in the scan's order, up to the first that fires; only where
+            # the earlier stages found nothing, as the scan runs them (a flagged model's are not read)
+            if others and row["verdict"] != "backdoored":
                 scores = spread_scores(others, lambda s, folder=folder: scanned(folder, s)["spread_score"])
                 row = {**row, "alongside_fired": spread_fired(scores, others)}
             rows.append(row)
@@ -361,7 +363,9 @@ def merged_section(
     """The ``spread`` section with ``families`` (fitted on ``rows``) replaced and every other
     family's entry, models, recount and provenance kept as ``old`` has them. A family's earlier
     fit of another shape is kept under its entry's ``earlier`` (the record of what was tried); a
-    refit of the same shape replaces it."""
+    refit of the same shape replaces it. A fit declined beside the family's readings
+    (``--alongside``, not enabled) leaves them as they were, and is kept under the family's fit as
+    ``declined``."""
     run = {
         "command": recorded_command(sys.argv[1:] if argv is None else argv, script="calibrate_spread.py"),
         "date": datetime.date.today().isoformat(),
@@ -395,6 +399,21 @@ def merged_section(
             if args.alongside
             else []
         )
+        if beside and not fit["enabled"]:
+            # declined beside the family's readings: the scan runs them on exactly as they were (entry,
+            # record, recount, provenance), and the attempt stays on record under the family's fit
+            kept_fit = dict(before or {})
+            kept_fit["declined"] = [*kept_fit.get("declined", []), {**fit, **run}]
+            section["families"][fam] = kept_fit
+            section["by_family"][fam] = old["by_family"][fam]
+            for name, store in (
+                ("reliability_by_family", section["reliability_by_family"]),
+                ("recounted_by_family", recounted),
+            ):
+                if fam in (old.get(name) or {}):
+                    store[fam] = old[name][fam]
+            provenance[fam] = run_before
+            continue
         if before is not None:
             if beside:  # the fit of the readings this one runs beside, with the run behind it
                 fit["alongside"] = {**before, **run_before}

@@ -610,7 +610,8 @@ def _spread_section() -> list[str]:
     ]
     earlier = []
     # a family's readings in the order the scan runs them: a fit run beside earlier ones
-    # (--alongside) keeps theirs under "alongside"
+    # (--alongside) keeps theirs under "alongside"; one declined beside them is kept under
+    # "declined", listed after them
     fits = [
         (fam, label, f)
         for fam, fit in section["families"].items()
@@ -619,6 +620,7 @@ def _spread_section() -> list[str]:
             if fit.get("alongside")
             else [(fam, fit)]
         )
+        + [(f"{fam} (tried beside it)", d) for d in fit.get("declined", [])]
     ]
     for fam, label, fit in fits:
         earlier += [(fam, e) for e in fit.get("earlier", [])]

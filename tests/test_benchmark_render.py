@@ -228,7 +228,23 @@ def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkey
         "rule": "r",
         "models": rows,
         "families": {
-            "other": {"enabled": True, "chosen": chosen},
+            "other": {
+                "enabled": True,
+                "chosen": chosen,
+                # a window fit tried beside the L2 one and declined (no fewer errors): listed after it
+                "declined": [
+                    {
+                        "enabled": False,
+                        "chosen": {
+                            **chosen,
+                            "shape": "window",
+                            "window": 8,
+                            "errors": 1,
+                            "fit": {"threshold": 0.334},
+                        },
+                    }
+                ],
+            },
             # refitted in the window shape; its l2 fit stays on record
             "batchnorm": {
                 "enabled": True,
@@ -247,7 +263,11 @@ def test_the_spread_section_lists_each_family_and_every_model_once(bench, monkey
     }
     monkeypatch.setattr("timm_purify.detection.load_calibration", lambda: {"spread": section})
     lines = bench._spread_section()
-    assert "| other | yes | L2 2 | 0.413 | 0 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |" in lines
+    other = lines.index("| other | yes | L2 2 | 0.413 | 0 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |")
+    assert (
+        lines[other + 1]
+        == "| other (tried beside it) | no | window 8 | 0.334 | 1 / 1 | 0/1 | 1/1 (0) | 0/0 (0) |"
+    )
     assert any(
         line.startswith(
             "other: the table above is calibrate_spread.py's own fit; the record the scan quotes is a recount"

@@ -266,3 +266,51 @@ def test_a_blend_fit_alongside_the_window_counts_it_first_and_keeps_it(cal):
     assert recount["left_out"] == ["unread"]
     rel = recount["reliability"]
     assert (rel["false_positives"], rel["detected"], rel["backdoored_models"]) == (0, 2, 2)
+
+
+def test_a_declined_fit_alongside_leaves_the_family_as_it_was(cal):
+    """``--alongside`` and not enabled (the LayerNorm window of 2026-11-24: the L2 reading already
+    found every all-to-all model, and an all-to-one one the window reads high gets no target, so the
+    errors tie): the scan keeps running the family's readings exactly as before, and the attempt is
+    on record under the family's fit, its window rows beside the L2 ones."""
+
+    def window_row(attack, score, *, mode, l2_fired, verdict="clean"):
+        return {
+            **_row(attack, score, mode=mode, verdict=verdict, target=3 if mode == "all-to-one" else None),
+            "norm_family": "other",
+            "spread_shape": "window",
+            "spread_window": 8,
+            "alongside_fired": l2_fired,
+            "acc": 0.8,
+            "asr": 0.9 if attack else None,
+        }
+
+    rows = [
+        window_row(None, 0.29, mode=None, l2_fired=False),
+        window_row("badnets", 0.86, mode="all-to-all", l2_fired=True),
+        window_row("badnets", 0.38, mode="all-to-one", l2_fired=False),
+    ]
+    fit = cal.fit_family(rows, [("window", 8)])
+    assert not fit["enabled"] and fit["chosen"]["errors"] == fit["chosen"]["errors_before"] == 1
+    l2 = {"rho": 2.0, "threshold": 0.413}  # written before entries named their shape
+    old = {
+        "by_family": {"other": l2},
+        "reliability_by_family": {"other": {"clean_models": 57}},
+        "recounted_by_family": {"other": {"note": "recount"}},
+        "families": {"other": {"enabled": True, "reason": "l2 fit"}},
+        "provenance_by_family": {"other": {"command": "l2 run", "date": "2026-11-22"}},
+        "models": [{"model": "m", "norm_family": "other", "spread_rho": 2.0}],
+    }
+    args = cal.parse_args(["m", "--shape", "window", "--alongside"])
+    section = cal.merged_section(old, {"other": fit}, rows, args, ["--shape", "window", "--alongside", "m"])
+    assert section["by_family"]["other"] == l2
+    assert section["reliability_by_family"]["other"] == {"clean_models": 57}
+    assert section["recounted_by_family"]["other"] == {"note": "recount"}
+    assert section["provenance_by_family"]["other"] == {"command": "l2 run", "date": "2026-11-22"}
+    family = section["families"]["other"]
+    assert family["reason"] == "l2 fit" and family["enabled"]
+    [declined] = family["declined"]
+    assert (
+        not declined["enabled"] and declined["shape"] == "window" and "--shape window" in declined["command"]
+    )
+    assert [m.get("spread_shape", "l2") for m in section["models"]] == ["l2", "window", "window", "window"]
