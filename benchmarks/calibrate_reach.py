@@ -865,8 +865,11 @@ def spread_setting(calibration: dict, family: str) -> list[dict] | None:
 
 def spread_label(setting: dict) -> str:
     """A spread reading's shape, budget and steps in a few characters (``window:8-steps30``): its
-    part of the key its score is stored under, and of ``spread_scores``."""
-    return f"{setting['shape']}:{setting[SPREAD_SIZES[setting['shape']]]:g}-steps{setting['steps']}"
+    part of the key its score is stored under, and of ``spread_scores``; the l2 reading's restarts
+    where more than one (the keys of single-fit readings are as they were before restarts)."""
+    label = f"{setting['shape']}:{setting[SPREAD_SIZES[setting['shape']]]:g}-steps{setting['steps']}"
+    restarts = setting.get("restarts", 1)
+    return label + (f"-restarts{restarts}" if restarts > 1 else "")
 
 
 def spread_cuts(spread: list[dict]) -> str:

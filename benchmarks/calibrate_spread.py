@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ", ".join(f"{k} {v['steps']}" for k, v in DEFAULT_SPREAD.items())
         + "; the stored l2 results: 40)",
     )
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="perturbations the l2 reading fits, the best one kept (--shape l2; 1: the reading as first fitted)",
+    )
     p.add_argument("--clean-count", type=int, default=600, help="clean images per scan (1%% of 60k)")
     p.add_argument("--scan-split", default="test", help="split of each model's data the images come from")
     p.add_argument("--scan-seed", type=int, default=0)
@@ -128,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = DEFAULT_SPREAD[args.shape]["steps"]
+    if args.restarts < 1 or (args.restarts > 1 and args.shape != "l2"):
+        p.error("--restarts is a number >= 1, of the l2 reading only (--shape l2)")
     return args
 
 
@@ -140,10 +148,16 @@ def budgets(args: argparse.Namespace) -> list[dict]:
     option, cast = _CANDIDATES[args.shape]
     size = SPREAD_SIZES[args.shape]
     return [
-        {"shape": args.shape, size: cast(v), "steps": args.steps}
+        {"shape": args.shape, size: cast(v), "steps": args.steps, **restarts_of(args)}
         for v in getattr(args, option).split(",")
         if v
     ]
+
+
+def restarts_of(args: argparse.Namespace) -> dict:
+    """The l2 reading's restarts as its entries spell them: only where more than one (a single-fit
+    reading is spelt as it was before restarts, so its stored scans and cuts still match)."""
+    return {"restarts": args.restarts} if args.restarts > 1 else {}
 
 
 def budget_of(entry: dict, prefix: str = "") -> tuple[str, float]:
@@ -164,6 +178,7 @@ def row_key(folder: Path, budget: dict, args: argparse.Namespace) -> str:
     shape, size = budget_of(budget)
     if shape == "l2":
         key = f"{folder.name}|l2:{size:g}" + ("" if budget["steps"] == 40 else f"|steps{budget['steps']}")
+        key += f"|restarts{budget['restarts']}" if budget.get("restarts", 1) > 1 else ""
     else:
         key = f"{folder.name}|{shape}:{size:g}|steps{budget['steps']}"
     return key + f"|n{args.clean_count}|{args.scan_split}|s{args.scan_seed}"
@@ -386,7 +401,7 @@ def merged_section(
     recounted = {k: v for k, v in (old.get("recounted_by_family") or {}).items() if k in kept}
     for fam, fit in families.items():
         print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
-        fit = {**fit, "shape": args.shape}
+        fit = {**fit, "shape": args.shape, **restarts_of(args)}
         before = (old.get("families") or {}).get(fam)
         run_before = (old.get("provenance_by_family") or {}).get(fam) or legacy
         # the family's readings of other shapes this one runs beside (--alongside), kept as they were
@@ -418,8 +433,15 @@ def merged_section(
             if beside:  # the fit of the readings this one runs beside, with the run behind it
                 fit["alongside"] = {**before, **run_before}
             else:
+                if before.get("declined"):  # fits tried beside the one replaced stay on record
+                    fit["declined"] = before["declined"]
                 earlier = before.pop("earlier", [])
-                if before.get("shape", "l2") != args.shape:  # a refit of the same shape replaces it
+                # a refit of the same reading replaces it; one of another shape, or of the l2 shape
+                # with other restarts, stays on record
+                if (before.get("shape", "l2"), before.get("restarts", 1)) != (
+                    args.shape,
+                    fit.get("restarts", 1),
+                ):
                     earlier = [*earlier, {**before, **run_before}]
                 if earlier:
                     fit["earlier"] = earlier
@@ -432,6 +454,7 @@ def merged_section(
                 "shape": shape,
                 SPREAD_SIZES[shape]: size,
                 "steps": args.steps,
+                **restarts_of(args),
                 "threshold": best["fit"]["threshold"],
             }
             section["by_family"][fam] = [*beside, entry] if beside else entry

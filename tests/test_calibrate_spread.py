@@ -314,3 +314,41 @@ def test_a_declined_fit_alongside_leaves_the_family_as_it_was(cal):
         not declined["enabled"] and declined["shape"] == "window" and "--shape window" in declined["command"]
     )
     assert [m.get("spread_shape", "l2") for m in section["models"]] == ["l2", "window", "window", "window"]
+
+
+def test_the_l2_reading_refitted_with_restarts_has_its_own_keys_and_keeps_the_single_fit_on_record(cal):
+    """``--restarts 3``: the candidates, store keys and entry name the restarts (a single fit's are
+    spelt as before, so its stored scans still match); a refit replacing the single-fit L2 reading
+    keeps that fit under ``earlier`` and the fits tried beside it under ``declined``."""
+    from pathlib import Path
+
+    args = cal.parse_args(["m", "--shape", "l2", "--rhos", "2", "--steps", "40", "--restarts", "3"])
+    (budget,) = cal.budgets(args)
+    assert budget == {"shape": "l2", "rho": 2.0, "steps": 40, "restarts": 3}
+    assert cal.row_key(Path("x"), budget, args) == "x|l2:2|restarts3|n600|test|s0"
+    single = cal.parse_args(["m", "--shape", "l2"])
+    assert cal.row_key(Path("x"), cal.budgets(single)[0], single) == "x|l2:2|n600|test|s0"
+    with pytest.raises(SystemExit):
+        cal.parse_args(["m", "--shape", "window", "--restarts", "3"])
+    rows = [
+        {**_row(None, 0.08), "norm_family": "other", "spread_restarts": 3, "acc": 0.8, "asr": None},
+        {**_row("badnets", 0.9, mode="all-to-all"), "norm_family": "other", "spread_restarts": 3}
+        | {"acc": 0.8, "asr": 0.9},
+    ]
+    fit = cal.fit_family(rows, [("l2", 2.0)])
+    assert fit["enabled"]
+    declined = {"enabled": False, "shape": "window", "command": "window run"}
+    old = {
+        "by_family": {"other": {"rho": 2.0, "threshold": 0.413}},
+        "families": {"other": {"enabled": True, "reason": "l2 fit", "declined": [declined]}},
+        "provenance_by_family": {"other": {"command": "l2 run", "date": "2026-11-22"}},
+        "models": [],
+    }
+    section = cal.merged_section(old, {"other": fit}, rows, args, ["--restarts", "3", "m"])
+    entry = section["by_family"]["other"]
+    assert entry["restarts"] == 3 and entry["steps"] == 40 and entry["shape"] == "l2"
+    family = section["families"]["other"]
+    assert family["restarts"] == 3 and family["declined"] == [declined]
+    assert [e["reason"] for e in family["earlier"]] == ["l2 fit"] and family["earlier"][0][
+        "command"
+    ] == "l2 run"

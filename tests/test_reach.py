@@ -14,6 +14,7 @@ from timm_purify.detection.reach import (
     project_l1_ball,
     spread_shares,
     universal_reach,
+    universal_spread,
     universal_towards,
     window_spread,
 )
@@ -198,3 +199,26 @@ def test_the_trigger_window_recovers_an_all_to_all_patch_and_a_clean_model_reads
         generator=torch.Generator().manual_seed(0),
     )
     assert scaled.side == 16 and scaled.corner == [48, 48] and scaled.score > 0.8
+
+
+@pytest.mark.parametrize("trigger", [True, False])
+def test_the_l2_spread_reading_keeps_its_best_restart_and_its_first_fit_is_the_single_one(trigger):
+    """``restarts`` fits that many perturbations on the generator's next batches and keeps the
+    highest score; the first draws exactly what a single fit draws, so ``restarts=1`` is the
+    reading as it was calibrated before restarts, and a restarted score is never below it."""
+    search, held = _rows(4), _rows(3)
+    model = _PatchShift(trigger)
+
+    def read(restarts: int):
+        return universal_spread(
+            model, search, held, 10, rho=8.0, steps=5, batch_size=8, restarts=restarts,
+            generator=torch.Generator().manual_seed(3),
+        )  # fmt: skip
+
+    single, restarted = read(1), read(4)
+    assert single.restart_scores == [single.score] and single.restarts == 1
+    assert restarted.restarts == 4 and len(restarted.restart_scores) == 4
+    assert restarted.restart_scores[0] == single.score
+    assert restarted.score == max(restarted.restart_scores) >= single.score
+    with pytest.raises(ValueError, match="restarts must be an int >= 1"):
+        read(0)

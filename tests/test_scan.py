@@ -472,6 +472,14 @@ def test_the_calibrated_spread_shape_is_used_and_kept_apart_from_the_other(monke
         scan(_Exploding(), clean_images(), spread_shape="l2", **cheap)
     other = scan(shifted, clean_images(), spread_shape="l2", spread_threshold=0.3, **cheap)
     assert other.config["spread_budgets"] == [{"shape": "l2", "rho": 2.0, "steps": 40}]
+    # the l2 reading fitted three times keeps its best fit; its first is the single reading's
+    again = scan(shifted, clean_images(), spread_shape="l2", spread_threshold=0.3, spread_restarts=3, **cheap)
+    assert again.config["spread_budgets"] == [{"shape": "l2", "rho": 2.0, "steps": 40, "restarts": 3}]
+    assert (
+        again.spread["restart_scores"][0] == other.spread["score"]
+        and len(again.spread["restart_scores"]) == 3
+    )
+    assert again.spread["score"] == max(again.spread["restart_scores"])
     longer = scan(shifted, clean_images(), spread_steps=12, **cheap)
     assert [c for c in longer.config["cautions"] if "spread readings' shape and budget" in c]
 
@@ -1300,6 +1308,8 @@ class _Exploding(nn.Module):
             "spread_window is the budget of the 'window' spread reading",
         ),
         (dict(spread_alpha=0.0), "spread_alpha is a blend weight in"),
+        (dict(spread_restarts=0), "spread_restarts must be a positive integer"),
+        (dict(spread_shape="window", spread_restarts=3), "spread_restarts is the 'l2' spread reading's"),
         (
             dict(spread_shape="window", spread_alpha=0.1),
             "spread_alpha is the budget of the 'blend' spread reading",

@@ -199,7 +199,7 @@ SPREAD_SIZES = {"l2": "rho", "window": "window", "blend": "alpha"}
 # 60 of 64 did, at a third of the time), and the blend weight and Adam steps (DETECTION.md: 0.1
 # separated blended all-to-all models from every other BatchNorm model, 0.05 and 0.2 less)
 DEFAULT_SPREAD = {
-    "l2": {"rho": 2.0, "steps": 40},
+    "l2": {"rho": 2.0, "steps": 40, "restarts": 1},
     "window": {"window": 8, "steps": 30},
     "blend": {"alpha": 0.1, "steps": 30},
 }
@@ -272,9 +272,10 @@ class ScanOptions:
             in: blended triggers); ``None``: the calibrated ones for the family, else ``"l2"``.
         spread_rho: the ``"l2"`` shape's budget at 3x32x32; ``spread_window``: the ``"window"``
             shape's window side at 3x32x32; ``spread_alpha``: the ``"blend"`` shape's weight;
-            ``spread_steps``: every shape's steps. ``None``: the calibrated ones, else
-            :data:`DEFAULT_SPREAD`'s. Giving the budget of a shape the scan does not run is an
-            error.
+            ``spread_steps``: every shape's steps; ``spread_restarts``: the ``"l2"`` shape's
+            perturbations, the best one kept (one fit can settle in a sink class instead of the
+            trigger). ``None``: the calibrated ones, else :data:`DEFAULT_SPREAD`'s. Giving the
+            budget of a shape the scan does not run is an error.
         spread_threshold: override the calibrated threshold of the spread score (of the one
             shape the scan runs: with several, name it with ``spread_shape``).
     """
@@ -302,6 +303,7 @@ class ScanOptions:
     spread_window: int | None = None
     spread_alpha: float | None = None
     spread_steps: int | None = None
+    spread_restarts: int | None = None
     spread_threshold: float | None = None
 
     def validate(self) -> None:
@@ -314,10 +316,10 @@ class ScanOptions:
                 raise ScanOptionError(f"{name} must be a number > 0, got {value!r}")
         for name in (
             "steps", "restarts", "mask_epochs", "mask_steps_per_epoch", "batch_size", "reach_steps", "spread_steps",
-            "spread_window",
+            "spread_window", "spread_restarts",
         ):  # fmt: skip
             value = getattr(self, name)
-            if name in ("reach_steps", "spread_steps", "spread_window") and value is None:
+            if name in ("reach_steps", "spread_steps", "spread_window", "spread_restarts") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ScanOptionError(f"{name} must be a positive integer, got {value!r}")
@@ -816,7 +818,8 @@ def calibration_cautions(config: dict[str, Any], clean_acc: float) -> list[str]:
         cautions.append(
             f"caution: the spread readings' shape and budget ({uncalibrated}) are not the ones this family's "
             f"spread thresholds were calibrated at ({calibrated_spread}); leave spread_shape, spread_rho, "
-            "spread_window, spread_alpha and spread_steps at their defaults, or pass spread_threshold= fitted at yours"
+            "spread_window, spread_alpha, spread_steps and spread_restarts at their defaults, or pass "
+            "spread_threshold= fitted at yours"
         )
     floor = config.get("calibration_min_acc")
     if floor is not None and clean_acc < floor:
@@ -988,6 +991,11 @@ def spread_plan(opts: ScanOptions, calibrated: dict | list | None) -> list[dict[
                 f"{option} is the budget of the {shape!r} spread reading, and this scan runs {shapes}; "
                 f"drop it, or pass spread_shape={shape!r}"
             )
+    if opts.spread_restarts is not None and "l2" not in shapes:
+        raise ScanOptionError(
+            f"spread_restarts is the {'l2'!r} spread reading's, and this scan runs {shapes}; drop it, or pass "
+            "spread_shape='l2'"
+        )
     if fitted and opts.spread_shape not in (None, *fitted) and opts.spread_threshold is None:
         raise ScanOptionError(
             f"the calibrated spread thresholds for this model's family are cuts on the {list(fitted)} "
@@ -1009,6 +1017,17 @@ def spread_plan(opts: ScanOptions, calibrated: dict | list | None) -> list[dict[
                 "shape": shape,
                 size: int(value) if shape == "window" else float(value),
                 "steps": int(opts.spread_steps or entry.get("steps") or default["steps"]),
+                # the l2 shape's fits where more than one (an entry written before them made one, and
+                # a single-fit reading is spelt as it was, so cuts and records counted at it still match)
+                **(
+                    {"restarts": restarts}
+                    if shape == "l2"
+                    and (
+                        restarts := int(opts.spread_restarts or entry.get("restarts") or default["restarts"])
+                    )
+                    > 1
+                    else {}
+                ),
                 "threshold": None if threshold is None else float(threshold),
             }
         )
@@ -1016,9 +1035,13 @@ def spread_plan(opts: ScanOptions, calibrated: dict | list | None) -> list[dict[
 
 
 def budget_of(reading: dict[str, Any]) -> dict[str, Any]:
-    """A spread reading's shape, budget and steps (of a plan entry or a report's reading)."""
+    """A spread reading's shape, budget and steps, and the l2 shape's restarts where more than one
+    (of a plan entry or a report's reading)."""
     size = SPREAD_SIZES[reading["shape"]]
-    return {"shape": reading["shape"], size: reading[size], "steps": reading["steps"]}
+    budget = {"shape": reading["shape"], size: reading[size], "steps": reading["steps"]}
+    if reading.get("restarts", 1) > 1:
+        budget["restarts"] = reading["restarts"]
+    return budget
 
 
 def _spread_stage(

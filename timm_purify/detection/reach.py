@@ -311,6 +311,8 @@ class SpreadResult:
         score: the second-lowest ``spread``; high when every class is moved, each elsewhere.
         confusion: ``confusion[source][predicted]``, held-out images under the perturbation.
         rho, rho_scaled, steps: the L2 budget at 3x32x32 and at this input size, descent steps.
+        restarts, restart_scores: how many perturbations were fitted, and each one's score (the
+            fields above are the best one's).
         num_search, num_held_out: correctly classified images that fitted / measured it.
         seconds: wall time.
     """
@@ -323,6 +325,8 @@ class SpreadResult:
     rho: float
     rho_scaled: float
     steps: int
+    restarts: int
+    restart_scores: list[float]
     num_search: int
     num_held_out: int
     seconds: float
@@ -357,6 +361,7 @@ def universal_spread(
     *,
     rho: float = 2.0,
     steps: int = 40,
+    restarts: int = 1,
     batch_size: int = 64,
     generator: torch.Generator,
 ) -> SpreadResult:
@@ -371,24 +376,36 @@ def universal_spread(
     other than the most common destination, and takes the second-lowest class (under an
     all-to-all permutation the class feeding the most common destination reads 0).
 
+    With ``restarts`` > 1 it fits that many perturbations, each from zero on the generator's next
+    batches, and keeps the one with the highest score: the ascent's steps are large and its first
+    batches decide where it goes, so one fit can settle in a sink class of the model instead of
+    the trigger (a fully trained all-to-all ConvNeXt read 0.000 on one set of 3,000 images and
+    0.86-0.90 at each of the next five fits on the same images; benchmarks/DETECTION.md). The
+    first fit draws exactly what a single one draws, so ``restarts=1`` is the reading as it was.
+
     Args:
         f: the model as a function of [0, 1] pixels (``PixelModel``), in eval mode, frozen.
         search, held: ``(images in [0, 1], labels)`` of correctly classified clean images.
         rho: the L2 budget at 3x32x32 (scaled here to the images' size).
         steps, batch_size: of the perturbation's ascent.
+        restarts: perturbations fitted (>= 1); the best one's reading is returned.
         generator: drives the batches (seeded by the caller).
     """
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
     start = time.perf_counter()
     (xs, ys), (xh, yh) = search, held
     scaled = scale_budget(rho, tuple(xs.shape[1:]), norm="l2")
-    delta = universal_away(f, xs, ys, rho=scaled, steps=steps, batch_size=batch_size, generator=generator)
-    with torch.no_grad():
-        pred = f((xh + delta).clamp(0.0, 1.0)).argmax(1).cpu()
-    confusion = confusion_matrix(yh.cpu(), pred, num_classes)
-    top, moved, spread = spread_shares(confusion)
-    present = confusion.sum(1) > 0
-    ranked = spread[present].sort().values
-    score = float(ranked[1]) if len(ranked) > 1 else 0.0
+    fits = []
+    for _ in range(restarts):
+        delta = universal_away(f, xs, ys, rho=scaled, steps=steps, batch_size=batch_size, generator=generator)
+        with torch.no_grad():
+            pred = f((xh + delta).clamp(0.0, 1.0)).argmax(1).cpu()
+        confusion = confusion_matrix(yh.cpu(), pred, num_classes)
+        top, moved, spread = spread_shares(confusion)
+        ranked = spread[confusion.sum(1) > 0].sort().values
+        fits.append((float(ranked[1]) if len(ranked) > 1 else 0.0, top, moved, spread, confusion))
+    score, top, moved, spread, confusion = max(fits, key=lambda fit: fit[0])  # the first of equals
     return SpreadResult(
         moved=[float(v) for v in moved],
         spread=[float(v) for v in spread],
@@ -398,6 +415,8 @@ def universal_spread(
         rho=float(rho),
         rho_scaled=float(scaled),
         steps=steps,
+        restarts=restarts,
+        restart_scores=[fit[0] for fit in fits],
         num_search=len(ys),
         num_held_out=len(yh),
         seconds=time.perf_counter() - start,
