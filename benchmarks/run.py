@@ -630,7 +630,9 @@ def _spread_section() -> list[str]:
             continue
         after, before = best["reliability"], best["reliability_before"]
         lines.append(
-            f"| {label} | {'yes' if fit['enabled'] else 'no'} | {budget_label(*budget_of(best))} | "
+            f"| {label} | {'yes' if fit['enabled'] else 'no'} | {budget_label(*budget_of(best))}"
+            + (f", best of {fit['restarts']} fits" if fit.get("restarts", 1) > 1 else "")
+            + " | "
             f"{best['fit']['threshold']:.3f} | {best['errors']} / {best['errors_before']} | "
             f"{after['false_positives']}/{after['clean_models']} | "
             f"{after['detected']}/{after['backdoored_models']} ({before['detected']}) | "

@@ -25,6 +25,20 @@ def _row(attack, score, *, mode=None, verdict="clean", pattern=None, found=None,
     }
 
 
+def _beside_row(attack, score, *, shape, fired, mode, target=None):
+    """A scan row of a reading fitted beside the family's others (``--alongside``): ``fired``,
+    whether one of those found the model first."""
+    size, value = {"window": ("spread_window", 8), "blend": ("spread_alpha", 0.1)}[shape]
+    return {
+        **_row(attack, score, mode=mode, target=target),
+        "spread_shape": shape,
+        size: value,
+        "alongside_fired": fired,
+        "acc": 0.9,
+        "asr": 0.9 if attack else None,
+    }
+
+
 def test_spread_adds_the_all_to_all_backdoor_the_earlier_stages_missed(cal):
     rows = [
         _row(None, 0.0),
@@ -190,14 +204,9 @@ def test_a_blend_fit_alongside_the_window_counts_it_first_and_keeps_it(cal):
 
     def blend_row(attack, score, *, window_fired, mode="all-to-all"):
         return {
-            **_row(attack, score, mode=mode),
+            **_beside_row(attack, score, shape="blend", fired=window_fired, mode=mode),
             "arch": "resnet18",
             "norm_family": "batchnorm",
-            "spread_shape": "blend",
-            "spread_alpha": 0.1,
-            "alongside_fired": window_fired,
-            "acc": 0.9,
-            "asr": 0.9 if attack else None,
         }
 
     rows = [
@@ -274,15 +283,11 @@ def test_a_declined_fit_alongside_leaves_the_family_as_it_was(cal):
     errors tie): the scan keeps running the family's readings exactly as before, and the attempt is
     on record under the family's fit, its window rows beside the L2 ones."""
 
-    def window_row(attack, score, *, mode, l2_fired, verdict="clean"):
+    def window_row(attack, score, *, mode, l2_fired):
+        target = 3 if mode == "all-to-one" else None
         return {
-            **_row(attack, score, mode=mode, verdict=verdict, target=3 if mode == "all-to-one" else None),
+            **_beside_row(attack, score, shape="window", fired=l2_fired, mode=mode, target=target),
             "norm_family": "other",
-            "spread_shape": "window",
-            "spread_window": 8,
-            "alongside_fired": l2_fired,
-            "acc": 0.8,
-            "asr": 0.9 if attack else None,
         }
 
     rows = [

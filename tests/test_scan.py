@@ -374,8 +374,9 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     # split): the score, the second-lowest share moved elsewhere than the top destination
     assert spread["fired"] and spread["score"] > 0.5
     assert min(spread["moved"]) > 0.9
-    # the shipped LayerNorm entry records neither shape nor steps: the l2 reading, 40 steps
-    assert report.config["spread_budgets"] == [{"shape": "l2", "rho": 2.0, "steps": 40}]
+    # the shipped LayerNorm entry: the l2 reading, 40 steps, fitted three times and the best kept
+    assert report.config["spread_budgets"] == [{"shape": "l2", "rho": 2.0, "steps": 40, "restarts": 3}]
+    assert len(spread["restart_scores"]) == 3 and spread["score"] == max(spread["restart_scores"])
     assert sum(row.index(max(row)) == (k + 1) % 10 for k, row in enumerate(spread["confusion"])) >= 9
     assert (report.verdict, report.pattern, report.suspected_target) == ("backdoored", "all-to-all", None)
     assert report.config["decided_by"] == "spread" and (report.score, report.threshold) == (
@@ -387,6 +388,7 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     assert ScanReport.from_json(tmp_path / "r.json") == report
     text = _summary(report, "shifted")
     assert "universal spread score" in text and "decided by: spread" in text
+    assert "L2 budget 2, best of 3 fits: " + ", ".join(f"{v:.3f}" for v in spread["restart_scores"]) in text
     # the class shifts are where the perturbation sent each class, not BAN's (empty) map
     assert f"{FASHION_MNIST_CLASSES[0]} -> {FASHION_MNIST_CLASSES[1]}" in text
 

@@ -78,7 +78,14 @@ def _summary(report, model: str) -> str:
                 f"best {r['side']}-pixel window at row {r['corner'][0]}, column {r['corner'][1]}"
             ),
             "blend": lambda r: f"blend weight {r['alpha']:g}",
-            "l2": lambda r: f"L2 budget {r['rho']:g}",
+            "l2": lambda r: (
+                f"L2 budget {r['rho']:g}"
+                + (
+                    f", best of {r['restarts']} fits: " + ", ".join(f"{v:.3f}" for v in r["restart_scores"])
+                    if r.get("restarts", 1) > 1
+                    else ""
+                )
+            ),
         }[reading["shape"]](reading)
         lines.append(
             f"  {SPREAD_NAMES[reading['shape']]} score {compare(reading['score'], reading['threshold'])} "
