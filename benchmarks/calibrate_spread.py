@@ -76,6 +76,7 @@ from timm_purify.detection.ban import (  # noqa: E402
     SPREAD_SIZES,
     ScanOptions,
     combine_stages,
+    restarts_field,
     spread_entries,
     spread_plan,
 )
@@ -148,16 +149,10 @@ def budgets(args: argparse.Namespace) -> list[dict]:
     option, cast = _CANDIDATES[args.shape]
     size = SPREAD_SIZES[args.shape]
     return [
-        {"shape": args.shape, size: cast(v), "steps": args.steps, **restarts_of(args)}
+        {"shape": args.shape, size: cast(v), "steps": args.steps, **restarts_field(args.restarts)}
         for v in getattr(args, option).split(",")
         if v
     ]
-
-
-def restarts_of(args: argparse.Namespace) -> dict:
-    """The l2 reading's restarts as its entries spell them: only where more than one (a single-fit
-    reading is spelt as it was before restarts, so its stored scans and cuts still match)."""
-    return {"restarts": args.restarts} if args.restarts > 1 else {}
 
 
 def budget_of(entry: dict, prefix: str = "") -> tuple[str, float]:
@@ -401,7 +396,7 @@ def merged_section(
     recounted = {k: v for k, v in (old.get("recounted_by_family") or {}).items() if k in kept}
     for fam, fit in families.items():
         print(f"{fam}: {'enabled' if fit['enabled'] else 'not enabled'} ({fit['reason']})")
-        fit = {**fit, "shape": args.shape, **restarts_of(args)}
+        fit = {**fit, "shape": args.shape, **restarts_field(args.restarts)}
         before = (old.get("families") or {}).get(fam)
         run_before = (old.get("provenance_by_family") or {}).get(fam) or legacy
         # the family's readings of other shapes this one runs beside (--alongside), kept as they were
@@ -454,7 +449,7 @@ def merged_section(
                 "shape": shape,
                 SPREAD_SIZES[shape]: size,
                 "steps": args.steps,
-                **restarts_of(args),
+                **restarts_field(args.restarts),
                 "threshold": best["fit"]["threshold"],
             }
             section["by_family"][fam] = [*beside, entry] if beside else entry

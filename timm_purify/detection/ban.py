@@ -148,6 +148,7 @@ __all__ = [
     "SPREAD_SIZES",
     "DEFAULT_EPS",
     "DEFAULT_SPREAD",
+    "restarts_field",
     "TARGET_SOURCES",
     "calibration_cautions",
     "load_calibration",
@@ -1012,36 +1013,39 @@ def spread_plan(opts: ScanOptions, calibrated: dict | list | None) -> list[dict[
         entry, default, size = fitted.get(shape, {}), DEFAULT_SPREAD[shape], SPREAD_SIZES[shape]
         value = getattr(opts, f"spread_{size}") or entry.get(size) or default[size]
         threshold = opts.spread_threshold if opts.spread_threshold is not None else entry.get("threshold")
+        # the l2 shape's fits (an entry written before them made one)
+        restarts = (
+            int(opts.spread_restarts or entry.get("restarts") or default["restarts"]) if shape == "l2" else 1
+        )
         plan.append(
             {
                 "shape": shape,
                 size: int(value) if shape == "window" else float(value),
                 "steps": int(opts.spread_steps or entry.get("steps") or default["steps"]),
-                # the l2 shape's fits where more than one (an entry written before them made one, and
-                # a single-fit reading is spelt as it was, so cuts and records counted at it still match)
-                **(
-                    {"restarts": restarts}
-                    if shape == "l2"
-                    and (
-                        restarts := int(opts.spread_restarts or entry.get("restarts") or default["restarts"])
-                    )
-                    > 1
-                    else {}
-                ),
+                **restarts_field(restarts),
                 "threshold": None if threshold is None else float(threshold),
             }
         )
     return plan
 
 
+def restarts_field(restarts: int) -> dict[str, int]:
+    """The l2 reading's restarts as a plan entry, a report's budget or a calibration entry spells
+    them: named only where more than one, so a single-fit reading is spelt as it was before
+    restarts and the cuts, records and stored scores counted at it still match."""
+    return {"restarts": restarts} if restarts > 1 else {}
+
+
 def budget_of(reading: dict[str, Any]) -> dict[str, Any]:
     """A spread reading's shape, budget and steps, and the l2 shape's restarts where more than one
     (of a plan entry or a report's reading)."""
     size = SPREAD_SIZES[reading["shape"]]
-    budget = {"shape": reading["shape"], size: reading[size], "steps": reading["steps"]}
-    if reading.get("restarts", 1) > 1:
-        budget["restarts"] = reading["restarts"]
-    return budget
+    return {
+        "shape": reading["shape"],
+        size: reading[size],
+        "steps": reading["steps"],
+        **restarts_field(reading.get("restarts", 1)),
+    }
 
 
 def _spread_stage(
