@@ -78,7 +78,8 @@ def test_auto_runs_awm_for_an_all_to_all_model():
     )
     # BAN's all-to-all statistic (or the window reading) decided: the trigger search takes a window
     assert choose_method("auto", a2a) == ("awm", {"trigger": "window"})
-    # the blend reading decided: a blended pattern; a reading that ran but did not decide does not count
+    # a blend reading fired: a blended pattern, also where the window fired first and decided (a
+    # window of a blended trigger can carry it); a blend reading that ran and did not fire does not count
     blended = fake_report(
         verdict="backdoored",
         target=None,
@@ -91,7 +92,9 @@ def test_auto_runs_awm_for_an_all_to_all_model():
         "awm",
         {"trigger": "l1"},
     )  # the caller's wins
-    blended.config = {"norm_family": "batchnorm", "decided_by": "ban"}
+    blended.spread = {"shape": "window", "fired": True, "others": [{"shape": "blend", "fired": True}]}
+    assert choose_method("auto", blended) == ("awm", {"trigger": "blend"})
+    blended.spread["others"][0]["fired"] = False
     assert choose_method("auto", blended) == ("awm", {"trigger": "window"})
     # each candidate gets the caller's options it takes: the polarizer's epochs are not AWM's
     given = {"epochs": 2, "outer_steps": 3, "batch_size": 16}

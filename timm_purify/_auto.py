@@ -150,9 +150,15 @@ def choose_method(
 
 
 def trigger_shape(report: ScanReport) -> str:
-    """The shape AWM's trigger search takes for an all-to-all verdict: ``"blend"`` where the
-    scan's blend reading decided it (a whole-image trigger), else ``"window"`` (the window
-    reading, or BAN's all-to-all statistic, which has so far fired on patch triggers)."""
-    spread = report.spread or {}
-    decided = (report.config or {}).get("decided_by")
-    return "blend" if decided == "spread" and spread.get("shape") == "blend" else "window"
+    """The shape AWM's trigger search takes for an all-to-all verdict: ``"blend"`` where a blend
+    reading of the scan fired (a whole-image trigger), else ``"window"`` (the window reading, or
+    BAN's all-to-all statistic, which has so far fired on patch triggers).
+
+    The blend wins where both fired: a window of a blended trigger can carry it (the fully
+    trained blended all-to-all resnet18 read window 0.874 and blend 0.880), a pasted patch has not
+    fired the blend on any model measured; there AWM with the blend left 0.91% where the window
+    left 2.58% (benchmarks/PURIFICATION.md)."""
+    from .detection.report import spread_readings
+
+    fired = {r.get("shape") for r in spread_readings(report.spread) if r.get("fired")}
+    return "blend" if "blend" in fired else "window"

@@ -181,7 +181,8 @@ def _summary(report, model: str) -> str:
     show_default=True,
     help="All-to-all readings, spread (one untargeted perturbation shared by all images: over the whole image, "
     "pasted in one window of a grid, or blended into the whole image, as calibrated per normalisation family): "
-    "'auto' runs them where the calibration fitted them for the model's family, until one fires; 'on' all.",
+    "'auto' runs them where the calibration fitted them for the model's family and no earlier stage fired; "
+    "'on' always. A family's readings all run (those after the first that fires tell the trigger's shape).",
 )
 @click.option(
     "--spread-shape",
