@@ -35,9 +35,11 @@ def test_few_shot_mode_is_automatic_and_overridable():
     assert many == {"few_shot": False, "alpha": 0.9, "trigger_norm": 1000.0, "augment_copies": 0}
     forced = AWMConfig(few_shot=False, alpha=0.5).resolved(num_clean=10, num_classes=10)
     assert forced == {"few_shot": False, "alpha": 0.5, "trigger_norm": 1000.0, "augment_copies": 0}
-    # a shaped trigger weighs the clean and the triggered loss equally unless alpha is given
-    for trigger in ("window", "blend"):
-        assert AWMConfig(trigger=trigger).resolved(num_clean=250, num_classes=10)["alpha"] == 0.5
+    # a shaped trigger has a clean-loss weight of its own per shape (in few-shot mode too) unless
+    # alpha is given: the window weighs the two losses equally, the blend keeps more clean loss
+    for trigger, weight in (("window", 0.5), ("blend", 0.7)):
+        for num_clean in (10, 250):
+            assert AWMConfig(trigger=trigger).resolved(num_clean=num_clean, num_classes=10)["alpha"] == weight
         assert AWMConfig(trigger=trigger, alpha=0.8).resolved(num_clean=10, num_classes=10)["alpha"] == 0.8
 
 
@@ -202,7 +204,9 @@ def test_awm_blend_trigger_runs_and_records_what_it_found():
         merge=False,
     )
     for record in result.history:
-        assert record["trigger"] == "blend" and 0.0 <= record["trigger_moved"] <= 1.0
+        assert (
+            record["trigger"] == "blend" and 0.0 <= record["trigger_moved"] <= 1.0 and record["alpha"] == 0.7
+        )
         assert "window" not in record and "trigger_l1" not in record
     masks = [v for k, v in result.model.named_parameters() if k.endswith(".mask")]
     assert masks and any(not torch.allclose(m, torch.ones_like(m)) for m in masks)
