@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 from scan_reports import fake_report
 
-from timm_purify._auto import AUTO_OPTIONS, choose_method, untaken_error, unused_options
+from timm_purify._auto import AUTO_OPTIONS, choose_method, untaken_error, unused_options, why
 from timm_purify.cli import main
 
 
@@ -94,8 +94,14 @@ def test_auto_runs_awm_for_an_all_to_all_model():
     )  # the caller's wins
     blended.spread = {"shape": "window", "fired": True, "others": [{"shape": "blend", "fired": True}]}
     assert choose_method("auto", blended) == ("awm", {"trigger": "blend"})
+    # the line naming the method says what the scan steered
+    assert (
+        why(choose_method("auto", blended)[1])
+        == " (trigger=blend: the shape the scan's all-to-all reading found)"
+    )
     blended.spread["others"][0]["fired"] = False
     assert choose_method("auto", blended) == ("awm", {"trigger": "window"})
+    assert why({}) == "" and why({"target": 4}) == " (towards the scan's suspected target 4)"
     # each candidate gets the caller's options it takes: the polarizer's epochs are not AWM's
     given = {"epochs": 2, "outer_steps": 3, "batch_size": 16}
     assert choose_method("auto", a2a, given) == (

@@ -21,6 +21,7 @@ __all__ = [
     "trigger_shape",
     "untaken_error",
     "unused_options",
+    "why",
 ]
 
 # The method name that lets the scan steer NPD.
@@ -162,3 +163,14 @@ def trigger_shape(report: ScanReport) -> str:
 
     fired = {r.get("shape") for r in spread_readings(report.spread) if r.get("fired")}
     return "blend" if "blend" in fired else "window"
+
+
+def why(added: Mapping[str, Any]) -> str:
+    """What the scan steered, for the line naming the method ``auto`` picked (``""`` where
+    nothing): the target NPD-TP attacks towards, or the shape of AWM's trigger search. ``added``:
+    the options :func:`choose_method` added to the caller's."""
+    if "target" in added:
+        return f" (towards the scan's suspected target {added['target']})"
+    if "trigger" in added:
+        return f" (trigger={added['trigger']}: the shape the scan's all-to-all reading found)"
+    return ""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .._auto import AUTO, choose_method
+from .._auto import AUTO, choose_method, why
 
 __all__ = ["demo"]
 
@@ -118,8 +118,7 @@ def demo(
 
     method, chosen = choose_method(method, report)
     options = {**METHOD_OPTIONS.get(method, {}), **chosen}  # auto's options, epochs included, win
-    because = f" (towards the suspected target {chosen['target']})" if "target" in chosen else ""
-    click.echo(f"[3/4] purifying with {method}{because} on {clean_fraction:.0%} clean data")
+    click.echo(f"[3/4] purifying with {method}{why(chosen)} on {clean_fraction:.0%} clean data")
     result = defenses.purify(
         model,
         clean,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .._auto import AUTO, AUTO_OPTIONS, auto_options, choose_method, untaken_error, unused_options
+from .._auto import AUTO, AUTO_OPTIONS, auto_options, choose_method, untaken_error, unused_options, why
 from ._common import open_model
 
 __all__ = ["purify", "reproduce_command"]
@@ -284,9 +284,8 @@ def purify(**params) -> None:
         kept = tuple(o for o in p["options"] if o.partition("=")[0] not in unused)
         p = {**p, "method": method, "options": (*kept, *(f"{k}={v}" for k, v in added.items()))}
     options = chosen
-    because = f" (towards the scan's suspected target {added['target']})" if "target" in added else ""
     eval_data = p["eval_data"] or (p["data"] if p["attack_file"] else None)
-    echo(f"purifying with {method}{because}")
+    echo(f"purifying with {method}{why(added)}")
     try:
         result = defenses.purify(
             net,
