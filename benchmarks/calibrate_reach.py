@@ -879,7 +879,8 @@ def spread_cuts(spread: list[dict]) -> str:
 
 def spread_scores(spread: list[dict], score: Callable[[dict], float]) -> dict[str, float]:
     """``spread_scores`` of a row: each reading's ``score(setting)`` by :func:`spread_label`, in the
-    scan's order up to the first that fires (the scan runs none after it, so none is taken)."""
+    scan's order up to the first that fires (a later one cannot change the verdict, so none is
+    taken)."""
     scores = {}
     for setting in spread:
         scores[spread_label(setting)] = score(setting)
@@ -890,8 +891,8 @@ def spread_scores(spread: list[dict], score: Callable[[dict], float]) -> dict[st
 
 def spread_fired(scores: dict[str, float], spread: list[dict]) -> bool:
     """Whether one of the ``spread`` readings fires on a row's ``spread_scores``, taken in the
-    scan's order: a reading after one that fired needs no score, as the scan does not run it (a
-    missing score the scan would read raises KeyError)."""
+    scan's order: a reading after one that fired needs no score, as it cannot change the verdict
+    (a missing score that could raises KeyError)."""
     return any(scores[spread_label(s)] > s["threshold"] for s in spread)
 
 

@@ -299,8 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         for budget in candidates:
             row = scanned(folder, budget)
             others = before.get(row["norm_family"])
-            # the family's other readings, in the scan's order, up to the first that fires; only where
-            # the earlier stages found nothing, as the scan runs them (a flagged model's are not read)
+            # the family's other readings, in the scan's order, up to the first that fires (later ones
+            # cannot change the verdict); only where the earlier stages found nothing, as the scan
+            # runs them (a flagged model's are not read)
             if others and row["verdict"] != "backdoored":
                 scores = spread_scores(others, lambda s, folder=folder: scanned(folder, s)["spread_score"])
                 row = {**row, "alongside_fired": spread_fired(scores, others)}

@@ -153,7 +153,13 @@ def test_every_spread_reading_that_ran_is_listed_and_only_the_decider_marked() -
         "- Blend spread (all-to-all reading: one pattern shared by all images, blended"
     )
     assert "score 0.8100, threshold 0.6 (this reading decided the verdict)" in lines[0]
-    assert lines[1].startswith("- Window spread") and "decided" not in lines[1]
+    assert lines[1].startswith("- Window spread") and "decided" not in lines[1] and "fired" not in lines[1]
+    # a reading that fired after the one that decided (the blend after the window) is marked too
+    window = {**window, "score": 0.87, "fired": True}
+    report.spread = {**window, "others": [blend]}
+    lines = [x for x in _card(scan_report=report).text.splitlines() if "spread (all-to-all reading" in x]
+    assert lines[0].startswith("- Window spread") and lines[0].endswith("(this reading decided the verdict)")
+    assert lines[1].startswith("- Blend spread") and lines[1].endswith("threshold 0.6 (fired too)")
 
 
 def test_a_reach_verdict_is_attributed_to_the_reach_stage() -> None:

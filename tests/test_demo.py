@@ -95,12 +95,10 @@ def test_auto_runs_awm_for_an_all_to_all_model():
     blended.spread = {"shape": "window", "fired": True, "others": [{"shape": "blend", "fired": True}]}
     assert choose_method("auto", blended) == ("awm", {"trigger": "blend"})
     # the line naming the method says what the scan steered
-    assert (
-        why(choose_method("auto", blended)[1])
-        == " (trigger=blend: the shape the scan's all-to-all reading found)"
-    )
+    assert why(choose_method("auto", blended)[1]) == " (trigger=blend: a blend reading fired)"
     blended.spread["others"][0]["fired"] = False
     assert choose_method("auto", blended) == ("awm", {"trigger": "window"})
+    assert why(choose_method("auto", blended)[1]) == " (trigger=window: no blend reading fired)"
     assert why({}) == "" and why({"target": 4}) == " (towards the scan's suspected target 4)"
     # each candidate gets the caller's options it takes: the polarizer's epochs are not AWM's
     given = {"epochs": 2, "outer_steps": 3, "batch_size": 16}

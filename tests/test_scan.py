@@ -152,7 +152,7 @@ def test_backdoored_model_is_flagged_with_its_target(backdoored_report):
 def test_clean_model_is_not_flagged(clean_report):
     r = clean_report
     assert r.verdict == "clean"
-    # every stage ran, the last the BatchNorm family's window-shaped spread reading
+    # every stage ran, the last the BatchNorm family's spread readings
     assert r.reach is not None and not r.spread["fired"]
     # the BatchNorm family's spread readings, all of them (none fired), in the calibration's order
     plan = ban.spread_plan(ban.ScanOptions(), load_calibration()["spread"]["by_family"]["batchnorm"])
@@ -367,14 +367,20 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
 
     clean, _ = pixel_models()
     shifted = _PixelShift(copy.deepcopy(clean), strength=200.0).eval()
-    report = scan(shifted, clean_images(), spread="on", **SPREAD)
+    # the shipped LayerNorm readings: L2 (fitted three times), then the window (all-to-all ViTs)
+    plan = ban.spread_plan(ban.ScanOptions(), load_calibration()["spread"]["by_family"]["other"])
+    assert [ban.budget_of(s) for s in plan] == [
+        {"shape": "l2", "rho": 2.0, "steps": 40, "restarts": 3},
+        {"shape": "window", "window": 8, "steps": 30},
+    ]
+    report = scan(shifted, clean_images(), spread="on", spread_shape="l2", **SPREAD)
     spread = report.spread
     assert report.config["statistics"]["all_to_one"] <= report.config["threshold"]  # BAN: nothing
     # every class moved, nine of ten to the next one (the shirts, which this model is unsure of,
     # split): the score, the second-lowest share moved elsewhere than the top destination
     assert spread["fired"] and spread["score"] > 0.5
     assert min(spread["moved"]) > 0.9
-    # the shipped LayerNorm entry: the l2 reading, 40 steps, fitted three times and the best kept
+    # the shipped LayerNorm l2 entry: 40 steps, fitted three times and the best kept
     assert report.config["spread_budgets"] == [{"shape": "l2", "rho": 2.0, "steps": 40, "restarts": 3}]
     assert len(spread["restart_scores"]) == 3 and spread["score"] == max(spread["restart_scores"])
     assert sum(row.index(max(row)) == (k + 1) % 10 for k, row in enumerate(spread["confusion"])) >= 9
@@ -392,7 +398,13 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     # the class shifts are where the perturbation sent each class, not BAN's (empty) map
     assert f"{FASHION_MNIST_CLASSES[0]} -> {FASHION_MNIST_CLASSES[1]}" in text
 
-    twin = scan(_PixelShift(copy.deepcopy(clean), strength=0.0).eval(), clean_images(), spread="on", **SPREAD)
+    twin = scan(
+        _PixelShift(copy.deepcopy(clean), strength=0.0).eval(),
+        clean_images(),
+        spread="on",
+        spread_shape="l2",
+        **SPREAD,
+    )
     assert not twin.spread["fired"] and twin.spread["score"] < 0.2
     assert twin.verdict == "clean" and twin.config["decided_by"] is None
 
@@ -1117,7 +1129,7 @@ def test_the_spread_calibration_matches_its_recorded_scans():
                 if left_out is None:  # the refit's recount: one reading, the score on the reach row
                     (entry,) = entries
                     fired = m["spread_score"] > entry["threshold"]
-                else:  # the readings in order, until one fires
+                else:  # the readings in order: one firing decides, later ones cannot change it
                     fired = False
                     for entry, scores in zip(entries, own, strict=True):
                         fired = scores[m["model"]] > entry["threshold"]

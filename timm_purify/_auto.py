@@ -69,7 +69,7 @@ AUTO_OPTIONS: dict[str, dict] = {
         "stop_fraction": 1.0,
     },
     # A model the scan reads as all-to-all: AWM, its trigger search shaped as the scan's
-    # deciding reading found the trigger (choose_method adds trigger="window" or "blend": a pattern
+    # readings found the trigger (choose_method adds trigger="window" or "blend": a pattern
     # pasted into one window, or blended into the whole image, instead of the reference's L1-bounded
     # perturbation, which the all-to-all backdoor often escaped: 22% left on one build of the fully
     # trained resnet18, 7.7-18.8% on 2,000-image models, 15-17% on blended ones). On the two builds
@@ -78,7 +78,8 @@ AUTO_OPTIONS: dict[str, dict] = {
     # left 1.3-4.6% (mean 2.9%) where the reference left 1.5-10.3% (4.6%), and the blend 0.5-3.7% on
     # blended all-to-all models where the reference left 7.9-24.9%. On the fully trained all-to-all
     # ConvNeXt the window took it 87.68% -> 1.16% at -0.63 points, where the reference's search left
-    # 58% and cnpd-r 33%, so LayerNorm models take this rule too (no all-to-all ViT tried).
+    # 58% and cnpd-r 33%, so LayerNorm models take this rule too; on four 2,000-image all-to-all
+    # test_vits it left 1.4-2.9% where the reference's search left 41-56%.
     # PURIFICATION.md.
     "awm": {},
 }
@@ -129,8 +130,8 @@ def choose_method(
     known-target variant (npd-tp) attacks towards that class (plain NPD's per-image guess, the
     runner-up class, misses a patch trigger whose target is not the images' natural neighbour:
     ``benchmarks/PURIFICATION.md``). An all-to-all pattern, on any model, gets AWM with its
-    trigger search shaped as the scan's deciding reading found the trigger
-    (:func:`trigger_shape`: a pasted window or a blend), which finds the trigger no single
+    trigger search shaped as the scan's readings found the trigger
+    (:func:`trigger_shape`: a blend where a blend reading fired, else a pasted window), which finds the trigger no single
     target describes. Any other backdoored LayerNorm model (the scan's ``norm_family``
     "other": ConvNeXt, ViT) gets the per-class replica polarizer (cnpd-r, with the larger attack
     budget) instead of npd-tp, which needs no target: on the fully trained ConvNeXt it removed
@@ -172,5 +173,6 @@ def why(added: Mapping[str, Any]) -> str:
     if "target" in added:
         return f" (towards the scan's suspected target {added['target']})"
     if "trigger" in added:
-        return f" (trigger={added['trigger']}: the shape the scan's all-to-all reading found)"
+        fired = "a blend reading fired" if added["trigger"] == "blend" else "no blend reading fired"
+        return f" (trigger={added['trigger']}: {fired})"
     return ""

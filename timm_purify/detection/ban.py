@@ -39,12 +39,14 @@ What runs (the reference code's order and defaults, ``shared/notes/methods.md``)
 6. Spread, where the calibration enabled it (``benchmarks/calibrate_spread.py``): one
    untargeted pattern shared by all images, and whether it moves every class, each to its own
    destination. The all-to-all reading: it flags, as an all-to-all pattern, a model both stages
-   above found clean. Its shape is calibrated per family: on LayerNorm models one L2-bounded
-   perturbation over the whole image (:func:`~timm_purify.detection.reach.universal_spread`);
-   on BatchNorm ones, where that perturbation finds a sink class of the clean model instead,
-   one pattern pasted in each window of a grid in turn
-   (:func:`~timm_purify.detection.reach.window_spread`), which finds all-to-all patch triggers,
-   then, where the window found nothing, one pattern blended into the whole image
+   above found clean. Its shapes are calibrated per family, and every one of a family's
+   readings runs once the stage runs (one after the first to fire tells the trigger's shape): on
+   LayerNorm models one L2-bounded perturbation over the whole image
+   (:func:`~timm_purify.detection.reach.universal_spread`), then one pattern pasted in each window
+   of a grid in turn (:func:`~timm_purify.detection.reach.window_spread`; the L2 perturbation
+   misses an all-to-all patch on a ViT); on BatchNorm ones, where the L2 perturbation finds a
+   sink class of the clean model instead, the window, which finds all-to-all patch triggers,
+   then one pattern blended into the whole image
    (:func:`~timm_purify.detection.reach.blend_spread`), which finds blended ones.
 
 Where this departs from the reference, and why:
@@ -262,9 +264,9 @@ class ScanOptions:
         spread: the all-to-all readings, run as ``reach`` is (``"auto"``: where a threshold is
             calibrated or given, and no earlier stage fired). Where BAN and reach find nothing
             and one fires, the model is backdoored with an all-to-all pattern. A family may be
-            calibrated with several shapes (BatchNorm: window, then blend); they run in that
-            order, all of them (those after the first that fires tell the trigger's shape:
-            ``_spread_readings``).
+            calibrated with several shapes (BatchNorm: window, then blend; LayerNorm: L2, then
+            window); they run in that order, all of them (those after the first that fires
+            tell the trigger's shape: ``_spread_readings``).
         spread_shape: run this one shape only: ``"l2"``, universal spread
             (:func:`~timm_purify.detection.reach.universal_spread`, one L2-bounded perturbation
             over the whole image), ``"window"``, window spread
@@ -1083,8 +1085,8 @@ def _spread_readings(
     a window of a blended trigger can fire the window reading (the fully trained blended
     all-to-all resnet18: window 0.874, blend 0.880), while a pasted patch has never fired the
     blend (0.016-0.047 on the fully trained patch all-to-all resnet18s, at most 0.326 on the
-    2,000-image ones, against a cut of 0.648). They cost a reading (1-4 s on BatchNorm models)
-    only where a model is flagged all-to-all.
+    2,000-image ones, against a cut of 0.648). They cost a reading only where a model is flagged
+    all-to-all: the blend (1-4 s) on a BatchNorm model, the window (12-55 s) on a LayerNorm one.
 
     The blend reading draws from a generator of its own, seeded with the scan's ``seed``, so its
     score does not depend on which readings ran before it: a calibration can take it alone. The
@@ -1550,10 +1552,8 @@ def scan(
         # the same for the spread readings: each one's shape and budget (an L2 radius or a window
         # side at 3x32x32, or a blend weight) and steps, where the stage ran
         "spread_calibrated": spread_calibrated,
-        # (in the order they ran: the plan's first ones)
-        "spread_budgets": [budget_of(at) for at in st.spread_plan[: 1 + len(spread["others"])]]
-        if spread is not None
-        else None,
+        # (in the order they ran: the whole plan)
+        "spread_budgets": [budget_of(at) for at in st.spread_plan] if spread is not None else None,
         # the calibration left out models below this clean accuracy (they collapse under the noise)
         "calibration_min_acc": calibration.get("min_acc"),
         "norm_family": family,

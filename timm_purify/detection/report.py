@@ -36,7 +36,7 @@ SPREAD_NAMES = {"l2": "universal spread", "window": "window spread", "blend": "b
 
 
 def spread_readings(spread: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
-    """Every spread reading a report's ``spread`` holds: the one shown (the one that fired, else
+    """Every spread reading a report's ``spread`` holds: the one shown (the first that fired, else
     the one nearest its cut) and the ``others`` that ran (none in reports of one reading)."""
     return [] if spread is None else [spread, *(spread.get("others") or [])]
 
@@ -81,7 +81,7 @@ class ScanReport:
             budget, ``threshold`` and whether it ``fired``; see
             :mod:`timm_purify.detection.reach`), or ``None`` when the stage did not run.
         spread: the all-to-all readings' result (per-class share moved elsewhere, score, shape,
-            budget, ``threshold``, ``fired``; :mod:`timm_purify.detection.reach`) of the reading
+            budget, ``threshold``, ``fired``; :mod:`timm_purify.detection.reach`) of the first reading
             that fired, else of the one nearest its cut, with the other readings that ran under
             ``others`` (:func:`spread_readings`); ``None`` when the stage did not run.
     """

@@ -227,6 +227,8 @@ def _scan_section(scan: dict | None, scan_data: str, class_names: Sequence[str] 
             f"{what}, how many classes it moves, each elsewhere): score {reading['score']:.4f}, threshold "
             f"{_short(reading.get('threshold'))}"
             + (" (this reading decided the verdict)" if decided and reading is spread else "")
+            # one that fired after it: it names the trigger's shape (method="auto" passes it to AWM)
+            + (" (fired too)" if reading is not spread and reading.get("fired") else "")
         )
     skipped = (scan.get("config") or {}).get("skipped_stages") or []
     if skipped:  # calibrated for this model's family, but the verdict and target already stood
