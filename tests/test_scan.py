@@ -408,6 +408,12 @@ def test_spread_alone_finds_an_all_to_all_trapdoor(tmp_path):
     assert not twin.spread["fired"] and twin.spread["score"] < 0.2
     assert twin.verdict == "clean" and twin.config["decided_by"] is None
 
+    # the shipped plan as it runs, at its own cuts: both readings, also after the first fires
+    shipped = scan(shifted, clean_images(), **{k: v for k, v in SPREAD.items() if k != "spread_threshold"})
+    assert shipped.config["spread_budgets"] == [ban.budget_of(s) for s in plan]
+    assert [r["shape"] for r in [shipped.spread, *shipped.spread["others"]]] == ["l2", "window"]
+    assert (shipped.verdict, shipped.pattern) == ("backdoored", "all-to-all") and shipped.spread["fired"]
+
 
 def test_spread_runs_where_the_calibration_fitted_it(monkeypatch):
     """``spread="auto"`` runs the reading where the calibration enabled it for the family, at its
